@@ -1,0 +1,5 @@
+"""Command line: ``python -m ditlab <command> …`` (see ``cli.py``)."""
+
+from .cli import main
+
+raise SystemExit(main())
