@@ -39,7 +39,104 @@ def _cmd_train(args) -> int:
     return 0
 
 
-COMMANDS = {"train": (_add_train, _cmd_train)}
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _label_list(text: str) -> list[int]:
+    try:
+        labels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of class ids, e.g. 0,1,2") from None
+    if not labels:
+        raise argparse.ArgumentTypeError("give at least one class id, e.g. 0,1,2")
+    return labels
+
+
+def _add_sampling_args(p, *, labels: bool) -> None:
+    p.add_argument("--model", default="shipped", help="pipeline folder or hub id (default: the shipped tiny DiT)")
+    if labels:
+        p.add_argument("--labels", type=_label_list, default=None, help="comma-separated class ids (default: every class)")
+    p.add_argument("--n-per-label", type=_positive_int, default=None, help="images per label")
+    p.add_argument("--steps", type=_positive_int, default=25, help="denoising steps (default 25)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--scheduler", choices=["ddim", "dpm++"], default="ddim")
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="show a model's configuration and its quantizable linear layers")
+    p.add_argument("--model", default="shipped", help="pipeline folder or hub id (default: the shipped tiny DiT)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _cmd_info(args) -> int:
+    from . import api
+
+    info = api.model_info(api.load(args.model))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    head = {k: v for k, v in info.items() if k not in ("layers", "labels")}
+    for key, value in head.items():
+        print(f"{key:>14}: {value}")
+    print(f"\n{'name':<52} {'kind':<9} {'shape':>12} {'params':>10}")
+    for layer in info["layers"]:
+        shape = "x".join(map(str, layer["shape"]))
+        print(f"{layer['name']:<52} {layer['kind']:<9} {shape:>12} {layer['params']:>10}")
+    return 0
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="generate a grid of images (one row per label)")
+    _add_sampling_args(p, labels=True)
+    p.add_argument("--out", default="grid.png", help="output PNG path (default grid.png)")
+
+
+def _cmd_sample(args) -> int:
+    from . import api
+
+    pipe = api.load(args.model)
+    labels = args.labels if args.labels is not None else list(range(pipe.num_classes))
+    n = args.n_per_label or 8
+    result = api.generate(pipe, [y for y in labels for _ in range(n)], steps=args.steps, seed=args.seed, scheduler=args.scheduler,
+                          guidance=api.DEFAULT_GUIDANCE if args.cfg is None else args.cfg)
+    path = api.save_grid(result.images, args.out, rows=len(labels))
+    print(json.dumps({"out": str(path), "n_images": len(result.images), "seconds_sample": round(result.seconds, 3)}))
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="score generated images with the shipped classifier (JSON on stdout)")
+    _add_sampling_args(p, labels=False)
+    p.add_argument("--recipe", default="fp", help="quantization recipe: a preset name or a recipe JSON file (default fp)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (the default output)")
+
+
+def _cmd_eval(args) -> int:
+    from . import api
+
+    if args.recipe != "fp":
+        raise DitlabError(f"--recipe {args.recipe!r}: only 'fp' is available in this version")
+    pipe = api.load(args.model)
+    result = api.evaluate(pipe, n_per_label=args.n_per_label or 10, steps=args.steps, seed=args.seed, scheduler=args.scheduler,
+                          guidance=api.DEFAULT_GUIDANCE if args.cfg is None else args.cfg, progress=sys.stderr.isatty())
+    print(json.dumps(result))
+    return 0
+
+
+COMMANDS = {
+    "train": (_add_train, _cmd_train),
+    "info": (_add_info, _cmd_info),
+    "sample": (_add_sample, _cmd_sample),
+    "eval": (_add_eval, _cmd_eval),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,237 @@
+"""Loading DiT-family pipelines (local folder or hub id) and listing their quantizable linear layers.
+
+Supported layouts (diffusers ``model_index.json``): ``DiTPipeline`` (facebook/DiT-XL-2-256/-512 and the shipped
+tiny model) and ``PixArtAlphaPipeline`` / ``PixArtSigmaPipeline`` (transformer + T5 text encoder + VAE).
+Weights are read from safetensors only; pickle checkpoints are refused; no remote code is ever executed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+SHIPPED_MODEL = ASSETS / "tiny-dit"
+SHIPPED_CLASSIFIER = ASSETS / "classifier"
+SHIPPED_ALIASES = ("", "shipped", "tiny", "tiny-dit")
+
+FAMILIES = {"DiTPipeline": "dit", "PixArtAlphaPipeline": "pixart", "PixArtSigmaPipeline": "pixart"}
+_TRANSFORMER_CLASSES = {"dit": "DiTTransformer2DModel", "pixart": "PixArtTransformer2DModel"}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+LAYER_KINDS = ("qkv", "out", "fc1", "fc2", "adaLN", "embedder", "final", "other")
+
+
+@dataclass
+class Pipeline:
+    """The components of a loaded model. The transformer is shared read-only; quantize a deep copy."""
+
+    transformer: nn.Module
+    scheduler_config: dict
+    family: str  # "dit" | "pixart"
+    source: str
+    vae: nn.Module | None = None
+    text_encoder: nn.Module | None = None
+    tokenizer: object | None = None
+    labels: dict[int, str] = field(default_factory=dict)  # class id → name (DiT only)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of real classes; the null (unconditional) class id equals this number."""
+        return int(self.transformer.config.num_embeds_ada_norm or 0) if self.family == "dit" else 0
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.transformer.config.in_channels)
+
+    @property
+    def sample_size(self) -> int:
+        return int(self.transformer.config.sample_size)
+
+    def label_name(self, label: int) -> str:
+        return self.labels.get(int(label), str(label))
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One quantizable linear layer: fully-qualified name, kind, (out, in) shape, parameter count, block index."""
+
+    name: str
+    kind: str
+    out_features: int
+    in_features: int
+    params: int
+    block: int | None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+
+def layer_kind(name: str) -> str:
+    """Classifies a linear by its fully-qualified diffusers name (DiT and PixArt naming)."""
+    leaf = name.rsplit(".", 2)
+    if "embedder" in name or "caption_projection" in name or ".emb." in name or name.startswith("emb"):
+        return "embedder"
+    if name.startswith("proj_out"):
+        return "final"
+    if re.search(r"attn\d?\.to_(q|k|v)$", name) or re.search(r"attn\d?\.(add_)?(q|k|v)_proj$", name):
+        return "qkv"
+    if re.search(r"attn\d?\.to_out\.0$", name):
+        return "out"
+    if name.endswith("ff.net.0.proj"):
+        return "fc1"
+    if name.endswith("ff.net.2"):
+        return "fc2"
+    if name.endswith("norm1.linear") or name.startswith("adaln_single.linear") or "adaLN" in leaf[-1]:
+        return "adaLN"
+    return "other"
+
+
+def _block_index(name: str) -> int | None:
+    match = re.match(r"transformer_blocks\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+def list_linears(transformer: nn.Module) -> list[LayerInfo]:
+    """Every ``nn.Linear`` (or quantized stand-in exposing in/out_features) in module order."""
+    layers = []
+    for name, module in transformer.named_modules():
+        if isinstance(module, nn.Linear) or getattr(module, "is_quantized_linear", False):
+            out_f, in_f = int(module.out_features), int(module.in_features)
+            params = out_f * in_f + (out_f if getattr(module, "bias", None) is not None else 0)
+            layers.append(LayerInfo(name, layer_kind(name), out_f, in_f, params, _block_index(name)))
+    return layers
+
+
+def default_skip_kinds() -> tuple[str, ...]:
+    """Kinds kept in full precision by default (METHODS.md, "Which layers")."""
+    return ("embedder", "final", "other")
+
+
+def _refuse_pickle(folder: Path) -> None:
+    if not folder.is_dir():
+        return
+    if any(p.suffix == ".safetensors" for p in folder.iterdir()):
+        return
+    pickles = [p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES]
+    if pickles:
+        raise ModelLoadError(f"{folder}: only pickle checkpoints found ({', '.join(sorted(pickles))}); ditlab loads safetensors only — convert with safetensors.torch.save_file")
+    raise ModelLoadError(f"{folder}: no .safetensors weights found")
+
+
+def resolve_source(source: str | os.PathLike | None) -> Path:
+    """A local folder for ``source``: the shipped model, an existing folder, or a hub snapshot (cache or network)."""
+    text = "" if source is None else str(source).strip()
+    if text in SHIPPED_ALIASES:
+        return SHIPPED_MODEL
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{text}: not a folder; pass a diffusers pipeline folder (with model_index.json) or a hub id")
+        return path
+    if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
+        raise ModelLoadError(f"{text}: no such folder (and not a hub id of the form owner/name)")
+    return _hub_snapshot(text)
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "spiece*"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached: maybe reachable online
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise ModelLoadError(f"{repo_id}: hub id not in the local cache and the hub is offline (HF_HUB_OFFLINE); use a local folder or the shipped model")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:  # noqa: BLE001 - any network/auth failure becomes one line
+        raise ModelLoadError(f"{repo_id}: cannot fetch from the hub ({type(exc).__name__}); offline? use a local folder or the shipped model") from None
+
+
+def read_model_index(folder: Path) -> dict:
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise ModelLoadError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
+    try:
+        index = json.loads(index_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{index_path}: not valid JSON ({exc.__class__.__name__})") from None
+    name = index.get("_class_name")
+    if name not in FAMILIES:
+        raise ModelLoadError(f"{folder}: {name!r} is not a supported DiT pipeline; supported: {', '.join(FAMILIES)}")
+    return index
+
+
+def _load_labels(folder: Path, index: dict) -> dict[int, str]:
+    labels_path = folder / "labels.json"
+    raw = json.loads(labels_path.read_text()).get("id2label", {}) if labels_path.is_file() else index.get("id2label") or {}
+    return {int(k): str(v).split(",")[0].strip() for k, v in raw.items()}
+
+
+def _from_pretrained(cls, folder: Path, dtype: torch.dtype):
+    _refuse_pickle(folder)
+    try:
+        return cls.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True, local_files_only=True)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - corrupt or mismatched weights: one line, naming the folder
+        message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{folder}: cannot load {cls.__name__} ({message})") from None
+
+
+def load_pipeline(source: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> Pipeline:
+    """Loads a DiT or PixArt pipeline from a local folder or a hub id (``None``/"shipped" → the shipped tiny DiT).
+
+    Raises ``ModelLoadError`` with a one-line message for a missing folder, a non-DiT model, pickle weights,
+    or a hub id that cannot be reached.
+    """
+    import diffusers
+
+    folder = resolve_source(source)
+    index = read_model_index(folder)
+    family = FAMILIES[index["_class_name"]]
+    cls = getattr(diffusers, _TRANSFORMER_CLASSES[family])
+    transformer = _from_pretrained(cls, folder / "transformer", dtype).eval().requires_grad_(False)
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    if not sched_path.is_file():
+        raise ModelLoadError(f"{folder}: missing scheduler/scheduler_config.json")
+    pipe = Pipeline(transformer=transformer, scheduler_config=json.loads(sched_path.read_text()), family=family, source=str(source or "shipped"))
+    if (index.get("vae") or [None])[0] is not None:
+        pipe.vae = _from_pretrained(diffusers.AutoencoderKL, folder / "vae", dtype).eval().requires_grad_(False)
+    if family == "dit":
+        pipe.labels = _load_labels(folder, index)
+    else:
+        pipe.text_encoder, pipe.tokenizer = _load_text_encoder(folder, dtype)
+    log.info("loaded %s (%s) from %s", index["_class_name"], family, folder)
+    return pipe
+
+
+def _load_text_encoder(folder: Path, dtype: torch.dtype):
+    try:
+        import transformers
+    except ImportError:
+        raise ModelLoadError("PixArt pipelines need the 'transformers' package for their T5 text encoder: pip install transformers") from None
+    encoder = _from_pretrained(transformers.T5EncoderModel, folder / "text_encoder", dtype).eval().requires_grad_(False)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"{folder / 'tokenizer'}: cannot load the tokenizer ({type(exc).__name__})") from None
+    return encoder, tokenizer
