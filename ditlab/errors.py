@@ -22,3 +22,7 @@ class ConfigError(DitlabError, ValueError):
     def invalid(cls, field: str, value, allowed: str, layer: str | None = None) -> "ConfigError":
         where = f"layer {layer!r}: " if layer else ""
         return cls(f"{where}{field} = {value!r} is not allowed; allowed: {allowed}", layer=layer, field=field, value=value, allowed=allowed)
+
+
+class CalibrationError(DitlabError):
+    """Calibration failed: a non-finite activation (naming the layer and timestep), or statistics that are missing."""

@@ -1,0 +1,131 @@
+"""Disk cache of calibration statistics: one safetensors file + one JSON sidecar per entry.
+
+Layout: ``<cache_dir>/calibration/<key>.safetensors`` and ``<key>.json``. The key is a hash of the model identity
+(transformer config + weight fingerprint) and the calibration settings, so a changed model or setting never hits a
+stale entry.
+
+Crash safety: each file is written to a temporary name in the same directory and moved into place with
+``os.replace`` (atomic on POSIX). The sidecar is written *last* and carries the SHA-256 of the tensor file, so an
+entry is only ever read back when both files are complete and agree: a crash between the two renames leaves an
+orphaned tensor file (a miss), a torn or edited file fails the checksum (a miss, logged, recomputed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SEP = "::"  # separates layer name, field and per-timestep parts in tensor keys (layer names contain dots)
+CACHE_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    """``$DITLAB_CACHE`` or ``~/.cache/ditlab``."""
+    return Path(os.environ.get("DITLAB_CACHE") or Path.home() / ".cache" / "ditlab")
+
+
+def entry_paths(cache_dir: str | os.PathLike, key: str) -> tuple[Path, Path]:
+    """(tensor file, JSON sidecar) of the entry ``key``."""
+    folder = Path(cache_dir) / "calibration"
+    return folder / f"{key}.safetensors", folder / f"{key}.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Calls ``write(tmp_path)`` then renames onto ``path``; the temporary file is removed on any failure."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def flatten(layers: dict[str, dict]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """LayerStats field dicts → (flat tensor dict for safetensors, {layer: n_rows})."""
+    tensors, n_rows = {}, {}
+    for name, fields in layers.items():
+        n_rows[name] = int(fields["n_rows"])
+        for field, value in fields.items():
+            if field == "per_timestep":
+                for ts, branches in value.items():
+                    for branch, d in branches.items():
+                        for sub, tensor in d.items():
+                            tensors[SEP.join([name, "pt", str(ts), branch, sub])] = tensor.contiguous()
+            elif isinstance(value, torch.Tensor):
+                tensors[SEP.join([name, field])] = value.contiguous()
+    return tensors, n_rows
+
+
+def unflatten(tensors: dict[str, torch.Tensor], n_rows: dict[str, int]) -> dict[str, dict]:
+    """Inverse of ``flatten``: {layer: field dict}; fields absent from the file (xtx when not collected) are None."""
+    layers: dict[str, dict] = {name: {"n_rows": int(n), "xtx": None, "per_timestep": {}} for name, n in n_rows.items()}
+    for key, tensor in tensors.items():
+        parts = key.split(SEP)
+        fields = layers[parts[0]]
+        if len(parts) == 5 and parts[1] == "pt":
+            fields["per_timestep"].setdefault(int(parts[2]), {}).setdefault(parts[3], {})[parts[4]] = tensor
+        else:
+            fields[parts[1]] = tensor
+    return layers
+
+
+def save(cache_dir: str | os.PathLike, key: str, layers: dict[str, dict], meta: dict) -> bool:
+    """Writes an entry atomically; returns False (and logs) if the disk refuses (full, read-only) — never raises OSError."""
+    from safetensors.torch import save_file
+
+    tensor_path, json_path = entry_paths(cache_dir, key)
+    try:
+        tensor_path.parent.mkdir(parents=True, exist_ok=True)
+        tensors, n_rows = flatten(layers)
+        _atomic_write(tensor_path, lambda tmp: save_file(tensors, tmp))
+        sidecar = {"format": CACHE_FORMAT, "key": key, "sha256": _sha256(tensor_path), "n_rows": n_rows, **meta}
+        _atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=1, sort_keys=True)))
+        return True
+    except OSError as exc:
+        log.warning("calibration cache: cannot write %s (%s); continuing without caching", tensor_path, exc)
+        return False
+
+
+def load(cache_dir: str | os.PathLike, key: str) -> tuple[dict[str, dict], dict] | None:
+    """(layers field dicts, sidecar dict) of a complete, checksum-verified entry; None on a miss or a bad entry."""
+    from safetensors.torch import load_file
+
+    tensor_path, json_path = entry_paths(cache_dir, key)
+    if not json_path.is_file():
+        return None
+    try:
+        sidecar = json.loads(json_path.read_text())
+        if sidecar.get("format") != CACHE_FORMAT or sidecar.get("key") != key:
+            raise ValueError("format or key mismatch")
+        if _sha256(tensor_path) != sidecar["sha256"]:
+            raise ValueError("checksum mismatch")
+        layers = unflatten(load_file(str(tensor_path)), sidecar["n_rows"])
+        return layers, sidecar
+    except Exception as exc:  # noqa: BLE001 - any unreadable entry is a miss that gets recomputed
+        log.warning("calibration cache: entry %s is corrupt (%s: %s); recomputing", key, type(exc).__name__, exc)
+        for path in (json_path, tensor_path):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
+        return None
