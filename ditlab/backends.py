@@ -1,0 +1,173 @@
+"""The one place that chooses how a ``QuantLinear`` multiplies: the execution paths and their selection.
+
+Paths (same numbers on all of them; integer accumulators agree bit for bit):
+  * ``reference``  — dequantize W and X' (codes × scales) and multiply in float32: the definition.
+  * ``cpu-int``    — ``torch._int_mm`` int8 × int8 → int32 (int4 unpacked to int8), per group, then the epilogue
+                     ``out = s_a · Σ_g s_w,g · (acc_g − z_g · Σ_{k∈g} a_k) + b`` in float32.
+  * ``triton`` / ``triton-interpret`` — filled in by the kernels (``register_kernel``); ``triton`` needs CUDA.
+Weight-only layers (a_bits = 16) use one float matmul on the dequantized weight on every path.
+
+Selection: ``use_backend(name)`` (thread-local, so concurrent app sessions do not interfere) overrides the
+``DITLAB_BACKEND`` environment variable (read on every call); ``auto`` = ``triton`` on CUDA when registered, else
+``cpu-int``. Activation codes come from ``quantize_input`` on every path, so paths differ only in the GEMM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Callable, Iterator
+
+import torch
+
+from . import primitives
+from .errors import ConfigError
+
+ENV_VAR = "DITLAB_BACKEND"
+BACKENDS = ("auto", "reference", "cpu-int", "triton", "triton-interpret")
+_ALLOWED = "auto, reference, cpu-int, triton (CUDA GPU only), triton-interpret"
+
+LinearFn = Callable[["object", torch.Tensor], torch.Tensor]  # (QuantLinear, X' (M, K) f32) → (M, N) f32 incl. bias
+AccFn = Callable[["object", torch.Tensor], torch.Tensor]  # (QuantLinear, codes (M, K) int8) → (M, G, N) int32
+
+_local = threading.local()
+
+
+# ---- shared pieces -------------------------------------------------------------------------------------------------
+def quantize_input(layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation codes int8 (M, K) and scales (M, 1) (per-token dynamic) or (1, 1) (static per-tensor)."""
+    if layer.a_scale is not None:
+        return primitives.quantize_act(x, layer.a_scale, layer.a_bits), layer.a_scale
+    return primitives.quantize_per_token(x, layer.a_bits)
+
+
+def _add_bias(layer, out: torch.Tensor) -> torch.Tensor:
+    return out if layer.bias is None else out + layer.bias
+
+
+def weight_only_linear(layer, x: torch.Tensor) -> torch.Tensor:
+    """A16: X' (M, K) float32 @ Ŵᵀ (the same float matmul on every path)."""
+    return _add_bias(layer, x @ layer.dequantized_weight().t())
+
+
+def _grouped_codes(layer, codes: torch.Tensor):
+    """(G, M, g) activation codes, (G, N, g) weight codes and (G, N) zero points (or None), all contiguous."""
+    m, k = codes.shape
+    groups = layer.w_scale.shape[1]
+    g = k // groups
+    a = codes.reshape(m, groups, g).transpose(0, 1).contiguous()
+    q = layer.codes().reshape(layer.out_features, groups, g).transpose(0, 1).contiguous()
+    z = None if layer.w_zero is None else layer.w_zero.t().contiguous()
+    return a, q, z
+
+
+def _accumulators(layer, codes: torch.Tensor, matmul) -> Iterator[torch.Tensor]:
+    """Per group g: acc_g = Σ_{k∈g} a_k (q_k − z_g) (M, N) int32, exact (|acc| ≤ 127·255·K < 2³¹ for K < 66000)."""
+    a, q, z = _grouped_codes(layer, codes)
+    for gi in range(a.shape[0]):
+        acc = matmul(a[gi], q[gi])  # (M, N) int32
+        if z is not None:  # zero-point term −z_s · Σ_k a_k, in int32
+            acc = acc - a[gi].sum(1, dtype=torch.int32)[:, None] * z[gi][None, :]
+        yield acc
+
+
+def reference_accumulators(layer, codes: torch.Tensor) -> torch.Tensor:
+    """(M, G, N) int32 accumulators from plain int64 matmuls (the definition the integer paths must equal)."""
+    return torch.stack(list(_accumulators(layer, codes, primitives.int_matmul_ref)), dim=1)
+
+
+def cpu_int_accumulators(layer, codes: torch.Tensor) -> torch.Tensor:
+    """(M, G, N) int32 accumulators from ``torch._int_mm`` (what the cpu-int path computes)."""
+    return torch.stack(list(_accumulators(layer, codes, primitives.int_matmul)), dim=1)
+
+
+# ---- the two torch paths -------------------------------------------------------------------------------------------
+def reference_linear(layer, x: torch.Tensor) -> torch.Tensor:
+    """Float definition: Q_a(X') as codes·scale, Ŵ = (q − z)·Δ, out = X̂' Ŵᵀ + b (float32)."""
+    if layer.a_bits == 16:
+        return weight_only_linear(layer, x)
+    codes, scale = quantize_input(layer, x)
+    return _add_bias(layer, (codes.float() * scale) @ layer.dequantized_weight().t())
+
+
+def cpu_int_linear(layer, x: torch.Tensor) -> torch.Tensor:
+    """Integer path: int32 accumulators per group, then s_a · Σ_g s_w,g · acc_g + b in float32."""
+    if layer.a_bits == 16:
+        return weight_only_linear(layer, x)
+    codes, scale = quantize_input(layer, x)
+    w_scale = layer.w_scale.t()  # (G, N)
+    out = None
+    for gi, acc in enumerate(_accumulators(layer, codes, primitives.int_matmul)):
+        part = acc.float() * w_scale[gi][None, :]  # int32 → float32 is exact below 2^24; beyond, rounding only
+        out = part if out is None else out + part
+    return _add_bias(layer, out * scale)
+
+
+# ---- registry and selection ----------------------------------------------------------------------------------------
+KERNELS: dict[str, LinearFn] = {"reference": reference_linear, "cpu-int": cpu_int_linear}
+ACCUMULATORS: dict[str, AccFn] = {"reference": reference_accumulators, "cpu-int": cpu_int_accumulators}
+
+
+def register_kernel(name: str, linear_fn: LinearFn, accumulate_fn: AccFn | None = None) -> None:
+    """Hook for the kernels: installs the ``triton`` / ``triton-interpret`` path (and its accumulator twin)."""
+    if name not in ("triton", "triton-interpret"):
+        raise ConfigError.invalid("backend", name, "triton, triton-interpret")
+    KERNELS[name] = linear_fn
+    if accumulate_fn is not None:
+        ACCUMULATORS[name] = accumulate_fn
+
+
+def _check(name: str) -> str:
+    if name not in BACKENDS:
+        raise ConfigError.invalid(ENV_VAR, name, _ALLOWED)
+    if name == "triton" and not torch.cuda.is_available():
+        raise ConfigError.invalid(ENV_VAR, name, "auto, reference, cpu-int, triton-interpret (triton needs a CUDA GPU; none found)")
+    if name in ("triton", "triton-interpret") and name not in KERNELS:
+        raise ConfigError.invalid(ENV_VAR, name, "auto, reference, cpu-int (the Triton kernels are not installed in this build)")
+    return name
+
+
+def requested() -> str:
+    """The backend asked for: the innermost ``use_backend`` of this thread, else $DITLAB_BACKEND, else auto."""
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    return os.environ.get(ENV_VAR, "auto").strip() or "auto"
+
+
+def current() -> str:
+    """The concrete path that will run (``auto`` resolved); raises ConfigError for an unusable request."""
+    name = _check(requested())
+    if name == "auto":
+        return "triton" if torch.cuda.is_available() and "triton" in KERNELS else "cpu-int"
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager selecting the path for this thread only: ``with use_backend("reference"): model(x)``."""
+    _check(name)
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(name)
+    try:
+        yield current()
+    finally:
+        stack.pop()
+
+
+def linear(layer, x: torch.Tensor) -> torch.Tensor:
+    """Dispatch: X' (M, K) float32 → (M, N) float32 (bias included) on the current path."""
+    return KERNELS[current()](layer, x)
+
+
+def available() -> list[str]:
+    """Concrete paths usable on this machine now."""
+    names = ["reference", "cpu-int"]
+    if "triton" in KERNELS and torch.cuda.is_available():
+        names.append("triton")
+    if "triton-interpret" in KERNELS:
+        names.append("triton-interpret")
+    return names

@@ -1,0 +1,358 @@
+"""Recipes: the per-layer quantization configuration as data (frozen, validated, versioned JSON, presets).
+
+A ``LayerConfig`` says how one linear is quantized. A ``Recipe`` = version + a default ``LayerConfig`` + ordered
+overrides keyed by glob patterns over fully-qualified layer names (``fnmatch``; later overrides win) + a skip list
+(glob patterns of layers kept in full precision). ``recipe.resolve(layers)`` turns it into a plan
+``{name: LayerConfig | None}`` (None = skipped, kept FP) for one model, validating every layer against its shape.
+The DataFrame round-trip (``plan_to_frame`` / ``frame_to_recipe``) lives in ``ditlab.plan_table``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from .errors import ConfigError
+
+RECIPE_VERSION = 1
+
+METHOD_NAMES = ("fp", "rtn", "smoothquant", "hadamard", "hadanorm", "viditq", "gptq", "svd",
+                "bnb-int8", "bnb-nf4", "bnb-fp4", "vq4dit", "kmeans")
+WEIGHT_ONLY_METHODS = ("bnb-int8", "bnb-nf4", "bnb-fp4", "vq4dit", "kmeans")  # these run with a_bits = 16 only
+FIXED_WEIGHT_BITS = {"bnb-int8": 8, "bnb-nf4": 4, "bnb-fp4": 4}
+GPTQ_COMPOSABLE = ("rtn", "smoothquant", "hadamard", "hadanorm", "viditq", "gptq", "svd")
+STATS_METHODS = ("smoothquant", "hadanorm", "viditq", "gptq", "svd")  # need calibration statistics
+A_GRANULARITIES = ("per-token", "per-tensor")
+SIGMAS = ("std", "absmax")
+ROUNDINGS = ("nearest", "gptq")
+
+# Generic patterns for the default skip list (models.default_skip_kinds(): embedders and the final layer) over
+# DiT and PixArt naming. They may match nothing in a given model (e.g. no caption projection in a class-conditional
+# DiT), which is the one case where resolve() does not reject an unmatched pattern.
+DEFAULT_SKIP = ("*embedder*", "*.emb.*", "emb.*", "caption_projection*", "proj_out*")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _json_able(v) -> bool:
+    try:
+        json.dumps(v, allow_nan=False)
+        return isinstance(v, dict) and all(isinstance(k, str) for k in v)
+    except (TypeError, ValueError):
+        return False
+
+
+# field → (check(value) -> bool, allowed text). Single-field domains; cross-field rules live in LayerConfig.validate.
+_FIELD_RULES = {
+    "method": (lambda v: v in METHOD_NAMES, ", ".join(METHOD_NAMES)),
+    "w_bits": (lambda v: _is_int(v) and (2 <= v <= 8 or v == 16), "an integer from 2 to 8, or 16 (full precision)"),
+    "a_bits": (lambda v: _is_int(v) and (4 <= v <= 8 or v == 16), "an integer from 4 to 8, or 16 (full precision)"),
+    "w_group_size": (lambda v: v is None or (_is_int(v) and v >= 2), "None (per-output-channel) or an integer ≥ 2 dividing in_features"),
+    "w_symmetric": (lambda v: isinstance(v, bool), "true or false"),
+    "a_granularity": (lambda v: v in A_GRANULARITIES, ", ".join(A_GRANULARITIES) + " (per-tensor = static scale from calibration)"),
+    "clip_search": (lambda v: isinstance(v, bool), "true or false"),
+    "alpha": (lambda v: _is_num(v) and 0.0 <= v <= 1.0, "a number from 0 to 1"),
+    "hadamard_seed": (lambda v: _is_int(v) and 0 <= v < 2**63, "a non-negative integer"),
+    "sigma": (lambda v: v in SIGMAS, ", ".join(SIGMAS)),
+    "rank": (lambda v: _is_int(v) and v >= 1, "a positive integer (≤ min(out_features, in_features))"),
+    "weight_rounding": (lambda v: v in ROUNDINGS, ", ".join(ROUNDINGS)),
+    "gptq_damp": (lambda v: _is_num(v) and 0.0 < v <= 1.0, "a number in (0, 1] (fraction of the mean Hessian diagonal)"),
+    "params": (_json_able, "a JSON object with string keys"),
+}
+
+
+def check_field(name: str, value, layer: str | None = None) -> None:
+    """Raises ConfigError if ``name`` is not a LayerConfig field or ``value`` is outside its domain."""
+    if name not in _FIELD_RULES:
+        raise ConfigError.invalid("field", name, ", ".join(_FIELD_RULES), layer=layer)
+    ok, allowed = _FIELD_RULES[name]
+    if not ok(value):
+        raise ConfigError.invalid(name, value, allowed, layer=layer)
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """How one linear layer is quantized (see METHODS.md); validated on construction, JSON-able via ``to_dict``."""
+
+    method: str = "rtn"
+    w_bits: int = 8
+    a_bits: int = 8
+    w_group_size: int | None = None  # None = one scale per output channel; else g consecutive input channels
+    w_symmetric: bool = False  # False = min–max asymmetric with a zero point
+    a_granularity: str = "per-token"  # per-token dynamic, or per-tensor static (from calibration absmax)
+    clip_search: bool = False  # RTN: search a clipping ratio in [0.7, 1] per row/group
+    alpha: float = 0.5  # SmoothQuant / ViDiT-Q migration strength
+    hadamard_seed: int = 0
+    sigma: str = "std"  # HadaNorm per-channel scale: std of the mean-centred input, or its absmax
+    rank: int = 32  # SVD low-rank branch
+    weight_rounding: str = "nearest"  # or "gptq" (composes after any transform)
+    gptq_damp: float = 0.01
+    params: dict = field(default_factory=dict, hash=False)  # method-specific extras, JSON-able
+
+    def __post_init__(self):
+        if self.method == "gptq":  # the GPTQ method *is* GPTQ rounding on the plain weight
+            object.__setattr__(self, "weight_rounding", "gptq")
+        if _is_int(self.alpha):
+            object.__setattr__(self, "alpha", float(self.alpha))
+        if _is_int(self.gptq_damp):
+            object.__setattr__(self, "gptq_damp", float(self.gptq_damp))
+        self.validate()
+
+    @property
+    def weight_only(self) -> bool:
+        return self.a_bits == 16
+
+    @property
+    def is_fp(self) -> bool:
+        return self.method == "fp"
+
+    @property
+    def needs_stats(self) -> bool:
+        """True when the handler needs calibration statistics (LayerStats) for this layer."""
+        static_act = self.a_bits < 16 and self.a_granularity == "per-tensor"
+        return self.method in STATS_METHODS or self.weight_rounding == "gptq" or (static_act and not self.is_fp)
+
+    def validate(self, layer: str | None = None, in_features: int | None = None, out_features: int | None = None) -> "LayerConfig":
+        """Checks every field and the cross-field rules (optionally against the layer's shape); returns self.
+
+        Raises ConfigError naming the layer, the field, the value and what is allowed.
+        """
+        for f in dataclasses.fields(self):
+            check_field(f.name, getattr(self, f.name), layer)
+        m = self.method
+        if m == "fp":
+            if self.w_bits != 16 or self.a_bits != 16:
+                bad = "w_bits" if self.w_bits != 16 else "a_bits"
+                raise ConfigError.invalid(bad, getattr(self, bad), "16 for method 'fp' (full precision)", layer)
+            return self
+        if self.w_bits == 16:
+            raise ConfigError.invalid("w_bits", 16, f"2 to 8 for method {m!r} (use method 'fp' to keep a layer in full precision)", layer)
+        if m in FIXED_WEIGHT_BITS and self.w_bits != FIXED_WEIGHT_BITS[m]:
+            raise ConfigError.invalid("w_bits", self.w_bits, f"{FIXED_WEIGHT_BITS[m]} for method {m!r}", layer)
+        if m in WEIGHT_ONLY_METHODS and self.a_bits != 16:
+            raise ConfigError.invalid("a_bits", self.a_bits, f"16 for method {m!r} (weight-only: it cannot quantize activations)", layer)
+        if self.weight_rounding == "gptq" and m not in GPTQ_COMPOSABLE:
+            raise ConfigError.invalid("weight_rounding", "gptq", f"'nearest' for method {m!r} (gptq composes with {', '.join(GPTQ_COMPOSABLE)})", layer)
+        if in_features is not None:
+            g = self.w_group_size
+            if g is not None and in_features % g:
+                raise ConfigError.invalid("w_group_size", g, f"None or a divisor of in_features={in_features}", layer)
+            if self.w_bits <= 4 and in_features % 2 and m not in WEIGHT_ONLY_METHODS:
+                raise ConfigError.invalid("w_bits", self.w_bits, f"5 to 8 here: 4-bit packing needs an even in_features (got {in_features})", layer)
+        if m == "svd" and in_features is not None and out_features is not None and self.rank > min(in_features, out_features):
+            raise ConfigError.invalid("rank", self.rank, f"1 to min(out_features, in_features) = {min(in_features, out_features)}", layer)
+        return self
+
+    def replace(self, **changes) -> "LayerConfig":
+        """A copy with some fields changed (validated)."""
+        for k in changes:
+            if k not in _FIELD_RULES:
+                raise ConfigError.invalid("field", k, ", ".join(_FIELD_RULES))
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), dict) else v) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping, layer: str | None = None) -> "LayerConfig":
+        """From a mapping of field values; unknown fields are rejected by name."""
+        if not isinstance(data, Mapping):
+            raise ConfigError.invalid("layer config", data, "a JSON object of LayerConfig fields", layer)
+        for k in data:
+            if k not in _FIELD_RULES:
+                raise ConfigError.invalid("field", k, ", ".join(_FIELD_RULES), layer)
+        try:
+            return cls(**dict(data))
+        except ConfigError as exc:
+            if layer is None or exc.layer:
+                raise
+            raise ConfigError.invalid(exc.field, exc.value, exc.allowed, layer) from None
+
+    def short(self) -> str:
+        """A compact label, e.g. ``rtn W4A8 g64``."""
+        if self.is_fp:
+            return "fp"
+        gran = f" g{self.w_group_size}" if self.w_group_size else ""
+        act = "A16" if self.weight_only else f"A{self.a_bits}" + ("s" if self.a_granularity == "per-tensor" else "")
+        return f"{self.method} W{self.w_bits}{act}{gran}"
+
+
+FP = LayerConfig(method="fp", w_bits=16, a_bits=16)
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Version + default LayerConfig + ordered glob overrides + skip patterns. See the module docstring."""
+
+    version: int = RECIPE_VERSION
+    default: LayerConfig = FP
+    overrides: tuple = ()  # ((glob pattern, {field: value}), …) — later entries win
+    skip: tuple = DEFAULT_SKIP
+    name: str = "custom"
+
+    def __post_init__(self):
+        if self.version != RECIPE_VERSION:
+            raise ConfigError.invalid("version", self.version, f"{RECIPE_VERSION}")
+        if not isinstance(self.default, LayerConfig):
+            raise ConfigError.invalid("default", self.default, "a LayerConfig")
+        norm = []
+        for item in self.overrides:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], Mapping)):
+                raise ConfigError.invalid("overrides", item, "(glob pattern, {field: value}) pairs")
+            pattern, fields = item
+            for k, v in fields.items():
+                check_field(k, v, layer=f"override {pattern}")
+            norm.append((pattern, dict(fields)))
+        object.__setattr__(self, "overrides", tuple(norm))
+        if isinstance(self.skip, str) or not all(isinstance(p, str) for p in self.skip):
+            raise ConfigError.invalid("skip", self.skip, "a list of glob patterns")
+        object.__setattr__(self, "skip", tuple(self.skip))
+
+    def config_for(self, name: str, in_features: int | None = None, out_features: int | None = None) -> LayerConfig | None:
+        """The validated LayerConfig of one layer (None if a skip pattern matches it)."""
+        if any(_matches(name, p) for p in self.skip):
+            return None
+        merged: dict = {}
+        for pattern, fields in self.overrides:
+            if _matches(name, pattern):
+                merged.update(fields)
+        cfg = self.default if not merged else LayerConfig.from_dict({**self.default.to_dict(), **merged}, layer=name)
+        try:
+            return cfg.validate(layer=name, in_features=in_features, out_features=out_features)
+        except ConfigError as exc:
+            if exc.layer:
+                raise
+            raise ConfigError.invalid(exc.field, exc.value, exc.allowed, name) from None
+
+    def resolve(self, layers: Iterable) -> dict[str, LayerConfig | None]:
+        """Plan ``{name: LayerConfig | None}`` for layers (``LayerInfo``s or names), in the given order.
+
+        Rejects an override or skip pattern that matches no layer (except the generic DEFAULT_SKIP patterns).
+        """
+        infos = [(x, None, None) if isinstance(x, str) else (x.name, x.in_features, x.out_features) for x in layers]
+        names = [n for n, _, _ in infos]
+        for pattern, _ in self.overrides:
+            if not any(_matches(n, pattern) for n in names):
+                raise ConfigError.invalid("override pattern", pattern, "a glob matching at least one layer name (e.g. 'transformer_blocks.*.attn1.to_q')")
+        for pattern in self.skip:
+            if pattern not in DEFAULT_SKIP and not any(_matches(n, pattern) for n in names):
+                raise ConfigError.invalid("skip pattern", pattern, "a glob matching at least one layer name")
+        return {n: self.config_for(n, k, o) for n, k, o in infos}
+
+    def replace(self, **changes) -> "Recipe":
+        return dataclasses.replace(self, **changes)
+
+    # ---- JSON ---------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"version": self.version, "name": self.name, "default": self.default.to_dict(),
+                "overrides": [{"pattern": p, "set": dict(f)} for p, f in self.overrides], "skip": list(self.skip)}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "Recipe":
+        """From the ``to_dict`` layout; unknown keys are rejected by name; a missing version is an error."""
+        if not isinstance(data, Mapping):
+            raise ConfigError.invalid("recipe", type(data).__name__, "a JSON object")
+        known = ("version", "name", "default", "overrides", "skip")
+        for k in data:
+            if k not in known:
+                raise ConfigError.invalid("recipe key", k, ", ".join(known))
+        if "version" not in data:
+            raise ConfigError.invalid("version", None, f"{RECIPE_VERSION} (every recipe file carries a version)")
+        overrides = []
+        for item in data.get("overrides", []):
+            if not isinstance(item, Mapping) or set(item) != {"pattern", "set"}:
+                raise ConfigError.invalid("overrides", item, 'objects {"pattern": glob, "set": {field: value}}')
+            overrides.append((item["pattern"], item["set"]))
+        default = LayerConfig.from_dict(data.get("default", {}), layer=None)
+        return cls(version=data["version"], default=default, overrides=tuple(overrides),
+                   skip=tuple(data.get("skip", DEFAULT_SKIP)), name=str(data.get("name", "custom")))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Recipe":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError.invalid("recipe JSON", f"line {exc.lineno} col {exc.colno}", "valid JSON") from None
+        return cls.from_dict(data)
+
+
+def _preset(name: str, **fields) -> Recipe:
+    return Recipe(default=LayerConfig(**fields), name=name)
+
+
+W4_GROUP = 64
+PRESETS: dict[str, Recipe] = {
+    "fp": Recipe(default=FP, skip=(), name="fp"),
+    "w8a8-rtn": _preset("w8a8-rtn", method="rtn", w_bits=8, a_bits=8),
+    "w8a8-rtn-static": _preset("w8a8-rtn-static", method="rtn", w_bits=8, a_bits=8, w_symmetric=True, a_granularity="per-tensor"),
+    "w8a8-smoothquant": _preset("w8a8-smoothquant", method="smoothquant", w_bits=8, a_bits=8, w_symmetric=True, alpha=0.5),
+    "w8a8-viditq": _preset("w8a8-viditq", method="viditq", w_bits=8, a_bits=8, alpha=0.5),
+    "w4a8-rtn": _preset("w4a8-rtn", method="rtn", w_bits=4, a_bits=8, w_group_size=W4_GROUP),
+    "w4a8-hadamard": _preset("w4a8-hadamard", method="hadamard", w_bits=4, a_bits=8, w_group_size=W4_GROUP),
+    "w4a8-hadanorm": _preset("w4a8-hadanorm", method="hadanorm", w_bits=4, a_bits=8, w_group_size=W4_GROUP),
+    "w4a8-viditq": _preset("w4a8-viditq", method="viditq", w_bits=4, a_bits=8, w_group_size=W4_GROUP, alpha=0.5),
+    "w4a4-hadanorm": _preset("w4a4-hadanorm", method="hadanorm", w_bits=4, a_bits=4, w_group_size=W4_GROUP),
+    "w4a16-rtn": _preset("w4a16-rtn", method="rtn", w_bits=4, a_bits=16, w_group_size=W4_GROUP),
+    "w4a16-gptq": _preset("w4a16-gptq", method="gptq", w_bits=4, a_bits=16, w_group_size=W4_GROUP),
+    "w4a4-svd": _preset("w4a4-svd", method="svd", w_bits=4, a_bits=4, w_group_size=W4_GROUP, rank=32, alpha=0.5),
+    "bnb-int8": _preset("bnb-int8", method="bnb-int8", w_bits=8, a_bits=16),
+    "bnb-nf4": _preset("bnb-nf4", method="bnb-nf4", w_bits=4, a_bits=16),
+    "bnb-fp4": _preset("bnb-fp4", method="bnb-fp4", w_bits=4, a_bits=16),
+}
+PRESETS_DOC = """Presets (all keep embedders and the final layer in FP via DEFAULT_SKIP; activations per-token dynamic unless noted):
+
+W8 presets quantize weights per output channel (asymmetric min–max, except SmoothQuant and the static baseline which
+are symmetric). W4 presets use groups of 64 input channels: 64 divides every in_features of the shipped tiny DiT
+(192 for attention/adaLN/fc1, 768 for fc2; 256 only in the skipped timestep embedder) and of DiT-XL/2 (1152, 4608),
+so every quantized layer of both is per-group 64; a model whose in_features is not a multiple of 64 needs an
+override ``{"w_group_size": None}`` (resolve() names the layer). ``w8a8-rtn-static`` is naive per-tensor static
+W8A8 (activation scale from calibration absmax) — the baseline ViDiT-Q's dynamic per-token quantization fixes.
+"""
+
+
+def get_preset(name: str) -> Recipe:
+    """A named preset (see ``PRESETS_DOC``)."""
+    if name not in PRESETS:
+        raise ConfigError.invalid("recipe", name, "a preset name (" + ", ".join(PRESETS) + ") or a recipe .json file")
+    return PRESETS[name]
+
+
+def load_recipe(spec: "str | Path | Recipe | Mapping") -> Recipe:
+    """A Recipe from a preset name, a path to a recipe JSON file, a dict, or a Recipe (returned as is)."""
+    if isinstance(spec, Recipe):
+        return spec
+    if isinstance(spec, Mapping):
+        return Recipe.from_dict(spec)
+    text = str(spec)
+    if text in PRESETS:
+        return PRESETS[text]
+    path = Path(text).expanduser()
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise ConfigError.invalid("recipe", text, "an existing recipe .json file or a preset name (" + ", ".join(PRESETS) + ")")
+        return Recipe.from_json(path.read_text())
+    return get_preset(text)
+
+
+def save_recipe(recipe: Recipe, path: "str | Path") -> Path:
+    """Writes ``recipe.to_json()`` to ``path``; returns the path."""
+    path = Path(path)
+    path.write_text(recipe.to_json() + "\n")
+    return path
