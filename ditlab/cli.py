@@ -131,8 +131,28 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _add_bench(sub) -> None:
+    from .bench import BENCHMARKS
+
+    p = sub.add_parser("bench", help="run a benchmark and print a markdown table")
+    p.add_argument("part", choices=sorted(BENCHMARKS), help="what to measure")
+    p.add_argument("--out", default=None, help="also append the table to this markdown file")
+
+
+def _cmd_bench(args) -> int:
+    from .bench import BENCHMARKS, markdown_table
+
+    table = markdown_table(BENCHMARKS[args.part](), "python -m ditlab bench " + args.part)
+    print(table)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(table + "\n")
+    return 0
+
+
 COMMANDS = {
     "train": (_add_train, _cmd_train),
+    "bench": (_add_bench, _cmd_bench),
     "info": (_add_info, _cmd_info),
     "sample": (_add_sample, _cmd_sample),
     "eval": (_add_eval, _cmd_eval),

@@ -193,8 +193,9 @@ def _from_pretrained(cls, folder: Path, dtype: torch.dtype):
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - corrupt or mismatched weights: one line, naming the folder
-        message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"{folder}: cannot load {cls.__name__} ({message})") from None
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = re.sub(r"'?(/[^'\s]+)+'?", "…", detail)[:120]  # paths would repeat the folder named in front
+        raise ModelLoadError(f"{folder}: cannot load {cls.__name__} ({detail})") from None
 
 
 def load_pipeline(source: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> Pipeline:

@@ -1,0 +1,73 @@
+"""Benchmarks that print markdown tables (``python -m ditlab bench <part>``); never used as timed assertions.
+
+Each benchmark returns rows (list of dicts); ``markdown_table`` renders them with the machine and the command,
+so a table pasted into docs/ always says where and how it was measured.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+
+def machine() -> str:
+    """'CPU model, N cores, torch version' for table captions."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads{gpu}, torch {torch.__version__}"
+
+
+def markdown_table(rows: list[dict], command: str) -> str:
+    """A markdown table of ``rows`` (same keys) preceded by the command, the machine and the date."""
+    if not rows:
+        return f"`{command}`: no rows\n"
+    keys = list(rows[0])
+    head = "| " + " | ".join(keys) + " |\n|" + "|".join("---:" if isinstance(rows[0][k], (int, float)) else "---" for k in keys) + "|\n"
+    body = "".join("| " + " | ".join(_fmt(r[k]) for k in keys) + " |\n" for r in rows)
+    return f"Command: `{command}` — {machine()} — {datetime.date.today().isoformat()}\n\n{head}{body}"
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def _timed(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_sampling(source: str = "shipped", n_images: int = 16, steps: int = 25, guidance: float = 4.0, repeats: int = 3) -> list[dict]:
+    """Seconds to sample ``n_images`` at ``steps`` steps with CFG (one batch) for the fp32 and bf16 transformer."""
+    from . import api
+
+    pipe = api.load(source)
+    labels = [i % max(1, pipe.num_classes) for i in range(n_images)]
+    rows = []
+    variants = {"fp32": pipe.transformer, "bf16": copy.deepcopy(pipe.transformer).to(torch.bfloat16)}
+    for name, model in variants.items():
+        api.generate(pipe, labels[:2], steps=2, guidance=guidance, transformer=model, progress=False)  # warm-up
+        times = _timed(lambda: api.generate(pipe, labels, steps=steps, guidance=guidance, transformer=model, progress=False), repeats)
+        median = statistics.median(times)
+        rows.append({"model": name, "images": n_images, "steps": steps, "cfg": guidance, "median s": median, "min s": min(times),
+                     "images/s": n_images / median, "goal (< 10 s)": "met" if median < 10 else "missed"})
+    return rows
+
+
+BENCHMARKS = {"sampling": bench_sampling}

@@ -1,0 +1,65 @@
+"""The command line, run as users run it: a subprocess per command."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "ditlab", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["sample", "--labels", "a,b"], "--labels"),
+    (["sample", "--steps", "0"], "--steps"),
+    (["sample", "--scheduler", "euler"], "--scheduler"),
+    (["eval", "--n-per-label", "-3"], "--n-per-label"),
+    (["frobnicate"], "invalid choice"),
+    (["info", "--model", "/definitely/not/here"], "no such folder"),
+    (["sample", "--labels", "99", "--n-per-label", "1", "--steps", "1"], "labels"),
+])
+def test_bad_arguments_exit_2_with_one_line(args, needle):
+    proc = run(*args)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_info_json_lists_layers():
+    proc = run("info", "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["family"] == "dit" and info["num_linears"] == 56 and info["labels"]["4"] == "star"
+    assert {"name", "kind", "shape", "params"} <= set(info["layers"][0])
+
+
+def test_info_table():
+    proc = run("info")
+    assert proc.returncode == 0 and "transformer_blocks.5.ff.net.2" in proc.stdout
+
+
+def test_sample_writes_a_grid(tmp_path):
+    out = tmp_path / "grid.png"
+    proc = run("sample", "--labels", "0,4", "--n-per-label", "3", "--steps", "4", "--seed", "3", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    from PIL import Image
+
+    with Image.open(out) as image:
+        assert image.size == (2 * (3 * 34 + 2), 2 * (2 * 34 + 2))  # 3 columns × 2 rows of 32 px + 2 px padding, scale 2
+    assert json.loads(proc.stdout)["n_images"] == 6
+
+
+def test_eval_prints_one_json_object():
+    proc = run("eval", "--recipe", "fp", "--n-per-label", "2", "--steps", "5", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert {"class_acc_fp", "fd_fp", "seconds_sample", "n_images"} <= set(result)
+    assert result["n_images"] == 20 and 0.0 <= result["class_acc_fp"] <= 1.0 and result["fd_fp"] >= 0
