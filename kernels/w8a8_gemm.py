@@ -1,0 +1,207 @@
+"""W8A8 GEMM: int8 activations × int8 weights → exact int32 accumulators → float output with a fused epilogue.
+
+Computes, for tokens m, output channels n and weight groups g (G = 1: per channel):
+
+    acc[m, n, g] = Σ_{k in g} a[m, k] · (w[n, k] − z[n, g])          exact int32 (zero term via Σ_k a[m, k])
+    y[m, n]      = (Σ_g acc[m, n, g] · w_scale[n, g]) · a_scale[m]  + mean_corr[m // T, n] + bias[n]
+
+Inputs (the layout ``QuantLinear`` stores; any strides unless stated):
+  a          (M, K) int8     activation codes (per-token symmetric, e.g. from ``kernels.act_quant``)
+  a_scale    (M, 1) float32  per-token activation scales
+  w          (N, K) int8     signed-shifted weight codes (``ditlab.primitives.quantize_weight``)
+  w_scale    (N, G) float32  weight scales; w_zero (N, G) int32 signed-shifted zero points (None: symmetric)
+  bias       (N,)            any float dtype
+  mean_corr  (B, N) float32  HadaNorm's per-sample correction μ_b Wᵀ, added to the T = tokens_per_sample tokens of
+                             sample b (tokens are rows b·T … b·T + T − 1)
+Output: (M, N) float32 / bfloat16 / float16; ``w8a8_gemm_int32`` returns the accumulators themselves, (M, N) int32
+(per channel) or (M, N, G) (per group), for exact comparison with the CPU integer path.
+
+Why int32: products of int8 codes are exact integers and |Σ| ≤ 2^7·2^8·K < 2^31 for K < 65536, so an int32
+accumulator (IMMA / wgmma on sm_80 / sm_90, exact ``np.matmul`` in the interpreter) is exact; the zero-point term
+z·Σa is exact too (Σ_k a per token and group comes from one torch reduction over A in the wrapper, cheaper than a
+reduction per k-step in the kernel). Only the epilogue rounds, once per group, in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import cdiv, is_interpreted, launch
+from ._qgemm import FLOAT_OUT, check_epilogue, epilogue_ref, gemm_blocks, groups_of, int_gemm_ref
+from ._tiles import bf16_rne
+
+# Configs: see _qgemm.gemm_blocks (128×128×64 tiles on GPU, shrunk for small M/N); GROUP_M tiles of M share a
+# band of weight columns in L2 (tutorial 03's swizzle); 3 software-pipeline stages of 16 KB each.
+GROUP_M = 8
+NUM_STAGES = 3
+
+
+@triton.jit
+def _w8a8_kernel(
+    a_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, w_zero_ptr, a_sum_ptr, bias_ptr, corr_ptr,
+    M, N, K, GROUP_SIZE, NUM_GROUPS, tokens_per_sample,
+    stride_am, stride_ak, stride_wn, stride_wk,
+    stride_sn, stride_sg, stride_cb, stride_cn, stride_og, stride_om, stride_on,
+    HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CORR: tl.constexpr, RAW_INT32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # grouped program order: GROUP_M consecutive row tiles walk the same column tiles (L2 reuse of w)
+    pid = tl.program_id(0)
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
+    first_m = (pid // (GROUP_M * num_pid_n)) * GROUP_M
+    group_rows = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_rows)
+    pid_n = (pid % (GROUP_M * num_pid_n)) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak  # (BM, BK), advanced along K
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn  # (BK, BN), w read transposed
+
+    y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_left = K  # codes beyond K are masked to 0 and add nothing
+    for g in range(0, NUM_GROUPS):
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for _ in range(0, GROUP_SIZE, BLOCK_K):  # BLOCK_K divides GROUP_SIZE unless there is a single group
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0)  # (BM, BK) int8
+            w = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0)  # (BK, BN) int8
+            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+            a_ptrs += BLOCK_K * stride_ak
+            w_ptrs += BLOCK_K * stride_wk
+            k_left -= BLOCK_K
+        if HAS_ZERO:  # Σ_k a·(w − z) = Σ_k a·w − z·Σ_k a, exact in int32
+            z = tl.load(w_zero_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0)  # (BN,) int32
+            a_sum = tl.load(a_sum_ptr + offs_m * NUM_GROUPS + g, mask=mask_m, other=0)  # (BM,) int32
+            acc -= a_sum[:, None] * z[None, :]
+        if RAW_INT32:
+            tl.store(out_ptr + g * stride_og + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc,
+                     mask=mask_m[:, None] & mask_n[None, :])
+        else:
+            s = tl.load(w_scale_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0)  # (BN,) f32
+            y += acc.to(tl.float32) * s[None, :]
+
+    if not RAW_INT32:
+        sa = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)  # (BM,) f32
+        y = y * sa[:, None]
+        if HAS_CORR:
+            b = offs_m // tokens_per_sample  # the sample of each token
+            y += tl.load(corr_ptr + b[:, None] * stride_cb + offs_n[None, :] * stride_cn,
+                         mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if out_ptr.dtype.element_ty == tl.bfloat16:
+            y = bf16_rne(y)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+                 y.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _check_codes(a: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int]:
+    if a.dtype != torch.int8 or w.dtype != torch.int8:
+        raise TypeError(f"a and w must be int8 codes, got {a.dtype} and {w.dtype}")
+    if a.dim() != 2 or w.dim() != 2 or a.shape[1] != w.shape[1]:
+        raise ValueError(f"a (M, K) and w (N, K) must share K, got {tuple(a.shape)} and {tuple(w.shape)}")
+    if a.device != w.device:
+        raise ValueError(f"a is on {a.device}, w on {w.device}")
+    return a.shape[0], w.shape[0], a.shape[1]
+
+
+def _run(a, w, a_scale, w_scale, w_zero, bias, mean_corr, tokens_per_sample, num_groups, out, blocks):
+    m, n, k = _check_codes(a, w)
+    group_size = groups_of(k, num_groups)
+    bm, bn, bk, warps = gemm_blocks(m, n, k, group_size, is_interpreted(_w8a8_kernel), *blocks)
+    raw = out.dtype == torch.int32
+    o = out if out.dim() == 3 else out.unsqueeze(0)  # (G, M, N) for the raw accumulators
+    # Σ_k a per token and group for the zero-point term: one cheap torch pass over A
+    a_sum = a.reshape(m, num_groups, group_size).sum(-1, dtype=torch.int32).contiguous() if w_zero is not None else None
+    params = dict(
+        a_ptr=a, w_ptr=w, out_ptr=out, a_scale_ptr=a_scale, w_scale_ptr=w_scale, w_zero_ptr=w_zero,
+        a_sum_ptr=a_sum, bias_ptr=bias, corr_ptr=mean_corr,
+        M=m, N=n, K=k, GROUP_SIZE=group_size, NUM_GROUPS=num_groups, tokens_per_sample=tokens_per_sample or 1,
+        stride_am=a.stride(0), stride_ak=a.stride(1), stride_wn=w.stride(0), stride_wk=w.stride(1),
+        stride_sn=num_groups, stride_sg=1,  # w_scale / w_zero are contiguous (N, G)
+        stride_cb=mean_corr.stride(0) if mean_corr is not None else 0,
+        stride_cn=mean_corr.stride(1) if mean_corr is not None else 0,
+        stride_og=o.stride(0) if raw else 0, stride_om=o.stride(-2), stride_on=o.stride(-1),
+        HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None, HAS_CORR=mean_corr is not None, RAW_INT32=raw,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
+    )
+    launch(_w8a8_kernel, (cdiv(m, bm) * cdiv(n, bn),), params, num_warps=warps, num_stages=NUM_STAGES)
+
+
+def w8a8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+              w_zero: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+              mean_corr: torch.Tensor | None = None, tokens_per_sample: int | None = None, *,
+              out_dtype: torch.dtype = torch.float32, block_m: int | None = None, block_n: int | None = None,
+              block_k: int | None = None) -> torch.Tensor:
+    """y (M, N) = dequantized int8 GEMM a (M, K) × w (N, K)ᵀ with the epilogue of the module docstring."""
+    m, n, k = _check_codes(a, w)
+    if out_dtype not in FLOAT_OUT:
+        raise TypeError(f"out_dtype must be one of {FLOAT_OUT}, got {out_dtype}")
+    num_groups = w_scale.shape[-1] if w_scale.dim() == 2 else 1
+    a_scale, w_scale, w_zero, bias, mean_corr = check_epilogue(
+        m, n, num_groups, a_scale, w_scale.reshape(n, num_groups), w_zero, bias, mean_corr, tokens_per_sample,
+        a.device)
+    out = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    _run(a, w, a_scale, w_scale, w_zero, bias, mean_corr, tokens_per_sample, num_groups, out,
+         (block_m, block_n, block_k))
+    return out
+
+
+def w8a8_gemm_int32(a: torch.Tensor, w: torch.Tensor, w_zero: torch.Tensor | None = None, *,
+                    num_groups: int = 1, block_m: int | None = None, block_n: int | None = None,
+                    block_k: int | None = None) -> torch.Tensor:
+    """Exact accumulators Σ_k a·(w − z): (M, N) int32 for per-channel weights, (M, N, G) for G > 1 groups."""
+    m, n, k = _check_codes(a, w)
+    _, _, w_zero, _, _ = check_epilogue(m, n, num_groups, None, None, w_zero, None, None, None, a.device)
+    out = torch.empty(num_groups, m, n, dtype=torch.int32, device=a.device)
+    _run(a, w, None, None, w_zero, None, None, None, num_groups, out, (block_m, block_n, block_k))
+    return out[0] if num_groups == 1 else out.permute(1, 2, 0)
+
+
+# ---------------------------------------------------------------------------------------------- torch twins
+
+
+def w8a8_gemm_ref(a, a_scale, w, w_scale, w_zero=None, bias=None, mean_corr=None, tokens_per_sample=None, *,
+                  out_dtype=torch.float32):
+    """Twin of ``w8a8_gemm``: int64 accumulation per group, then the kernel's float32 epilogue in its order."""
+    n = w.shape[0]
+    num_groups = w_scale.shape[-1] if w_scale.dim() == 2 else 1
+    acc = int_gemm_ref(a, w, w_zero, num_groups)
+    return epilogue_ref(acc, a_scale, w_scale.reshape(n, num_groups), bias, mean_corr, tokens_per_sample, out_dtype)
+
+
+def w8a8_gemm_int32_ref(a, w, w_zero=None, *, num_groups=1):
+    """Twin of ``w8a8_gemm_int32``."""
+    acc = int_gemm_ref(a, w, w_zero, num_groups)
+    return acc[:, :, 0] if num_groups == 1 else acc
+
+
+def example_inputs(shape: tuple[int, int, int], *, seed: int = 0, device: str = "cpu", group_size: int | None = None,
+                   zero: bool = True, bias: bool = True, samples: int | None = 2,
+                   out_dtype: torch.dtype = torch.float32) -> dict:
+    """Keyword arguments of ``w8a8_gemm`` / ``w8a8_gemm_ref`` for (M, N, K): full-range random codes and scales.
+
+    ``samples`` > 0 adds a mean-correction row per sample (M must be a multiple of it).
+    """
+    g = torch.Generator().manual_seed(seed)
+    m, n, k = shape
+    groups = 1 if group_size is None else k // group_size
+    kw = {
+        "a": torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8),
+        "a_scale": torch.rand(m, 1, generator=g) * 0.02 + 1e-3,
+        "w": torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8),
+        "w_scale": torch.rand(n, groups, generator=g) * 0.01 + 1e-4,
+        "w_zero": torch.randint(-128, 128, (n, groups), generator=g, dtype=torch.int32) if zero else None,
+        "bias": torch.randn(n, generator=g) if bias else None,
+        "out_dtype": out_dtype,
+    }
+    if samples:
+        kw["mean_corr"] = torch.randn(samples, n, generator=g)
+        kw["tokens_per_sample"] = m // samples
+    return {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in kw.items()}
