@@ -4,7 +4,7 @@ A ``LayerConfig`` says how one linear is quantized. A ``Recipe`` = version + a d
 overrides keyed by glob patterns over fully-qualified layer names (``fnmatch``; later overrides win) + a skip list
 (glob patterns of layers kept in full precision). ``recipe.resolve(layers)`` turns it into a plan
 ``{name: LayerConfig | None}`` (None = skipped, kept FP) for one model, validating every layer against its shape.
-The DataFrame round-trip (``plan_to_frame`` / ``frame_to_recipe``) lives in ``ditlab.plan_table``.
+The DataFrame round-trip (``plan_to_frame`` / ``frame_to_recipe``) is implemented in ``ditlab.plan_table``.
 """
 
 from __future__ import annotations
@@ -231,6 +231,8 @@ class Recipe:
             if _matches(name, pattern):
                 merged.update(fields)
         cfg = self.default if not merged else LayerConfig.from_dict({**self.default.to_dict(), **merged}, layer=name)
+        if cfg.is_fp:
+            return FP  # one canonical full-precision config (other fields are irrelevant to it)
         try:
             return cfg.validate(layer=name, in_features=in_features, out_features=out_features)
         except ConfigError as exc:
@@ -356,3 +358,17 @@ def save_recipe(recipe: Recipe, path: "str | Path") -> Path:
     path = Path(path)
     path.write_text(recipe.to_json() + "\n")
     return path
+
+
+def plan_to_frame(plan: dict, layers):
+    """One row per layer (pandas DataFrame) of a resolved plan; see ``ditlab.plan_table``."""
+    from .plan_table import plan_to_frame as impl
+
+    return impl(plan, layers)
+
+
+def frame_to_recipe(df, base_recipe: Recipe) -> Recipe:
+    """An edited plan table back to a Recipe (one override per changed layer); see ``ditlab.plan_table``."""
+    from .plan_table import frame_to_recipe as impl
+
+    return impl(df, base_recipe)

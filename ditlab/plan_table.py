@@ -1,0 +1,154 @@
+"""The DataFrame round-trip of a per-layer plan (the app's editable table): ``plan_to_frame`` / ``frame_to_recipe``.
+
+One row per linear: read-only columns ``name, kind, shape ("N×K" as "NxK"), n_weights, skipped`` and one editable
+column per LayerConfig field (``params`` as a JSON string; ``w_group_size`` empty = per-channel). Editing the table
+and calling ``frame_to_recipe(df, base)`` gives a Recipe equal to ``base`` plus one exact-name override per changed
+layer (a skipped layer that is given a method is removed from the skip list).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+from .config import FP, LayerConfig, Recipe, _FIELD_RULES
+from .errors import ConfigError
+
+INFO_COLUMNS = ("name", "kind", "shape", "n_weights", "skipped")
+CONFIG_COLUMNS = tuple(f.name for f in dataclasses.fields(LayerConfig))
+_INTS = ("w_bits", "a_bits", "hadamard_seed", "rank")
+_BOOLS = ("w_symmetric", "clip_search")
+_FLOATS = ("alpha", "gptq_damp")
+
+
+def _layer_tuple(info):
+    if isinstance(info, str):
+        return info, "other", None, None
+    return info.name, info.kind, info.out_features, info.in_features
+
+
+def plan_to_frame(plan: dict, layers) -> "object":
+    """pandas DataFrame, one row per layer of ``layers`` (LayerInfo) with its planned config (None → FP, skipped)."""
+    import pandas as pd
+
+    rows = []
+    for info in layers:
+        name, kind, n, k = _layer_tuple(info)
+        cfg = plan.get(name)
+        d = (cfg or FP).to_dict()
+        d["params"] = json.dumps(d["params"], sort_keys=True)
+        rows.append({"name": name, "kind": kind, "shape": f"{n}x{k}" if n else "", "n_weights": (n or 0) * (k or 0), "skipped": cfg is None, **d})
+    return pd.DataFrame(rows, columns=list(INFO_COLUMNS + CONFIG_COLUMNS))
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
+
+
+def _coerce(field: str, value, layer: str):
+    """A table cell (numpy scalar, string, NaN …) → the Python value of a LayerConfig field."""
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()  # numpy scalar → Python
+    allowed = _FIELD_RULES[field][1]
+    try:
+        if field == "w_group_size":
+            if _missing(value) or str(value).strip().lower() in ("0", "none", "per-channel"):
+                return None
+            f = float(value)
+            if f != int(f):
+                raise ValueError
+            return int(f)
+        if field in _INTS:
+            f = float(value)
+            if f != int(f):
+                raise ValueError
+            return int(f)
+        if field in _BOOLS:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "yes", "1", "1.0"):
+                return True
+            if text in ("false", "no", "0", "0.0"):
+                return False
+            raise ValueError
+        if field in _FLOATS:
+            return float(value)
+        if field == "params":
+            if _missing(value):
+                return {}
+            return dict(value) if isinstance(value, dict) else json.loads(value)
+        return str(value).strip()
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError.invalid(field, value, allowed, layer=layer) from None
+
+
+def row_config(row: dict, layer: str) -> LayerConfig:
+    """The LayerConfig of one table row (method 'fp', or w_bits = a_bits = 16, means full precision)."""
+    fields = {f: _coerce(f, row[f], layer) for f in CONFIG_COLUMNS if f in row}
+    if fields.get("method") == "fp" or (fields.get("w_bits") == 16 and fields.get("a_bits") == 16):
+        return FP
+    return LayerConfig.from_dict(fields, layer=layer)
+
+
+def _escape(name: str) -> str:
+    """A glob matching exactly ``name`` under fnmatch (brackets, stars and question marks quoted)."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _unskipped(base: Recipe, name: str, k, n) -> LayerConfig | None:
+    try:
+        return base.replace(skip=()).config_for(name, k, n)
+    except ConfigError:
+        return None
+
+
+def frame_to_recipe(df, base: Recipe) -> Recipe:
+    """Recipe = ``base`` + one exact-name override per layer whose row differs from ``base``'s plan.
+
+    Overrides carry only the changed fields; a skipped layer given a method other than fp leaves the skip list
+    (patterns that covered it are replaced by the exact names they still skip).
+    """
+    from .models import LayerInfo
+
+    for col in ("name", "shape") + ("method", "w_bits", "a_bits"):
+        if col not in df.columns:
+            raise ConfigError.invalid("table column", col, "present (the table comes from plan_to_frame)")
+    records = df.to_dict("records")
+    layers = []
+    for r in records:
+        try:
+            n, k = (int(v) for v in str(r["shape"]).lower().split("x"))
+        except ValueError:
+            raise ConfigError.invalid("shape", r["shape"], "'NxK' as written by plan_to_frame", layer=str(r["name"])) from None
+        layers.append(LayerInfo(str(r["name"]), str(r.get("kind", "other")), n, k, n * k, None))
+    plan = base.resolve(layers)
+    overrides, unskip = list(base.overrides), set()
+    for info, r in zip(layers, records):
+        new = row_config(r, info.name).validate(info.name, info.in_features, info.out_features)
+        old = plan[info.name]
+        if old is None:
+            if new.is_fp:
+                continue
+            unskip.add(info.name)
+            old = _unskipped(base, info.name, info.in_features, info.out_features)
+        if new == old:
+            continue
+        old_d = old.to_dict() if old is not None else {}
+        changed = {f: v for f, v in new.to_dict().items() if f not in old_d or old_d[f] != v}
+        overrides.append((_escape(info.name), changed))
+    skip = list(base.skip)
+    if unskip:
+        names = [info.name for info in layers]
+        from fnmatch import fnmatchcase
+
+        skip = []
+        for pattern in base.skip:
+            hits = [n for n in names if fnmatchcase(n, pattern)]
+            if not any(n in unskip for n in hits):
+                skip.append(pattern)
+            else:
+                skip.extend(_escape(n) for n in hits if n not in unskip)
+    name = base.name if base.name.endswith("-edited") else f"{base.name}-edited"
+    return Recipe(version=base.version, default=base.default, overrides=tuple(overrides), skip=tuple(skip), name=name)

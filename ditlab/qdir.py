@@ -1,0 +1,250 @@
+"""QDIR: a folder holding a quantized pipeline that loads standalone, with no recalibration, bit-identically.
+
+Layout::
+
+    QDIR/ditlab_qdir.json            manifest: format, version, family, layer specs, sha256 of the weights (written last)
+         recipe.json                 the Recipe used (ditlab.config JSON)
+         model_index.json            copied / synthesised pipeline index (for the family and the VAE/text encoder)
+         labels.json                 class id → name (DiT)
+         scheduler/scheduler_config.json
+         transformer/config.json     the diffusers transformer config
+         transformer/quantized.safetensors   every parameter and buffer of the quantized transformer (QuantLinear
+                                     codes, scales, zeros, transforms, low-rank; all non-quantized params)
+         vae/, text_encoder/, tokenizer/     copied from the source when the pipeline has them
+
+Writes are atomic: everything goes to a temporary folder beside ``out_dir`` that is renamed into place with
+``os.replace`` once complete, so a crash never leaves a half-written QDIR (at worst a stray ``.name.tmp-*``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .config import Recipe, load_recipe
+from .errors import DitlabError, ModelLoadError
+from .models import FAMILIES, Pipeline, _from_pretrained, _load_labels, _load_text_encoder, read_model_index, resolve_source
+from .nn import MODULE_TYPES
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "ditlab_qdir.json"
+FORMAT = "ditlab-qdir"
+QDIR_VERSION = 1
+WEIGHTS = "transformer/quantized.safetensors"
+_TRANSFORMERS = {"DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart"}
+_PIPELINES = {"dit": "DiTPipeline", "pixart": "PixArtAlphaPipeline"}
+
+
+def is_qdir(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a folder with a QDIR manifest (what ``load_quantized`` reads)."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _layer_specs(model: nn.Module) -> dict[str, dict]:
+    specs = {}
+    for name, module in model.named_modules():
+        registered = type(module).__name__ in MODULE_TYPES and callable(getattr(module, "spec", None))
+        if registered:
+            specs[name] = module.spec()
+        elif getattr(module, "is_quantized_linear", False) or type(module).__module__.startswith("bitsandbytes"):
+            raise DitlabError(f"cannot save layer {name!r}: {type(module).__name__} is not a registered QDIR module type "
+                              f"(registered: {', '.join(MODULE_TYPES)}; see ditlab.nn.register_module_type)")
+    return specs
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer (persistent or not), contiguous and owning its storage (safetensors' rule)."""
+    out, seen = {}, set()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        t = t.detach().contiguous()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        out[name] = t.clone() if key in seen or t.numel() == 0 else t
+        seen.add(key)
+    return out
+
+
+def _write_components(source, folder: Path) -> tuple[str, dict]:
+    """Scheduler config, labels, model index and VAE/text encoder folders of the source pipeline → ``folder``."""
+    pipe = source if isinstance(source, Pipeline) else None
+    src = None
+    try:
+        src = resolve_source(pipe.source if pipe is not None else source)
+        index = read_model_index(src)
+    except DitlabError:
+        if pipe is None:
+            raise
+        src, index = None, {"_class_name": _PIPELINES[pipe.family]}
+    family = FAMILIES[index["_class_name"]]
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    sched = pipe.scheduler_config if pipe is not None else json.loads((src / "scheduler" / "scheduler_config.json").read_text())
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(sched), indent=2))
+    labels = pipe.labels if pipe is not None else (_load_labels(src, index) if family == "dit" else {})
+    (folder / "labels.json").write_text(json.dumps({"id2label": {str(k): v for k, v in sorted(labels.items())}}, indent=2))
+    for part in ("vae", "text_encoder", "tokenizer"):
+        if src is not None and (src / part).is_dir():
+            shutil.copytree(src / part, folder / part)
+        elif pipe is not None and getattr(pipe, part, None) is not None:
+            getattr(pipe, part).save_pretrained(folder / part)
+    if pipe is not None and pipe.vae is not None:
+        index.setdefault("vae", ["diffusers", "AutoencoderKL"])
+    index.pop("id2label", None)  # labels.json is the one source of labels
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return family, index
+
+
+def _place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Atomically moves the finished ``tmp`` folder to ``out`` (replacing an existing QDIR only if allowed)."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+        os.replace(tmp, out)
+        return
+    if not is_qdir(out):
+        raise DitlabError(f"{out}: exists and is not a QDIR; refusing to overwrite it (choose another --out)")
+    if not overwrite:
+        raise DitlabError(f"{out}: a QDIR already exists there; pass overwrite=True (CLI: --force) to replace it")
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(out, old)  # a crash between these two renames leaves the old QDIR intact under `old`
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_quantized(model: nn.Module, recipe: Recipe | str | None, source, out_dir: str | os.PathLike, *, overwrite: bool = False,
+                   extra: dict | None = None) -> Path:
+    """Writes a quantized transformer ``model`` (from ``quantize_``) as a standalone QDIR at ``out_dir``.
+
+    recipe: the Recipe (or preset/JSON path) it was quantized with (default: ``model.ditlab_recipe``). source: the
+    FP ``Pipeline`` or its folder / hub id, for the scheduler, labels and VAE/text encoder. extra: JSON-able facts
+    to keep in the manifest (e.g. the QuantReport totals). Returns the QDIR path.
+    """
+    from safetensors.torch import save_file
+
+    recipe = load_recipe(recipe if recipe is not None else getattr(model, "ditlab_recipe", None) or "fp")
+    cls_name = type(model).__name__
+    if cls_name not in _TRANSFORMERS:
+        raise DitlabError(f"cannot save a {cls_name}: QDIR supports {', '.join(_TRANSFORMERS)}")
+    out = Path(out_dir).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        specs = _layer_specs(model)
+        family, _ = _write_components(source, tmp)
+        (tmp / "transformer").mkdir()
+        model.save_config(tmp / "transformer")
+        save_file(_tensors(model), str(tmp / WEIGHTS), metadata={"format": "pt", "producer": f"ditlab {__version__}"})
+        (tmp / "recipe.json").write_text(recipe.to_json() + "\n")
+        manifest = {"format": FORMAT, "version": QDIR_VERSION, "ditlab_version": __version__, "family": family,
+                    "transformer_class": cls_name, "recipe": recipe.name, "layers": specs, "weights": WEIGHTS,
+                    "sha256": _sha256(tmp / WEIGHTS), "source": str(source.source if isinstance(source, Pipeline) else source),
+                    "extra": extra or {}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: its presence marks a complete QDIR
+        _place(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved QDIR %s (%d quantized layers, recipe %s)", out, len(specs), recipe.name)
+    return out
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    parent, _, leaf = name.rpartition(".")
+    module = model.get_submodule(parent) if parent else model
+    old = module._parameters.get(leaf, module._buffers.get(leaf))
+    if old is not None and old.shape != tensor.shape:
+        raise ModelLoadError(f"QDIR tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(old.shape)}")
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    elif leaf in module._buffers:
+        module._buffers[leaf] = tensor
+    else:
+        raise ModelLoadError(f"QDIR tensor {name!r} has no place in the model (corrupt or from another model)")
+
+
+def _read_manifest(folder: Path) -> dict:
+    if not is_qdir(folder):
+        raise ModelLoadError(f"{folder}: not a QDIR (no {MANIFEST}); create one with `python -m ditlab quantize --out DIR`")
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelLoadError(f"{folder / MANIFEST}: not valid JSON") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != QDIR_VERSION:
+        raise ModelLoadError(f"{folder}: unsupported QDIR format {manifest.get('format')!r} version {manifest.get('version')!r} (this ditlab reads {FORMAT} {QDIR_VERSION})")
+    if manifest.get("transformer_class") not in _TRANSFORMERS:
+        raise ModelLoadError(f"{folder}: transformer class {manifest.get('transformer_class')!r} not supported")
+    return manifest
+
+
+def load_quantized_transformer(folder: str | os.PathLike, verify: bool = True) -> nn.Module:
+    """The quantized transformer of a QDIR: built on the meta device, quantized modules swapped in from their
+    specs, then every tensor assigned from the safetensors file (no random init, no recalibration)."""
+    import diffusers
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    manifest = _read_manifest(folder)
+    weights = folder / manifest.get("weights", WEIGHTS)
+    if not weights.is_file():
+        raise ModelLoadError(f"{folder}: missing {weights.name}")
+    if verify and _sha256(weights) != manifest.get("sha256"):
+        raise ModelLoadError(f"{weights}: checksum mismatch (the file is corrupt or was modified)")
+    cls = getattr(diffusers, manifest["transformer_class"])
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    with torch.device("meta"):  # no allocation, no random init: every tensor is assigned from the file below
+        model = cls.from_config(config)
+    for name, spec in manifest["layers"].items():  # skeletons on CPU (placeholders, overwritten below)
+        kind = spec.get("type")
+        if kind not in MODULE_TYPES:
+            raise ModelLoadError(f"{folder}: layer {name!r} has module type {kind!r}; known: {', '.join(MODULE_TYPES)}")
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, MODULE_TYPES[kind].from_spec(spec))
+    for name, tensor in load_file(str(weights)).items():
+        _assign(model, name, tensor)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise ModelLoadError(f"{folder}: {len(left)} tensors missing from {weights.name} (first: {left[0]})")
+    return model.eval().requires_grad_(False)
+
+
+def load_quantized(qdir: str | os.PathLike) -> tuple[Pipeline, Recipe]:
+    """(Pipeline with the quantized transformer, Recipe) from a QDIR written by ``save_quantized``."""
+    import diffusers
+
+    folder = Path(qdir).expanduser()
+    manifest = _read_manifest(folder)
+    transformer = load_quantized_transformer(folder)
+    recipe = Recipe.from_json((folder / "recipe.json").read_text())
+    transformer.ditlab_recipe = recipe
+    index = read_model_index(folder)
+    family = manifest["family"]
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    pipe = Pipeline(transformer=transformer, scheduler_config=json.loads(sched_path.read_text()), family=family, source=str(folder))
+    dtype = next(transformer.parameters()).dtype
+    if (index.get("vae") or [None])[0] is not None:
+        pipe.vae = _from_pretrained(diffusers.AutoencoderKL, folder / "vae", dtype).eval().requires_grad_(False)
+    if family == "dit":
+        pipe.labels = _load_labels(folder, index)
+    else:
+        pipe.text_encoder, pipe.tokenizer = _load_text_encoder(folder, dtype)
+    log.info("loaded QDIR %s (recipe %s, %d quantized layers)", folder, recipe.name, len(manifest["layers"]))
+    return pipe, recipe
