@@ -51,9 +51,9 @@ def check_epilogue(m: int, n: int, num_groups: int, a_scale, w_scale, w_zero, bi
             raise ValueError(f"{what} is on {t.device}, the activations on {device}")
         return t
     if a_scale is not None:
-        if a_scale.numel() != m:
-            raise ValueError(f"a_scale must hold one scale per token: ({m}, 1), got {tuple(a_scale.shape)}")
-        a_scale = on(a_scale, "a_scale").reshape(m).to(torch.float32).contiguous()
+        if a_scale.numel() not in (1, m):
+            raise ValueError(f"a_scale must be ({m}, 1) per token or (1, 1) per tensor, got {tuple(a_scale.shape)}")
+        a_scale = on(a_scale, "a_scale").to(torch.float32).reshape(-1).expand(m).contiguous()
     if w_scale is not None:
         if tuple(w_scale.shape) != (n, num_groups):
             raise ValueError(f"w_scale must be ({n}, {num_groups}), got {tuple(w_scale.shape)}")
@@ -79,28 +79,31 @@ def check_epilogue(m: int, n: int, num_groups: int, a_scale, w_scale, w_zero, bi
 
 
 def int_gemm_ref(a: torch.Tensor, w: torch.Tensor, w_zero: torch.Tensor | None, num_groups: int) -> torch.Tensor:
-    """Per-group exact accumulators (M, N, G) int32: Σ_{k in g} a[m,k]·(w[n,k] − z[n,g]), int64 math then cast."""
+    """Per-group exact accumulators (M, G, N) int32: Σ_{k in g} a[m,k]·(w[n,k] − z[n,g]), int64 math then cast."""
     m, k = a.shape
     n = w.shape[0]
     g = groups_of(k, num_groups)
     a64 = a.to(torch.int64).reshape(m, num_groups, g)  # (M, G, g)
     w64 = w.to(torch.int64).reshape(n, num_groups, g)  # (N, G, g)
-    acc = torch.einsum("mgk,ngk->mng", a64, w64)  # (M, N, G)
+    acc = torch.einsum("mgk,ngk->mgn", a64, w64)  # (M, G, N)
     if w_zero is not None:
-        acc = acc - a64.sum(-1)[:, None, :] * w_zero.to(torch.int64)[None, :, :]
+        acc = acc - a64.sum(-1)[:, :, None] * w_zero.to(torch.int64).t()[None, :, :]
     return acc.to(torch.int32)
 
 
 def epilogue_ref(acc: torch.Tensor, a_scale, w_scale, bias, mean_corr, tokens_per_sample, out_dtype) -> torch.Tensor:
-    """The kernels' float epilogue in their order: y = Σ_g acc_g·s_g (sequential over g), y·a_scale, + corr, + bias."""
-    m, n, num_groups = acc.shape
+    """The kernels' float epilogue in their order: y = Σ_g acc_g·s_g (sequential over g), ·a_scale, + bias, + corr.
+
+    (The order of ``ditlab.backends.cpu_int_linear`` followed by QuantLinear's mean correction.)
+    """
+    m, num_groups, n = acc.shape
     w_scale = w_scale.to(torch.float32)
     y = torch.zeros(m, n, dtype=torch.float32, device=acc.device)
     for g in range(num_groups):
-        y = y + acc[:, :, g].to(torch.float32) * w_scale[None, :, g]
-    y = y * a_scale.reshape(m, 1).to(torch.float32)
-    if mean_corr is not None:
-        y = y + mean_corr.to(torch.float32).repeat_interleave(tokens_per_sample, dim=0)
+        y = y + acc[:, g, :].to(torch.float32) * w_scale[None, :, g]
+    y = y * a_scale.to(torch.float32).reshape(-1, 1)
     if bias is not None:
         y = y + bias.reshape(1, n).to(torch.float32)
+    if mean_corr is not None:
+        y = y + mean_corr.to(torch.float32).repeat_interleave(tokens_per_sample, dim=0)
     return y.to(out_dtype)

@@ -3,18 +3,18 @@
 Computes exactly what ``kernels.w8a8_gemm`` computes, with the weight codes unpacked from nibbles in registers:
 
     acc[m, n, g] = Σ_{k in g} a[m, k] · (w[n, k] − z[n, g])          exact int32, one accumulator per group
-    y[m, n]      = (Σ_g acc[m, n, g] · w_scale[n, g]) · a_scale[m]  + mean_corr[m // T, n] + bias[n]
+    y[m, n]      = (Σ_g acc[m, n, g] · w_scale[n, g]) · a_scale[m]  + bias[n] + mean_corr[m // T, n]
 
 Per group (G > 1) each group's int32 dot is completed, scaled in float32 and summed over groups in order — the
 same per-group accumulation as the CPU integer path (unpack to int8, one integer GEMM per group).
 
 Inputs (the layout ``QuantLinear`` stores):
-  a          (M, K) int8     activation codes;  a_scale (M, 1) float32 per-token scales
+  a          (M, K) int8     activation codes;  a_scale (M, 1) float32 per-token scales ((1, 1): per tensor)
   w_packed   (N, K/2) uint8  ``ditlab.primitives.pack_int4``: byte j of row n holds k = 2j in the low nibble and
                              k = 2j + 1 in the high nibble, 4-bit two's complement in [−8, 7] (K even)
   w_scale    (N, G) float32, w_zero (N, G) int32 signed-shifted zero points in [−8, 7] (None: symmetric)
   bias (N,), mean_corr (B, N) float32 with tokens_per_sample T, as in ``w8a8_gemm``.
-Output (M, N) float32/bfloat16/float16; ``w4a8_gemm_int32`` returns the accumulators ((M, N) or (M, N, G)) int32.
+Output (M, N) float32/bfloat16/float16; ``w4a8_gemm_int32`` returns the accumulators (M, G, N) int32.
 
 Unpacking: the byte reinterpreted as int8 and shifted right arithmetically sign-extends the high nibble; shifting
 left by 4 first does the same for the low one; ``tl.interleave`` puts them back in k order. ``tl.dot`` needs both
@@ -92,12 +92,12 @@ def _w4a8_kernel(
     if not RAW_INT32:
         sa = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)  # (BM,) f32
         y = y * sa[:, None]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if HAS_CORR:
             b = offs_m // tokens_per_sample  # the sample of each token
             y += tl.load(corr_ptr + b[:, None] * stride_cb + offs_n[None, :] * stride_cn,
                          mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if out_ptr.dtype.element_ty == tl.bfloat16:
             y = bf16_rne(y)
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
@@ -118,8 +118,7 @@ def _run(a, w, a_scale, w_scale, w_zero, bias, mean_corr, tokens_per_sample, num
     m, n, k = _check_codes(a, w)
     group_size = groups_of(k, num_groups)
     bm, bn, bk, warps = gemm_blocks(m, n, k, group_size, is_interpreted(_w4a8_kernel), *blocks)
-    raw = out.dtype == torch.int32
-    o = out if out.dim() == 3 else out.unsqueeze(0)  # (G, M, N) for the raw accumulators
+    raw = out.dtype == torch.int32  # raw accumulators: out is (M, G, N)
     # Σ_k a per token and group for the zero-point term: one cheap torch pass over A
     a_sum = a.reshape(m, num_groups, group_size).sum(-1, dtype=torch.int32).contiguous() if w_zero is not None else None
     params = dict(
@@ -130,7 +129,7 @@ def _run(a, w, a_scale, w_scale, w_zero, bias, mean_corr, tokens_per_sample, num
         stride_sn=num_groups, stride_sg=1,  # w_scale / w_zero are contiguous (N, G)
         stride_cb=mean_corr.stride(0) if mean_corr is not None else 0,
         stride_cn=mean_corr.stride(1) if mean_corr is not None else 0,
-        stride_og=o.stride(0) if raw else 0, stride_om=o.stride(-2), stride_on=o.stride(-1),
+        stride_og=out.stride(1) if raw else 0, stride_om=out.stride(0), stride_on=out.stride(-1),
         HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None, HAS_CORR=mean_corr is not None, RAW_INT32=raw,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
     )
@@ -159,12 +158,12 @@ def w4a8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w_packed: torch.Tensor, w_
 def w4a8_gemm_int32(a: torch.Tensor, w_packed: torch.Tensor, w_zero: torch.Tensor | None = None, *,
                     num_groups: int = 1, block_m: int | None = None, block_n: int | None = None,
                     block_k: int | None = None) -> torch.Tensor:
-    """Exact accumulators Σ_k a·(w − z): (M, N) int32 for per-channel weights, (M, N, G) for G > 1 groups."""
+    """Exact accumulators acc[m, g, n] = Σ_{k in g} a·(w − z): (M, G, N) int32 (G = 1 for per-channel weights)."""
     m, n, k = _check_codes(a, w_packed)
     _, _, w_zero, _, _ = check_epilogue(m, n, num_groups, None, None, w_zero, None, None, None, a.device)
-    out = torch.empty(num_groups, m, n, dtype=torch.int32, device=a.device)
+    out = torch.empty(m, num_groups, n, dtype=torch.int32, device=a.device)
     _run(a, w_packed, None, None, w_zero, None, None, None, num_groups, out, (block_m, block_n, block_k))
-    return out[0] if num_groups == 1 else out.permute(1, 2, 0)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- torch twins
@@ -189,8 +188,7 @@ def w4a8_gemm_ref(a, a_scale, w_packed, w_scale, w_zero=None, bias=None, mean_co
 
 def w4a8_gemm_int32_ref(a, w_packed, w_zero=None, *, num_groups=1):
     """Twin of ``w4a8_gemm_int32``."""
-    acc = int_gemm_ref(a, unpack_int4_ref(w_packed), w_zero, num_groups)
-    return acc[:, :, 0] if num_groups == 1 else acc
+    return int_gemm_ref(a, unpack_int4_ref(w_packed), w_zero, num_groups)
 
 
 def example_inputs(shape: tuple[int, int, int], *, seed: int = 0, device: str = "cpu", group_size: int | None = None,

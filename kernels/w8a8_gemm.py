@@ -3,18 +3,18 @@
 Computes, for tokens m, output channels n and weight groups g (G = 1: per channel):
 
     acc[m, n, g] = Σ_{k in g} a[m, k] · (w[n, k] − z[n, g])          exact int32 (zero term via Σ_k a[m, k])
-    y[m, n]      = (Σ_g acc[m, n, g] · w_scale[n, g]) · a_scale[m]  + mean_corr[m // T, n] + bias[n]
+    y[m, n]      = (Σ_g acc[m, n, g] · w_scale[n, g]) · a_scale[m]  + bias[n] + mean_corr[m // T, n]
 
 Inputs (the layout ``QuantLinear`` stores; any strides unless stated):
   a          (M, K) int8     activation codes (per-token symmetric, e.g. from ``kernels.act_quant``)
-  a_scale    (M, 1) float32  per-token activation scales
+  a_scale    (M, 1) float32  per-token activation scales, or (1, 1) for a static per-tensor scale
   w          (N, K) int8     signed-shifted weight codes (``ditlab.primitives.quantize_weight``)
   w_scale    (N, G) float32  weight scales; w_zero (N, G) int32 signed-shifted zero points (None: symmetric)
   bias       (N,)            any float dtype
   mean_corr  (B, N) float32  HadaNorm's per-sample correction μ_b Wᵀ, added to the T = tokens_per_sample tokens of
                              sample b (tokens are rows b·T … b·T + T − 1)
-Output: (M, N) float32 / bfloat16 / float16; ``w8a8_gemm_int32`` returns the accumulators themselves, (M, N) int32
-(per channel) or (M, N, G) (per group), for exact comparison with the CPU integer path.
+Output: (M, N) float32 / bfloat16 / float16; ``w8a8_gemm_int32`` returns the accumulators themselves, (M, G, N) int32
+(the layout of ``ditlab.backends`` accumulators), for exact comparison with the CPU integer path.
 
 Why int32: products of int8 codes are exact integers and |Σ| ≤ 2^7·2^8·K < 2^31 for K < 65536, so an int32
 accumulator (IMMA / wgmma on sm_80 / sm_90, exact ``np.matmul`` in the interpreter) is exact; the zero-point term
@@ -89,12 +89,12 @@ def _w8a8_kernel(
     if not RAW_INT32:
         sa = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)  # (BM,) f32
         y = y * sa[:, None]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if HAS_CORR:
             b = offs_m // tokens_per_sample  # the sample of each token
             y += tl.load(corr_ptr + b[:, None] * stride_cb + offs_n[None, :] * stride_cn,
                          mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if out_ptr.dtype.element_ty == tl.bfloat16:
             y = bf16_rne(y)
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
@@ -115,8 +115,7 @@ def _run(a, w, a_scale, w_scale, w_zero, bias, mean_corr, tokens_per_sample, num
     m, n, k = _check_codes(a, w)
     group_size = groups_of(k, num_groups)
     bm, bn, bk, warps = gemm_blocks(m, n, k, group_size, is_interpreted(_w8a8_kernel), *blocks)
-    raw = out.dtype == torch.int32
-    o = out if out.dim() == 3 else out.unsqueeze(0)  # (G, M, N) for the raw accumulators
+    raw = out.dtype == torch.int32  # raw accumulators: out is (M, G, N)
     # Σ_k a per token and group for the zero-point term: one cheap torch pass over A
     a_sum = a.reshape(m, num_groups, group_size).sum(-1, dtype=torch.int32).contiguous() if w_zero is not None else None
     params = dict(
@@ -127,7 +126,7 @@ def _run(a, w, a_scale, w_scale, w_zero, bias, mean_corr, tokens_per_sample, num
         stride_sn=num_groups, stride_sg=1,  # w_scale / w_zero are contiguous (N, G)
         stride_cb=mean_corr.stride(0) if mean_corr is not None else 0,
         stride_cn=mean_corr.stride(1) if mean_corr is not None else 0,
-        stride_og=o.stride(0) if raw else 0, stride_om=o.stride(-2), stride_on=o.stride(-1),
+        stride_og=out.stride(1) if raw else 0, stride_om=out.stride(0), stride_on=out.stride(-1),
         HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None, HAS_CORR=mean_corr is not None, RAW_INT32=raw,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
     )
@@ -156,12 +155,12 @@ def w8a8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
 def w8a8_gemm_int32(a: torch.Tensor, w: torch.Tensor, w_zero: torch.Tensor | None = None, *,
                     num_groups: int = 1, block_m: int | None = None, block_n: int | None = None,
                     block_k: int | None = None) -> torch.Tensor:
-    """Exact accumulators Σ_k a·(w − z): (M, N) int32 for per-channel weights, (M, N, G) for G > 1 groups."""
+    """Exact accumulators acc[m, g, n] = Σ_{k in g} a·(w − z): (M, G, N) int32 (G = 1 for per-channel weights)."""
     m, n, k = _check_codes(a, w)
     _, _, w_zero, _, _ = check_epilogue(m, n, num_groups, None, None, w_zero, None, None, None, a.device)
-    out = torch.empty(num_groups, m, n, dtype=torch.int32, device=a.device)
+    out = torch.empty(m, num_groups, n, dtype=torch.int32, device=a.device)
     _run(a, w, None, None, w_zero, None, None, None, num_groups, out, (block_m, block_n, block_k))
-    return out[0] if num_groups == 1 else out.permute(1, 2, 0)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- torch twins
@@ -178,8 +177,7 @@ def w8a8_gemm_ref(a, a_scale, w, w_scale, w_zero=None, bias=None, mean_corr=None
 
 def w8a8_gemm_int32_ref(a, w, w_zero=None, *, num_groups=1):
     """Twin of ``w8a8_gemm_int32``."""
-    acc = int_gemm_ref(a, w, w_zero, num_groups)
-    return acc[:, :, 0] if num_groups == 1 else acc
+    return int_gemm_ref(a, w, w_zero, num_groups)
 
 
 def example_inputs(shape: tuple[int, int, int], *, seed: int = 0, device: str = "cpu", group_size: int | None = None,
