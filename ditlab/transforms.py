@@ -146,18 +146,13 @@ def svd_split(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, t
     return l1.float(), l2.float(), resid.float()
 
 
-def hadanorm_sigma(centered_std: torch.Tensor | None, centered_absmax: torch.Tensor | None, kind: str = "std") -> torch.Tensor:
-    """HadaNorm's static per-channel scale σ (K,) float32: the std (default) or absmax of the mean-centred input.
+def floor_scale(s: torch.Tensor) -> torch.Tensor:
+    """A per-channel divisor (K,) float32 made safe: entries below 1e-6 × the largest are raised to that floor.
 
-    Floored at EPS relative to the largest channel so that a constant channel (σ = 0) is not divided by zero;
-    such a channel is all-zero after centring anyway, so the floor does not change the product.
+    Used for HadaNorm's σ: a constant channel has σ = 0, but it is all-zero after centring, so any positive
+    divisor gives the same product; the floor only keeps 0/0 and x/0 out of the arithmetic.
     """
-    if kind not in ("std", "absmax"):
-        raise ConfigError.invalid("sigma", kind, "'std' or 'absmax'")
-    src = centered_std if kind == "std" else centered_absmax
-    if src is None:
-        raise ConfigError.invalid("sigma", kind, "a statistic present in the calibration data (centered_std / centered_absmax)")
-    s = src.detach().float()
+    s = s.detach().float()
     floor = max(float(s.max()) * 1e-6, 1e-12) if s.numel() else 1e-12
     return s.clamp(min=floor)
 

@@ -4,6 +4,10 @@ columns not yet quantized through the Cholesky factor of H⁻¹ (H = 2XᵀX from
 Works on per-channel or per-group grids, symmetric or asymmetric, and composes after any input transform: quantize
 the transformed weight W' with the transformed Hessian H' = Tᵀ H T (``transforms.transform_hessian``).
 Codes follow ``primitives``: signed-shifted int8 (N, K), scales (N, G) float32, zero points (N, G) int32 or None.
+
+``quantize_folded`` is the last step every transform method shares: fold the transform into W, optionally split
+off a low-rank branch, round (nearest or GPTQ), pick the static activation scale, build the ``QuantLinear``.
+The "gptq" method is that step with the identity transform.
 """
 
 from __future__ import annotations
@@ -12,8 +16,13 @@ import logging
 
 import torch
 
-from .. import primitives
+from torch import nn
+
+from .. import primitives, transforms
 from ..errors import ConfigError
+from ..nn import InputTransform, QuantLinear
+from . import register, require_stats
+from .rtn import rtn_weight_grid
 
 log = logging.getLogger(__name__)
 
@@ -116,3 +125,73 @@ def hessian_from_stats(stats) -> torch.Tensor:
     if xtx is None:
         raise ConfigError.invalid("weight_rounding", "gptq", "'nearest' for layers without an XᵀX calibration statistic")
     return 2.0 * xtx.double() / max(int(getattr(stats, "n_rows", 1) or 1), 1)
+
+
+def transformed_hessian(stats, transform: InputTransform) -> torch.Tensor:
+    """H' = Tᵀ H T (K, K) float64 for the linear part of ``transform`` (centring is not part of T: the HadaNorm mean
+    term is multiplied by the same quantized W̃, so the error that matters is on the un-centred transformed X)."""
+    rotate = transform.rotate if transform.had_signs is not None else None
+    return transforms.transform_hessian(hessian_from_stats(stats), transform.smooth, transform.sigma, rotate)
+
+
+def static_act_scale(stats, transform: InputTransform, bits: int) -> torch.Tensor:
+    """Per-tensor symmetric activation scale (1, 1) of the *transformed* input, from calibration statistics.
+
+    Without a rotation the per-channel maxima transform exactly: max|X'_j| = absmax_j / smooth_j / sigma_j (the
+    centred absmax when centring). A rotation mixes channels: the maximum is then taken over the calibration
+    reservoir rows pushed through the transform (centred with the global calibration mean, an approximation of the
+    per-sample mean), capped by the exact bound max_k |(x Q)_k| ≤ Σ_{j ∈ block(k)} max|x_j| / √b, which is also the
+    fallback when no rows were kept. The reservoir (≤ 512 rows) can miss the rarest peaks: those tokens clip.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    k = stats.absmax.shape[0]
+    one = torch.ones(k)
+    smooth = one if transform.smooth is None else transform.smooth
+    sigma = one if transform.sigma is None else transform.sigma
+    chan = stats.centered_absmax if transform.center else stats.absmax
+    if transform.had_signs is None:
+        top = float((chan.float() / smooth / sigma).max())
+    else:
+        rows = getattr(stats, "rows", None)
+        b = transform.hadamard_block
+        # |Σ_j x_j Q_jk| ≤ Σ_{j ∈ block(k)} max|x_j| / √b: an upper bound used when no rows were kept
+        bound = float(((chan.float() / smooth / sigma).reshape(-1, b).sum(-1) / b**0.5).max())
+        if rows is None or rows.shape[0] == 0:
+            top = bound
+        else:
+            xr = rows.float() / smooth
+            if transform.center:
+                xr = xr - stats.mean.float() / smooth
+            top = min(float(transform.rotate(xr / sigma).abs().max()), bound)
+    return torch.tensor([[top / qmax if top > 0 else 1.0]], dtype=torch.float32)
+
+
+def quantize_folded(linear: nn.Linear, cfg, stats, transform: InputTransform, rank: int = 0, layer: str | None = None) -> QuantLinear:
+    """Builds the QuantLinear of a transformed layer: W' = transform.fold_weight(W) (N, K); if ``rank`` > 0,
+    W' = L1 L2 + R with L1 (N, r), L2 (r, K) stored in float16 and only R quantized (R absorbs the float16
+    rounding of the factors); R (or W') rounded to nearest on the RTN grid (with clipping search if configured)
+    or by GPTQ with H' = Tᵀ H T; static per-tensor activation scale of X' when configured."""
+    w_t = transform.fold_weight(linear.weight)  # (N, K) float32
+    lr_up = lr_down = None
+    if rank:
+        l1, l2, _ = transforms.svd_split(w_t, rank)
+        lr_up, lr_down = l1.to(torch.float16), l2.to(torch.float16)
+        w_t = w_t - lr_up.float() @ lr_down.float()  # residual against the factors as stored
+    codes = None
+    if cfg.weight_rounding == "gptq":
+        h = transformed_hessian(require_stats(cfg, stats, layer), transform)
+        codes, scale, zero = gptq_quantize(w_t, h, cfg.w_bits, cfg.w_group_size, cfg.w_symmetric, cfg.gptq_damp)
+    else:
+        scale, zero = rtn_weight_grid(w_t, cfg)
+    act_scale = None
+    if cfg.a_bits < 16 and cfg.a_granularity == "per-tensor":
+        act_scale = static_act_scale(require_stats(cfg, stats, layer), transform, cfg.a_bits)
+    return QuantLinear.from_float(linear, cfg, weight=w_t, transform=transform, scale=scale, zero=zero, codes=codes,
+                                  act_scale=act_scale, lr_down=lr_down, lr_up=lr_up)
+
+
+@register("gptq")
+def quantize_gptq(linear: nn.Linear, cfg, stats=None) -> QuantLinear:
+    """GPTQ handler: GPTQ-rounded weights of the untransformed layer (needs calibration XᵀX)."""
+    require_stats(cfg, stats)
+    return quantize_folded(linear, cfg, stats, InputTransform(linear.in_features))
