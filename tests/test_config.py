@@ -1,0 +1,202 @@
+"""Recipes: validation (one bad value per field), glob resolution, skip list, JSON and DataFrame round-trips, presets."""
+
+import json
+
+import pytest
+
+from ditlab.config import (DEFAULT_SKIP, FP, PRESETS, LayerConfig, Recipe, frame_to_recipe, get_preset, load_recipe,
+                           plan_to_frame, save_recipe)
+from ditlab.errors import ConfigError, DitlabError
+from ditlab.models import LayerInfo, layer_kind
+
+
+def _layers(blocks: int = 2, hidden: int = 192, ff: int = 768) -> list[LayerInfo]:
+    """The linears of a shipped-like DiT (names as diffusers writes them)."""
+    out = []
+
+    def add(name, n, k):
+        out.append(LayerInfo(name, layer_kind(name), n, k, n * k, None))
+
+    for b in range(blocks):
+        p = f"transformer_blocks.{b}."
+        add(p + "norm1.emb.timestep_embedder.linear_1", hidden, 256)
+        add(p + "norm1.emb.timestep_embedder.linear_2", hidden, hidden)
+        add(p + "norm1.linear", 6 * hidden, hidden)
+        for leaf in ("to_q", "to_k", "to_v", "to_out.0"):
+            add(p + "attn1." + leaf, hidden, hidden)
+        add(p + "ff.net.0.proj", ff, hidden)
+        add(p + "ff.net.2", hidden, ff)
+    add("proj_out_1", 2 * hidden, hidden)
+    add("proj_out_2", 48, hidden)
+    return out
+
+
+BAD_VALUES = [  # (field, bad value) — one per LayerConfig field
+    ("method", "awq"), ("w_bits", 1), ("w_bits", 9), ("w_bits", True), ("a_bits", 3), ("a_bits", 12), ("w_group_size", 1),
+    ("w_group_size", 64.0), ("w_symmetric", "yes"), ("a_granularity", "per-channel"), ("clip_search", 1), ("alpha", 1.5),
+    ("hadamard_seed", -1), ("sigma", "mad"), ("rank", 0), ("weight_rounding", "adaround"), ("gptq_damp", 0.0),
+    ("params", {"x": object()}), ("params", [1, 2]),
+]
+
+
+@pytest.mark.parametrize("field,value", BAD_VALUES)
+def test_bad_value_names_field_value_and_allowed(field, value):
+    with pytest.raises(ConfigError) as info:
+        LayerConfig(**{field: value})
+    err = info.value
+    assert err.field == field and err.allowed and isinstance(err, DitlabError)
+    assert field in str(err) and "allowed" in str(err) and "\n" not in str(err)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(method="fp", w_bits=8, a_bits=16), "w_bits"),
+    (dict(method="rtn", w_bits=16, a_bits=16), "w_bits"),
+    (dict(method="bnb-nf4", w_bits=4, a_bits=4), "a_bits"),  # weight-only method cannot run with a4
+    (dict(method="bnb-int8", w_bits=4, a_bits=16), "w_bits"),
+    (dict(method="kmeans", w_bits=2, a_bits=16, weight_rounding="gptq"), "weight_rounding"),
+])
+def test_cross_field_rules(kwargs, field):
+    with pytest.raises(ConfigError) as info:
+        LayerConfig(**kwargs)
+    assert info.value.field == field
+
+
+def test_shape_rules_name_the_layer():
+    with pytest.raises(ConfigError) as info:
+        LayerConfig(w_group_size=128).validate(layer="blk.to_q", in_features=192)
+    assert info.value.layer == "blk.to_q" and info.value.field == "w_group_size" and "192" in str(info.value)
+    with pytest.raises(ConfigError, match="even in_features") as info:
+        LayerConfig(w_bits=4).validate(layer="odd", in_features=15)
+    assert info.value.field == "w_bits"
+    with pytest.raises(ConfigError) as info:
+        LayerConfig(method="svd", rank=300).validate("x", in_features=192, out_features=256)
+    assert info.value.field == "rank"
+    LayerConfig(w_bits=4, w_group_size=64).validate("ok", in_features=192)  # valid: no error
+
+
+def test_gptq_method_implies_gptq_rounding_and_needs_stats():
+    cfg = LayerConfig(method="gptq", w_bits=4, a_bits=16)
+    assert cfg.weight_rounding == "gptq" and cfg.needs_stats
+    assert not LayerConfig().needs_stats and LayerConfig(a_granularity="per-tensor").needs_stats
+    assert not LayerConfig(a_bits=16, a_granularity="per-tensor").needs_stats
+
+
+def test_resolve_overrides_later_win_and_skip():
+    layers = _layers()
+    recipe = Recipe(default=LayerConfig(w_bits=8), overrides=(("*.ff.*", {"w_bits": 4, "w_group_size": 64}),
+                                                              ("*.1.ff.net.2", {"w_bits": 6, "w_group_size": None})))
+    plan = recipe.resolve(layers)
+    assert list(plan) == [layer.name for layer in layers]
+    assert plan["transformer_blocks.0.ff.net.0.proj"].w_bits == 4 and plan["transformer_blocks.0.ff.net.0.proj"].w_group_size == 64
+    assert plan["transformer_blocks.1.ff.net.2"].w_bits == 6 and plan["transformer_blocks.1.ff.net.2"].w_group_size is None
+    assert plan["transformer_blocks.0.attn1.to_q"].w_bits == 8
+    skipped = {n for n, c in plan.items() if c is None}
+    assert skipped == {l.name for l in layers if l.kind in ("embedder", "final")}  # DEFAULT_SKIP = the default skip kinds
+
+
+def test_resolve_rejects_patterns_that_match_nothing():
+    with pytest.raises(ConfigError, match="to_qkv") as info:
+        Recipe(default=LayerConfig(), overrides=(("*.to_qkv", {"w_bits": 4}),)).resolve(_layers())
+    assert info.value.value == "*.to_qkv"
+    with pytest.raises(ConfigError, match="final_layer"):
+        Recipe(default=LayerConfig(), skip=("final_layer*",)).resolve(_layers())
+    Recipe(default=LayerConfig(), skip=DEFAULT_SKIP).resolve(_layers())  # generic defaults may match nothing (caption_projection)
+
+
+def test_resolve_names_layer_of_invalid_combination():
+    with pytest.raises(ConfigError) as info:
+        Recipe(default=LayerConfig(w_bits=4, w_group_size=64), overrides=(("*.ff.net.0.proj", {"w_group_size": 128}),)).resolve(_layers())
+    assert info.value.layer == "transformer_blocks.0.ff.net.0.proj" and info.value.field == "w_group_size"
+
+
+def test_override_unknown_field_rejected_by_name():
+    with pytest.raises(ConfigError) as info:
+        Recipe(default=LayerConfig(), overrides=(("*", {"wbits": 4}),))
+    assert info.value.value == "wbits"
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_json_round_trip_and_resolve(name):
+    recipe = get_preset(name)
+    again = Recipe.from_json(recipe.to_json())
+    assert again == recipe and again.to_json() == recipe.to_json()
+    plan = recipe.resolve(_layers())
+    quantized = [c for c in plan.values() if c is not None and not c.is_fp]
+    assert (len(quantized) == 0) == (name == "fp")
+    if name.startswith("w4"):
+        assert all(c.w_bits == 4 and c.w_group_size == 64 for c in quantized)
+
+
+def test_required_presets_exist():
+    required = {"fp", "w8a8-rtn", "w8a8-smoothquant", "w8a8-viditq", "w4a8-rtn", "w4a8-hadamard", "w4a8-hadanorm", "w4a8-viditq",
+                "w4a4-hadanorm", "w4a16-rtn", "w4a16-gptq", "w4a4-svd", "bnb-int8", "bnb-nf4", "w8a8-rtn-static"}
+    assert required <= set(PRESETS)
+    assert PRESETS["w8a8-rtn-static"].default.a_granularity == "per-tensor"
+
+
+def test_from_json_rejects_unknown_keys_and_versions():
+    base = json.loads(PRESETS["w8a8-rtn"].to_json())
+    with pytest.raises(ConfigError, match="colour"):
+        Recipe.from_dict({**base, "colour": "red"})
+    with pytest.raises(ConfigError) as info:
+        Recipe.from_dict({**base, "default": {**base["default"], "bits": 4}})
+    assert info.value.value == "bits"
+    with pytest.raises(ConfigError) as info:
+        Recipe.from_dict({**base, "version": 99})
+    assert info.value.field == "version"
+    with pytest.raises(ConfigError):
+        Recipe.from_dict({k: v for k, v in base.items() if k != "version"})
+    with pytest.raises(ConfigError, match="JSON"):
+        Recipe.from_json("{not json")
+
+
+def test_load_recipe_from_file_and_preset(tmp_path):
+    recipe = Recipe(default=LayerConfig(w_bits=6), overrides=(("*.to_q", {"a_bits": 16}),), name="mine")
+    path = save_recipe(recipe, tmp_path / "r.json")
+    assert load_recipe(str(path)) == recipe and load_recipe("w4a8-rtn") is PRESETS["w4a8-rtn"]
+    with pytest.raises(ConfigError, match="preset"):
+        load_recipe("w3a3-magic")
+    with pytest.raises(ConfigError):
+        load_recipe(str(tmp_path / "missing.json"))
+
+
+def test_frame_round_trip_unchanged_is_identity():
+    layers = _layers()
+    base = get_preset("w4a8-rtn")
+    df = plan_to_frame(base.resolve(layers), layers)
+    assert len(df) == len(layers) and {"name", "kind", "shape", "method", "w_bits", "a_bits", "w_group_size", "a_granularity"} <= set(df.columns)
+    again = frame_to_recipe(df, base)
+    assert again.overrides == () and again.skip == base.skip
+    assert again.resolve(layers) == base.resolve(layers)
+
+
+def test_frame_edits_become_one_override_per_changed_layer():
+    layers = _layers()
+    base = get_preset("w4a8-rtn")
+    df = plan_to_frame(base.resolve(layers), layers).astype({"w_bits": object, "w_group_size": object})
+    i_fc2 = df.index[df.name == "transformer_blocks.1.ff.net.2"][0]
+    i_q = df.index[df.name == "transformer_blocks.0.attn1.to_q"][0]
+    i_emb = df.index[df.name == "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1"][0]
+    df.loc[i_fc2, ["w_bits", "w_group_size"]] = ["8", ""]  # strings, as an edited table may send them
+    df.loc[i_q, "method"] = "fp"
+    df.loc[i_emb, ["method", "w_bits", "a_bits", "w_group_size"]] = ["rtn", 8, 8, None]  # un-skip one embedder
+    edited = frame_to_recipe(df, base)
+    assert len(edited.overrides) == 3
+    plan = edited.resolve(layers)
+    expected = base.resolve(layers)
+    expected["transformer_blocks.1.ff.net.2"] = expected["transformer_blocks.1.ff.net.2"].replace(w_bits=8, w_group_size=None)
+    expected["transformer_blocks.0.attn1.to_q"] = FP
+    expected["transformer_blocks.0.norm1.emb.timestep_embedder.linear_1"] = base.default.replace(w_bits=8, w_group_size=None)
+    assert plan == expected
+    again = frame_to_recipe(plan_to_frame(plan, layers), edited)  # editing nothing further adds nothing
+    assert again.overrides == edited.overrides and Recipe.from_json(edited.to_json()) == edited
+
+
+def test_frame_bad_cell_names_layer_and_field():
+    layers = _layers()
+    base = get_preset("w8a8-rtn")
+    df = plan_to_frame(base.resolve(layers), layers).astype({"w_bits": object})
+    df.loc[df.name == "transformer_blocks.0.ff.net.2", "w_bits"] = "eight"
+    with pytest.raises(ConfigError) as info:
+        frame_to_recipe(df, base)
+    assert info.value.layer == "transformer_blocks.0.ff.net.2" and info.value.field == "w_bits"
