@@ -208,6 +208,7 @@ def example_inputs(shape: tuple[int, int], *, seed: int = 0, device: str = "cpu"
     x[m // 2] = 0.0  # an all-zero token (Δ = 1)
     kw: dict = {"x": x.to(dtype), "bits": bits}
     if fused:
+        samples = samples if m % samples == 0 else 1  # tokens split evenly between samples
         kw["mean"] = torch.randn(samples, k, generator=g)
         kw["tokens_per_sample"] = m // samples
         kw["sigma"] = torch.rand(k, generator=g) * 2 + 0.1

@@ -185,7 +185,7 @@ def example_inputs(shape: tuple[int, int, int], *, seed: int = 0, device: str = 
                    out_dtype: torch.dtype = torch.float32) -> dict:
     """Keyword arguments of ``w8a8_gemm`` / ``w8a8_gemm_ref`` for (M, N, K): full-range random codes and scales.
 
-    ``samples`` > 0 adds a mean-correction row per sample (M must be a multiple of it).
+    ``samples`` > 0 adds a mean-correction row per sample (one sample if M is not a multiple of it).
     """
     g = torch.Generator().manual_seed(seed)
     m, n, k = shape
@@ -200,6 +200,14 @@ def example_inputs(shape: tuple[int, int, int], *, seed: int = 0, device: str = 
         "out_dtype": out_dtype,
     }
     if samples:
+        samples = samples if m % samples == 0 else 1  # tokens split evenly between samples
         kw["mean_corr"] = torch.randn(samples, n, generator=g)
         kw["tokens_per_sample"] = m // samples
     return {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in kw.items()}
+
+
+def example_inputs_int32(shape: tuple[int, int, int], *, seed: int = 0, device: str = "cpu",
+                         group_size: int | None = None, zero: bool = True) -> dict:
+    """Keyword arguments of the ``*_int32`` wrapper / twin for (M, N, K)."""
+    kw = example_inputs(shape, seed=seed, device=device, group_size=group_size, zero=zero, samples=None)
+    return {"a": kw["a"], "w": kw["w"], "w_zero": kw["w_zero"], "num_groups": kw["w_scale"].shape[1]}
