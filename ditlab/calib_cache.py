@@ -98,7 +98,8 @@ def save(cache_dir: str | os.PathLike, key: str, layers: dict[str, dict], meta: 
         tensor_path.parent.mkdir(parents=True, exist_ok=True)
         tensors, n_rows = flatten(layers)
         _atomic_write(tensor_path, lambda tmp: save_file(tensors, tmp))
-        sidecar = {"format": CACHE_FORMAT, "key": key, "sha256": _sha256(tensor_path), "n_rows": n_rows, **meta}
+        sidecar = {"format": CACHE_FORMAT, "key": key, "sha256": _sha256(tensor_path), "n_rows": n_rows,
+                   "layer_order": list(n_rows), **meta}  # JSON dicts get sorted; the list keeps module order
         _atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=1, sort_keys=True)))
         return True
     except OSError as exc:
@@ -119,7 +120,8 @@ def load(cache_dir: str | os.PathLike, key: str) -> tuple[dict[str, dict], dict]
             raise ValueError("format or key mismatch")
         if _sha256(tensor_path) != sidecar["sha256"]:
             raise ValueError("checksum mismatch")
-        layers = unflatten(load_file(str(tensor_path)), sidecar["n_rows"])
+        n_rows = {name: sidecar["n_rows"][name] for name in sidecar["layer_order"]}
+        layers = unflatten(load_file(str(tensor_path)), n_rows)
         return layers, sidecar
     except Exception as exc:  # noqa: BLE001 - any unreadable entry is a miss that gets recomputed
         log.warning("calibration cache: entry %s is corrupt (%s: %s); recomputing", key, type(exc).__name__, exc)
