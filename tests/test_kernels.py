@@ -1,0 +1,264 @@
+"""Triton kernels vs their torch twins and vs ditlab's own integer path, under the Triton interpreter.
+
+The kernels must be interpreted (TRITON_INTERPRET=1 before triton decorates them), which must not leak into the
+other test files of the session. So in the normal pytest process ``test_interpreter_suite`` re-runs this file in a
+subprocess with TRITON_INTERPRET=1 and every other test is skipped here; in that subprocess (or when you run
+``TRITON_INTERPRET=1 pytest tests/test_kernels.py`` yourself) the tests below run for real.
+
+Equality is exact for integer accumulators, packed data, activation codes/scales and the Hadamard butterflies;
+float epilogues are compared within the rounding of their dtype. Shapes are small (the interpreter pays per
+program and k-step) and include sizes that are not multiples of the block sizes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+ROOT = Path(__file__).resolve().parent.parent
+interpreted_only = pytest.mark.skipif(not INTERPRETED, reason="runs in test_interpreter_suite's TRITON_INTERPRET=1 subprocess")
+
+if INTERPRETED:  # import the kernels only where they are interpreted
+    import importlib
+
+    import kernels
+    from ditlab import hadamard_ops, primitives
+
+    E = kernels.KERNELS
+
+RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+RAGGED = {"block_m": 32, "block_n": 32, "block_k": 64}  # 50×70×200 is a multiple of none of them
+
+
+def test_interpreter_suite():
+    """Run this file's interpreted tests in a child process with TRITON_INTERPRET=1 (they are skipped here)."""
+    if INTERPRETED:
+        pytest.skip("this process already interprets the kernels")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra",
+                           str(Path(__file__))], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"interpreted kernel tests failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-2000:]
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    scale = float(want.double().abs().max()) or 1.0
+    err = float((got.double() - want.double()).abs().max())
+    assert err <= RTOL[got.dtype] * scale, f"max error {err:.3g} vs max |ref| {scale:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------- integer GEMMs
+
+
+@interpreted_only
+@pytest.mark.parametrize("name", ["w8a8_gemm", "w4a8_gemm"])
+@pytest.mark.parametrize("shape,variant,blocks", [
+    ((64, 64, 128), {}, {}),  # multiples of the blocks, per-channel asymmetric, bias, mean correction
+    ((50, 70, 200), {"out_dtype": torch.bfloat16}, RAGGED),
+    ((40, 48, 192), {"group_size": 64, "zero": False, "samples": None, "out_dtype": torch.float16}, {"block_m": 32}),
+])
+def test_int_gemm_float_output(name, shape, variant, blocks):
+    kw = E[name].example_inputs(shape, **variant)
+    _close(E[name].wrapper(**kw, **blocks), E[name].ref(**kw))
+
+
+@interpreted_only
+@pytest.mark.parametrize("name", ["w8a8_gemm_int32", "w4a8_gemm_int32"])
+@pytest.mark.parametrize("shape,variant,blocks", [
+    ((50, 70, 200), {}, RAGGED),
+    ((40, 48, 192), {"group_size": 32}, {}),
+    ((16, 16, 64), {"zero": False}, {}),
+])
+def test_int_gemm_accumulators_exact(name, shape, variant, blocks):
+    kw = E[name].example_inputs(shape, **variant)
+    got = E[name].wrapper(**kw, **blocks)
+    assert got.dtype == torch.int32 and got.shape == (shape[0], kw["num_groups"], shape[1])
+    assert torch.equal(got, E[name].ref(**kw))
+
+
+@interpreted_only
+def test_int_accumulators_equal_torch_int_mm():
+    """Against the CPU integer path's primitive (torch._int_mm), extreme codes included: no int32 overflow."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(-128, 128, (33, 576), generator=g, dtype=torch.int8)
+    a[0] = -128  # largest |Σ a·w| of this K
+    w = torch.randint(-128, 128, (40, 576), generator=g, dtype=torch.int8)
+    w[0] = -128
+    acc = kernels.w8a8_gemm_int32(a, w)[:, 0, :]
+    assert torch.equal(acc, primitives.int_matmul(a, w))
+    assert int(acc[0, 0]) == 576 * 128 * 128
+    # int4: the codes QuantLinear stores packed, with zero points, per group
+    q = torch.randint(-8, 8, (40, 576), generator=g, dtype=torch.int8)
+    z = torch.randint(-8, 8, (40, 9), generator=g, dtype=torch.int32)
+    acc4 = kernels.w4a8_gemm_int32(a, primitives.pack_int4(q), z, num_groups=9)  # (M, G, N)
+    for gi in range(9):
+        ag, qg = a[:, gi * 64:(gi + 1) * 64], q[:, gi * 64:(gi + 1) * 64]
+        want = primitives.int_matmul(ag, qg) - ag.sum(1, dtype=torch.int32)[:, None] * z[:, gi][None, :]
+        assert torch.equal(acc4[:, gi, :], want)
+
+
+@interpreted_only
+def test_int_gemm_epilogue_matches_dequantized_matmul():
+    """The float output is the dequantized product: (codes·s_a)(q − z)·s_w + b + corr, per-tensor scale too."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(24, 96, generator=g)
+    w = torch.randn(20, 96, generator=g)
+    scale, zero = primitives.weight_qparams(w, 8, None, symmetric=False)
+    q = primitives.quantize_weight(w, scale, zero, 8)
+    a, s_a = primitives.quantize_per_token(x, 8)
+    bias, corr = torch.randn(20, generator=g), torch.randn(3, 20, generator=g)
+    y = kernels.w8a8_gemm(a, s_a, q, scale, zero, bias, corr, 8)
+    want = (a.float() * s_a) @ primitives.dequantize_weight(q, scale, zero).t() + bias + corr.repeat_interleave(8, 0)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
+    y_t = kernels.w8a8_gemm(a, torch.tensor([[0.01]]), q, scale, zero)  # static per-tensor activation scale
+    torch.testing.assert_close(y_t, (a.float() * 0.01) @ primitives.dequantize_weight(q, scale, zero).t(),
+                               rtol=1e-5, atol=1e-4)
+
+
+@interpreted_only
+def test_int4_layout_is_primitives_pack_int4():
+    p = torch.arange(256, dtype=torch.uint8).reshape(8, 32)  # every byte value
+    unpack_int4_ref = importlib.import_module("kernels.w4a8_gemm").unpack_int4_ref
+    assert torch.equal(unpack_int4_ref(p), primitives.unpack_int4(p))
+    eye = torch.eye(64, dtype=torch.int8)  # a × I picks the weight codes out one by one
+    q = torch.randint(-8, 8, (16, 64), dtype=torch.int8)
+    assert torch.equal(kernels.w4a8_gemm_int32(eye, primitives.pack_int4(q))[:, 0, :], q.t().int())
+
+
+# ---------------------------------------------------------------------------------------------- float GEMMs
+
+
+@interpreted_only
+@pytest.mark.parametrize("shape,variant,blocks", [
+    ((64, 64, 128), {}, {}),
+    ((50, 70, 200), {"dtype": torch.bfloat16}, RAGGED),
+    ((40, 48, 192), {"group_size": 64, "dtype": torch.float16, "zero": False}, {}),
+])
+def test_w4a16(shape, variant, blocks):
+    kw = E["w4a16_gemm"].example_inputs(shape, **variant)
+    _close(E["w4a16_gemm"].wrapper(**kw, **blocks), E["w4a16_gemm"].ref(**kw))
+
+
+@interpreted_only
+def test_w4a16_is_the_dequantized_weight():
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(24, 128, generator=g), torch.randn(10, 128, generator=g)
+    scale, zero = primitives.weight_qparams(w, 4, 32, symmetric=False)
+    q = primitives.quantize_weight(w, scale, zero, 4, 32)
+    y = kernels.w4a16_gemm(x, primitives.pack_int4(q), scale, zero)
+    torch.testing.assert_close(y, x @ primitives.dequantize_weight(q, scale, zero, 32).t(), rtol=1e-5, atol=1e-5)
+
+
+@interpreted_only
+@pytest.mark.parametrize("shape,variant,blocks", [
+    ((64, 64, 128), {"d": 4}, {}),
+    ((50, 70, 200), {"d": 8, "dtype": torch.bfloat16}, RAGGED),
+    ((40, 48, 192), {"d": 2, "codes": 64, "dtype": torch.float16, "codebook_dtype": torch.float32}, {}),
+    ((20, 24, 64), {"d": 1, "codes": 16, "bias": False}, {}),
+])
+def test_vq(shape, variant, blocks):
+    kw = E["vq_gemm"].example_inputs(shape, **variant)
+    _close(E["vq_gemm"].wrapper(**kw, **blocks), E["vq_gemm"].ref(**kw))
+
+
+# ---------------------------------------------------------------------------------------------- act_quant, hadamard
+
+
+@interpreted_only
+@pytest.mark.parametrize("bits,dtype", [(8, torch.float32), (4, torch.bfloat16), (8, torch.float16)])
+def test_act_quant_is_primitives_quantize_per_token(bits, dtype):
+    kw = E["act_quant"].example_inputs((37, 200), bits=bits, dtype=dtype)
+    codes, scales = kernels.act_quant(**kw)
+    want_codes, want_scales = primitives.quantize_per_token(kw["x"], bits)
+    assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
+    codes2, scales2 = kernels.act_quant(**kw, block_m=16, block_k=64)  # two passes over four K tiles
+    assert torch.equal(codes2, want_codes) and torch.equal(scales2, want_scales)
+
+
+@interpreted_only
+@pytest.mark.parametrize("shape,variant,blocks", [
+    ((16, 1152), {"fused": True, "hadamard_block": 128}, {}),
+    ((40, 256), {"fused": True, "hadamard_block": 64, "bits": 4}, {"block_m": 16, "block_k": 128}),
+    ((30, 96), {"static": True}, {}),
+])
+def test_act_quant_fused_exact(shape, variant, blocks):
+    kw = E["act_quant"].example_inputs(shape, **variant)
+    codes, scales = kernels.act_quant(**kw, **blocks)
+    want_codes, want_scales = E["act_quant"].ref(**kw)
+    assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
+
+
+@interpreted_only
+def test_act_quant_fusion_equals_ditlab_transform_then_quantize():
+    """HadaNorm order (x − μ) / σ then the unsigned Hadamard of ditlab.hadamard_ops, then quantize: same bits."""
+    kw = E["act_quant"].example_inputs((32, 384), fused=True)
+    y = (kw["x"] - kw["mean"].repeat_interleave(16, 0)) / kw["sigma"]
+    want = primitives.quantize_per_token(hadamard_ops.fwht(y, 128), 8)
+    got = kernels.act_quant(**kw, hadamard_block=128)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@interpreted_only
+@pytest.mark.parametrize("shape,block,dtype,blocks", [
+    ((16, 1152), 128, torch.bfloat16, {}),
+    ((37, 96), 32, torch.float32, {"block_m": 16, "block_k": 32}),
+    ((5, 64), 64, torch.float16, {}),
+])
+def test_hadamard_exact_and_dense(shape, block, dtype, blocks):
+    kw = E["hadamard"].example_inputs(shape, block=block, dtype=dtype)
+    y = kernels.hadamard_transform(**kw, **blocks)
+    assert torch.equal(y, kernels.fwht_ref(**kw))  # same butterflies: identical bits (bf16 rounding included)
+    dense = kernels.hadamard_ref(**kw, out_dtype=torch.float32)
+    _close(y.float(), dense) if dtype == torch.float32 else _close(y, dense.to(dtype))
+
+
+@interpreted_only
+def test_hadamard_definition():
+    """x' = FWHT(x ⊙ s)/√d: orthogonal (inverse = the transform then the signs) and equal to the unsigned
+    transform of ditlab.hadamard_ops applied to x ⊙ s."""
+    kw = E["hadamard"].example_inputs((8, 256), block=64)
+    x, s = kw["x"], kw["signs"]
+    y = kernels.hadamard_transform(**kw)
+    assert torch.equal(y, hadamard_ops.fwht(x * s, 64))
+    torch.testing.assert_close(kernels.hadamard_transform(y, 64) * s, x, rtol=0, atol=1e-5)
+    h = kernels.hadamard_matrix(64)
+    assert torch.equal(h @ h, 64 * torch.eye(64)) and torch.equal(h, hadamard_ops.hadamard_matrix(64, normalised=False))
+
+
+# ---------------------------------------------------------------------------------------------- input checks
+
+
+@interpreted_only
+def test_wrappers_reject_bad_inputs():
+    a = torch.zeros(4, 64, dtype=torch.int8)
+    with pytest.raises(TypeError):
+        kernels.w8a8_gemm(a.float(), torch.ones(4, 1), a, torch.ones(4, 1))
+    with pytest.raises(ValueError, match="group size"):
+        kernels.w8a8_gemm(a, torch.ones(4, 1), a, torch.ones(4, 8))  # groups of 8 < the 16-deep dot
+    with pytest.raises(ValueError, match="w_packed"):
+        kernels.w4a8_gemm(a, torch.ones(4, 1), a.to(torch.uint8), torch.ones(4, 1))  # K/2 columns expected
+    with pytest.raises(ValueError, match="tokens_per_sample"):
+        kernels.w8a8_gemm(a, torch.ones(4, 1), a, torch.ones(4, 1), mean_corr=torch.zeros(3, 4), tokens_per_sample=2)
+    with pytest.raises(ValueError, match="hadamard_block"):
+        kernels.act_quant(torch.zeros(4, 96), hadamard_block=64)
+    with pytest.raises(ValueError, match="codebook"):
+        kernels.vq_gemm(torch.zeros(4, 96), torch.zeros(4, 32, dtype=torch.uint8), torch.zeros(16, 3))
+
+
+@interpreted_only
+def test_compiled_kernels_refuse_cpu_tensors_clearly():
+    """Outside the interpreter a CPU launch raises a clear error instead of crashing in the driver."""
+    from kernels._launch import launch
+
+    class Compiled:  # stands in for a compiled JITFunction
+        pass
+
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        launch(Compiled(), (1,), {"x": torch.zeros(2)})
