@@ -1,0 +1,124 @@
+"""bitsandbytes baselines: LLM.int8 (``Linear8bitLt``) and 4-bit NF4 / FP4 (``Linear4bit``), weight-only.
+
+So that users can compare ditlab's methods against the library people already use, these handlers build the
+bitsandbytes module from a float ``nn.Linear`` (never modifying it). bitsandbytes quantizes a weight when the
+parameter is moved to a device, so the module is built on the CPU copy and then ``.to('cpu')`` triggers it:
+
+* ``bnb-int8``: ``Linear8bitLt(has_fp16_weights=False, threshold=6.0)`` — row-wise absmax int8 weights (scale per
+  output channel, ``SCB``); at run time LLM.int8 decomposes input columns whose magnitude exceeds the threshold
+  into a separate full-precision matmul.
+* ``bnb-nf4`` / ``bnb-fp4``: ``Linear4bit`` — blocks of 64 weights share one absmax scale, codes index a 16-entry
+  NF4 (normal-quantile) or FP4 table; the absmax values themselves are quantized to 8 bits in blocks of 256
+  ("compress_statistics", bitsandbytes' default).
+
+Compute dtype of the 4-bit layers: ``COMPUTE_DTYPE`` (see its comment for the measurement that chose it).
+bitsandbytes is imported lazily (importing it costs seconds) and its warning about the optional ``kernels``
+package (which would fetch code from a hub at run time and is never installed) is filtered out.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from . import register
+
+log = logging.getLogger(__name__)
+
+INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold (its published default)
+# Measured on this machine (2 cores, AVX-512 BF16), benchmarks/bnb_speed.py: Linear4bit forward with compute dtype
+# bf16 vs float32 — see docs/ for the table. bf16 uses bitsandbytes' fused AVX-512-BF16 4-bit GEMM; float32
+# dequantizes the weight and runs a float matmul.
+COMPUTE_DTYPE = torch.bfloat16
+_METADATA_KEYS = ("quant_state.", "weight_format")  # state_dict entries that are format flags, not stored numbers
+
+
+class _DropKernelsWarning(logging.Filter):
+    """Drops bitsandbytes' one-time warning that the optional 'kernels' package is missing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels" not in record.getMessage()
+
+
+for _name in ("bitsandbytes", "bitsandbytes.backends.cpu.ops"):  # filters apply only to the logger they sit on
+    logging.getLogger(_name).addFilter(_DropKernelsWarning())
+
+
+def _bnb():
+    import bitsandbytes
+
+    return bitsandbytes
+
+
+def _float_copies(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Detached float32 copies of W (N, K) and b (N,) on the CPU: bitsandbytes replaces its parameter's data when
+    quantizing, so it must never hold the original tensor."""
+    w = linear.weight.detach().to("cpu", torch.float32).clone()
+    b = None if linear.bias is None else linear.bias.detach().to("cpu", torch.float32).clone()
+    return w, b
+
+
+def to_int8(linear: nn.Linear, threshold: float = INT8_THRESHOLD) -> nn.Module:
+    """``Linear8bitLt`` (int8 weights (N, K), SCB (N,) float32) equivalent to ``linear``; the input layer is untouched."""
+    bnb = _bnb()
+    w, b = _float_copies(linear)
+    module = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=b is not None, has_fp16_weights=False, threshold=threshold)
+    module.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+    if b is not None:
+        module.bias = nn.Parameter(b, requires_grad=False)
+    module = module.to("cpu")  # ← the quantization happens here
+    if module.weight.dtype != torch.int8:
+        raise ConfigError(f"bitsandbytes did not quantize the weight to int8 (got {module.weight.dtype}); bitsandbytes version?")
+    return module.eval()
+
+
+def to_4bit(linear: nn.Linear, quant_type: str, compute_dtype: torch.dtype = COMPUTE_DTYPE) -> nn.Module:
+    """``Linear4bit`` (``quant_type`` "nf4" or "fp4", packed uint8 (N·K/2, 1) + block absmax) equivalent to ``linear``."""
+    if quant_type not in ("nf4", "fp4"):
+        raise ConfigError.invalid("quant_type", quant_type, "nf4 or fp4")
+    bnb = _bnb()
+    w, b = _float_copies(linear)
+    module = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=b is not None, compute_dtype=compute_dtype, quant_type=quant_type)
+    module.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=quant_type)
+    if b is not None:
+        module.bias = nn.Parameter(b, requires_grad=False)
+    module = module.to("cpu")  # ← the quantization happens here
+    if module.weight.dtype != torch.uint8 or module.weight.quant_state is None:
+        raise ConfigError(f"bitsandbytes did not quantize the weight to 4 bits (got {module.weight.dtype}); bitsandbytes version?")
+    return module.eval()
+
+
+@register("bnb-int8")
+def quantize_bnb_int8(linear: nn.Linear, cfg, stats=None) -> nn.Module:
+    """Handler: LLM.int8 weights (threshold from ``cfg.params['threshold']``, default 6.0); no calibration."""
+    threshold = float((getattr(cfg, "params", None) or {}).get("threshold", INT8_THRESHOLD))
+    return to_int8(linear, threshold)
+
+
+@register("bnb-nf4")
+def quantize_bnb_nf4(linear: nn.Linear, cfg, stats=None) -> nn.Module:
+    """Handler: NF4 4-bit weights, blocks of 64; no calibration."""
+    return to_4bit(linear, "nf4")
+
+
+@register("bnb-fp4")
+def quantize_bnb_fp4(linear: nn.Linear, cfg, stats=None) -> nn.Module:
+    """Handler: FP4 4-bit weights, blocks of 64; no calibration."""
+    return to_4bit(linear, "fp4")
+
+
+def bnb_weight_bytes(module: nn.Module) -> int:
+    """Stored bytes of a bitsandbytes layer's weight: what its state_dict holds except the bias and format flags.
+
+    int8: codes N·K + SCB 4·N. 4-bit: packed codes N·K/2 + 8-bit block absmax (one per 64 weights) + the 16-entry
+    code table + the nested (float32) absmax and its 256-entry table.
+    """
+    total = 0
+    for key, tensor in module.state_dict().items():
+        if key == "bias" or key.endswith(".bias") or any(m in key for m in _METADATA_KEYS):
+            continue
+        total += tensor.numel() * tensor.element_size()
+    return total
