@@ -317,6 +317,11 @@ PRESETS: dict[str, Recipe] = {
     "bnb-int8": _preset("bnb-int8", method="bnb-int8", w_bits=8, a_bits=16),
     "bnb-nf4": _preset("bnb-nf4", method="bnb-nf4", w_bits=4, a_bits=16),
     "bnb-fp4": _preset("bnb-fp4", method="bnb-fp4", w_bits=4, a_bits=16),
+    # vector quantization (ditlab.methods.kmeans / vq4dit): k, d from w_bits (2 → k=256, d=4; 3 → k=64, d=2)
+    "w2-vq4dit": _preset("w2-vq4dit", method="vq4dit", w_bits=2, a_bits=16),
+    "w3-vq4dit": _preset("w3-vq4dit", method="vq4dit", w_bits=3, a_bits=16),
+    "w2-kmeans": _preset("w2-kmeans", method="kmeans", w_bits=2, a_bits=16),
+    "w3-kmeans": _preset("w3-kmeans", method="kmeans", w_bits=3, a_bits=16),
 }
 PRESETS_DOC = """Presets (all keep embedders and the final layer in FP via DEFAULT_SKIP; activations per-token dynamic unless noted):
 

@@ -201,6 +201,8 @@ def load_quantized_transformer(folder: str | os.PathLike, verify: bool = True) -
     import diffusers
     from safetensors.torch import load_file
 
+    from . import methods  # noqa: F401 - importing the method modules registers their module types (e.g. VQLinear)
+
     folder = Path(folder)
     manifest = _read_manifest(folder)
     weights = folder / manifest.get("weights", WEIGHTS)

@@ -1,0 +1,88 @@
+"""Plain k-means vector quantization (the VQ4DiT baseline: init + storage only, no candidates, no calibration).
+
+Per layer: W (N, K) → sub-vectors of length d → k-means (k-means++ seeding, ≤ ``kmeans_iters`` Lloyd updates,
+seeded) → codebook rounded to fp16 → every sub-vector assigned to its nearest fp16 codeword (so the stored
+assignments are optimal for the stored codebook) → ``VQLinear``.
+
+Layer parameters (``LayerConfig.params``; defaults from ``w_bits`` via ``ditlab.vq.default_k_d``):
+  k             codewords (≤ 256), capped at the largest power of two ≤ (N·K/d)/4
+  d             sub-vector length (1, 2, 4 or 8, dividing in_features)
+  seed          k-means++ seed (default 0)
+  kmeans_iters  at most this many Lloyd updates (1–100, default 100)
+The VQ4DiT method (``vq4dit.py``) shares this initialisation and adds its own keys (see ``VQ4DIT_KEYS``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import vq
+from ..errors import ConfigError
+from . import register
+
+log = logging.getLogger(__name__)
+
+KMEANS_KEYS = ("k", "d", "seed", "kmeans_iters")
+VQ4DIT_KEYS = ("n_candidates", "iterations", "samples", "steps", "guidance", "reg", "lr_logits", "lr_codebook", "harden")
+
+
+def _int_param(params: dict, key: str, default: int, lo: int, hi: int, layer: str | None) -> int:
+    v = params.get(key, default)
+    if not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
+        raise ConfigError.invalid(f"params.{key}", v, f"an integer from {lo} to {hi}", layer)
+    return v
+
+
+@dataclass(frozen=True)
+class VQLayerParams:
+    """Resolved per-layer VQ settings: codewords k (after the cap), sub-vector length d, seed, Lloyd updates."""
+
+    k: int
+    d: int
+    seed: int
+    kmeans_iters: int
+    n_candidates: int
+
+
+def layer_params(cfg, out_features: int, in_features: int, layer: str | None = None) -> VQLayerParams:
+    """Validates ``cfg.params`` of a kmeans / vq4dit layer (N = out_features, K = in_features) and resolves defaults.
+
+    Raises ConfigError naming ``params.<key>`` and what is allowed.
+    """
+    params = dict(cfg.params or {})
+    allowed = KMEANS_KEYS + (VQ4DIT_KEYS if cfg.method == "vq4dit" else ())
+    for key in params:
+        if key not in allowed:
+            raise ConfigError.invalid("params", key, f"keys of method {cfg.method!r}: {', '.join(allowed)}", layer)
+    k0, d0 = vq.default_k_d(cfg.w_bits)
+    d = params.get("d", d0)
+    if d not in vq.SUBVECTOR_LENGTHS or in_features % d:
+        raise ConfigError.invalid("params.d", d, f"one of {vq.SUBVECTOR_LENGTHS} dividing in_features={in_features}", layer)
+    k = _int_param(params, "k", k0, 2, vq.MAX_CODES, layer)
+    k = vq.cap_k(k, out_features * in_features // d)
+    seed = _int_param(params, "seed", 0, 0, 2**31 - 1, layer)
+    iters = _int_param(params, "kmeans_iters", 100, 1, 100, layer)
+    n_cand = _int_param(params, "n_candidates", 2, 1, 4, layer) if cfg.method == "vq4dit" else 1
+    return VQLayerParams(k=k, d=d, seed=seed, kmeans_iters=iters, n_candidates=min(n_cand, k))
+
+
+def kmeans_init(weight: torch.Tensor, p: VQLayerParams, desc: str = "k-means") -> tuple[torch.Tensor, torch.Tensor]:
+    """Codebook (k, d) fp16 and nearest assignments (N, K/d) uint8 of W (N, K) (k-means++ then Lloyd, seeded)."""
+    x = vq.subvectors(weight, p.d)  # (N·K/d, d)
+    result = vq.kmeans(x, p.k, iters=p.kmeans_iters, seed=p.seed, desc=desc)
+    codebook = result.codebook.to(torch.float16)  # what is stored; re-assign against it below
+    assignments = vq.encode(weight.detach().float(), codebook)
+    return codebook, assignments
+
+
+@register("kmeans")
+def quantize_kmeans(linear: nn.Linear, cfg, stats=None) -> vq.VQLinear:
+    """k-means handler: codebook + nearest assignments, no calibration (the baseline VQ4DiT must beat)."""
+    n, k = linear.out_features, linear.in_features
+    p = layer_params(cfg, n, k)
+    codebook, assignments = kmeans_init(linear.weight, p)
+    return vq.VQLinear.from_parts(assignments, codebook, linear.bias, method=cfg.method)

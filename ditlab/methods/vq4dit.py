@@ -1,0 +1,374 @@
+"""VQ4DiT (AAAI 2025): k-means codebooks, candidate assignments with learnable ratios, zero-data block-wise calibration.
+
+Per layer (the registered handler, inside ``quantize_``): k-means init exactly as the ``kmeans`` method
+(``kmeans.kmeans_init``) → a ``VQLinear`` tagged ``method="vq4dit"``.
+
+Model-wide (``calibrate_vq4dit``, after ``quantize_`` swapped the layers): each vq4dit layer becomes a
+``SoftVQLinear``: for sub-vector i its n nearest codewords A_c(i, ·) (candidates), logits z_i (n,) initialised to
+−log‖w_i − C[A_c(i,j)]‖ (so r ∝ 1/distance), ratios r_i = softmax(z_i) and ``ŵ_i = Σ_j r_ij C[A_c(i,j)]``. With no
+data, random class labels and Gaussian noise drive the FP teacher's own sampler (DDIM, CFG as the model uses); at
+every denoising step the teacher's model input x_t (both CFG halves) also goes into the student and
+
+    loss = mean over blocks b of MSE(student block b output, teacher block b output) + reg · n · mean_free(r(1 − r))
+
+(mean_free: over the ratios of sub-vectors not yet fixed). One RMSprop(α = 0.9) step per denoising step: logits
+lr 5e-2, codebook and bias lr 1e-4. Hardening after every step: a sub-vector whose top ratio exceeds 0.99 is fixed
+to its argmax; when more than 99 % of a layer is fixed the whole layer switches to hard assignments and only its
+codebook (and bias) keep calibrating. At the end every layer is hardened and turned back into a ``VQLinear``.
+
+Calibration settings live in ``LayerConfig.params`` of the vq4dit layers (all must agree): iterations (sampler runs),
+samples (images per run), steps (denoising steps = optimiser steps per run), seed, guidance, reg, lr_logits,
+lr_codebook, harden. ``quantize_vq4dit(pipe, recipe)`` does quantize_ + calibration in one call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import vq
+from ..errors import ConfigError, DitlabError
+from . import register
+from .kmeans import VQ4DIT_KEYS, kmeans_init, layer_params
+
+log = logging.getLogger(__name__)
+
+QUICK_PARAMS = {"iterations": 2, "samples": 4, "steps": 10}  # the app's quick calibration (merge into params)
+
+
+@dataclass(frozen=True)
+class VQ4DiTSettings:
+    """Model-wide calibration settings (from ``LayerConfig.params``; defaults = METHODS.md + the measured default length)."""
+
+    iterations: int = 8  # sampler runs (each: new random labels and noise)
+    samples: int = 8  # images per run (the model batch is 2× with CFG)
+    steps: int = 25  # denoising steps per run = optimiser steps per run
+    seed: int = 0
+    guidance: float = 4.0
+    reg: float = 1.0  # weight of the ratio regulariser n·mean(r(1−r)) (1 = as specified)
+    lr_logits: float = 5e-2
+    lr_codebook: float = 1e-4
+    harden: float = 0.99  # top-ratio threshold that fixes a sub-vector; also the fixed fraction that hardens a layer
+    scheduler: str = "ddim"
+
+    _RULES = {"iterations": (1, 1000), "samples": (1, 256), "steps": (1, 1000), "seed": (0, 2**31 - 1)}
+
+    @classmethod
+    def from_params(cls, params: dict, layer: str | None = None) -> "VQ4DiTSettings":
+        """Validated settings from a params dict (other keys are ignored here; ``layer_params`` checks them)."""
+        values = {}
+        for key, (lo, hi) in cls._RULES.items():
+            if key in params:
+                v = params[key]
+                if not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
+                    raise ConfigError.invalid(f"params.{key}", v, f"an integer from {lo} to {hi}", layer)
+                values[key] = v
+        for key, lo, hi in (("guidance", 0.0, 50.0), ("reg", 0.0, 1e6), ("lr_logits", 1e-8, 10.0), ("lr_codebook", 0.0, 1.0), ("harden", 0.5, 1.0)):
+            if key in params:
+                v = params[key]
+                if not (isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi):
+                    raise ConfigError.invalid(f"params.{key}", v, f"a number from {lo:g} to {hi:g}", layer)
+                values[key] = float(v)
+        return cls(**values)
+
+
+@register("vq4dit")
+def quantize_vq4dit_layer(linear: nn.Linear, cfg, stats=None) -> vq.VQLinear:
+    """Layer-local part of VQ4DiT: the k-means initialisation (calibration follows in ``calibrate_vq4dit``)."""
+    p = layer_params(cfg, linear.out_features, linear.in_features)
+    codebook, assignments = kmeans_init(linear.weight, p)
+    return vq.VQLinear.from_parts(assignments, codebook, linear.bias, method="vq4dit")
+
+
+class SoftVQLinear(nn.Module):
+    """A VQ layer under calibration: Ŵ (N, K) from n candidate codewords per sub-vector mixed by softmax ratios."""
+
+    def __init__(self, weight: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor | None, n_candidates: int):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.d = codebook.shape[1]
+        x = vq.subvectors(weight, self.d)  # (M, d) the FP sub-vectors
+        cand, d2 = vq.nearest_codewords(x, codebook.float(), n_candidates)  # (M, n), nearest first
+        # r ∝ 1/distance ⇔ z = −log distance; the clamp keeps an exact hit finite (it then fixes at once)
+        self.logits = nn.Parameter(-0.5 * d2.clamp_min(1e-24).log())  # (M, n)
+        self.codebook = nn.Parameter(codebook.detach().float().clone())  # (k, d)
+        self.bias = nn.Parameter(bias.detach().float().clone()) if bias is not None else None
+        self.register_buffer("candidates", cand)  # (M, n) int64 codeword indices
+        self.register_buffer("fixed", torch.zeros(cand.shape[0], dtype=torch.bool))  # (M,)
+        self.register_buffer("hard_pos", torch.zeros(cand.shape[0], dtype=torch.long))  # (M,) chosen candidate slot
+        self.hard = False  # the whole layer uses hard assignments (only codebook and bias still learn)
+
+    @property
+    def n_candidates(self) -> int:
+        return self.candidates.shape[1]
+
+    def hard_index(self) -> torch.Tensor:
+        """(M,) codeword index of each sub-vector's chosen candidate (meaningful where ``fixed``)."""
+        return self.candidates.gather(1, self.hard_pos[:, None]).squeeze(1)
+
+    def ratios(self) -> torch.Tensor:
+        """Effective ratios (M, n): softmax(z) for free sub-vectors, one-hot at the chosen slot for fixed ones."""
+        r = torch.softmax(self.logits.detach(), dim=1)
+        one_hot = F.one_hot(self.hard_pos, self.n_candidates).to(r.dtype)
+        return torch.where(self.fixed[:, None], one_hot, r)
+
+    def weight(self) -> torch.Tensor:
+        """Ŵ (N, K) float32, differentiable in the logits (free sub-vectors), the codebook and nothing else."""
+        hard_w = self.codebook[self.hard_index()]  # (M, d)
+        if self.hard:
+            w = hard_w
+        else:
+            r = torch.softmax(self.logits, dim=1)  # (M, n)
+            soft_w = (r.unsqueeze(-1) * self.codebook[self.candidates]).sum(1)  # (M, d) = Σ_j r_ij C[A_c(i,j)]
+            w = torch.where(self.fixed[:, None], hard_w, soft_w)  # fixed rows pass no gradient to their logits
+        return w.reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight(), self.bias).to(x.dtype)
+
+    def regulariser(self) -> tuple[torch.Tensor, int]:
+        """(n · Σ r(1−r) over the free sub-vectors' ratios, number of those ratio entries)."""
+        if self.hard:
+            return self.logits.new_zeros(()), 0
+        r = torch.softmax(self.logits, dim=1)[~self.fixed]  # (M_free, n)
+        return self.n_candidates * (r * (1 - r)).sum(), r.numel()
+
+    @torch.no_grad()
+    def harden(self, threshold: float = 0.99, force: bool = False) -> int:
+        """Fixes free sub-vectors whose top ratio exceeds ``threshold`` (all of them if ``force``); when more than
+        ``threshold`` of the layer is fixed, fixes the rest at their argmax and switches the layer to hard. Returns
+        the number of sub-vectors fixed now."""
+        if self.hard:
+            return 0
+        top, pos = torch.softmax(self.logits, dim=1).max(1)
+        new = ~self.fixed & ((top > threshold) | force)
+        self.hard_pos[new] = pos[new]
+        self.fixed |= new
+        count = int(new.sum())
+        if float(self.fixed.float().mean()) > threshold or force:
+            rest = ~self.fixed
+            self.hard_pos[rest] = pos[rest]
+            self.fixed[:] = True
+            count += int(rest.sum())
+            self.hard = True
+        return count
+
+    def to_vqlinear(self) -> vq.VQLinear:
+        """Hardens everything and returns the stored form (assignments uint8 (N, K/d), fp16 codebook, bias)."""
+        self.harden(force=True)
+        assignments = self.hard_index().reshape(self.out_features, self.in_features // self.d)
+        return vq.VQLinear.from_parts(assignments, self.codebook.detach(), None if self.bias is None else self.bias.detach(), method="vq4dit")
+
+
+@dataclass
+class CalibrationLog:
+    """Per optimiser step: loss terms and the fixed fraction; totals at the end."""
+
+    steps: list[dict] = field(default_factory=list)  # {"step", "timestep", "mse", "reg", "fixed"}
+    layers: int = 0
+    seconds: float = 0.0
+    settings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    blocks = getattr(model, "transformer_blocks", None)
+    if not isinstance(blocks, nn.ModuleList) or not len(blocks):
+        raise DitlabError(f"VQ4DiT calibration needs a transformer with `transformer_blocks`; {type(model).__name__} has none")
+    return blocks
+
+
+class _Capture:
+    """Forward hooks that record every block's output (B, T, C) of one model call."""
+
+    def __init__(self, blocks: nn.ModuleList):
+        self.outputs: list[torch.Tensor] = []
+        self.handles = [b.register_forward_hook(lambda _m, _i, out: self.outputs.append(out[0] if isinstance(out, tuple) else out)) for b in blocks]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def block_mse(teacher_out: list[torch.Tensor], student_out: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over blocks of the MSE between student and teacher block outputs (scalar)."""
+    return torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(student_out, teacher_out)]).mean()
+
+
+class _TeacherStudentStep(nn.Module):
+    """Stands in for the transformer in the sampler: returns the teacher's output (so the trajectory is the
+    teacher's), and on the same inputs runs the student and, if an optimiser is given, takes one step."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, step_fn):
+        super().__init__()
+        self.teacher, self.step_fn = teacher, step_fn
+        self._student = [student]  # not a submodule: parameters() must yield the teacher's dtype first
+        self.cap_t, self.cap_s = _Capture(_blocks(teacher)), _Capture(_blocks(student))
+
+    def forward(self, *args, **kwargs):
+        self.cap_t.outputs.clear(), self.cap_s.outputs.clear()
+        with torch.no_grad():
+            out = self.teacher(*args, **kwargs)
+        self.step_fn(lambda: self._student[0](*args, **kwargs), self.cap_t.outputs, self.cap_s.outputs)
+        return out
+
+    def remove(self) -> None:
+        self.cap_t.remove(), self.cap_s.remove()
+
+
+def _run(pipe, teacher, student, labels, seed, settings: VQ4DiTSettings, step_fn, hooks=()) -> None:
+    from ..sampling import sample
+
+    runner = _TeacherStudentStep(teacher, student, step_fn)
+    try:
+        sample(pipe, labels, guidance=settings.guidance, steps=settings.steps, scheduler=settings.scheduler, seed=seed,
+               transformer=runner, hooks=hooks, decode_images=False, progress=False)
+    finally:
+        runner.remove()
+
+
+def block_output_mse(pipe, teacher: nn.Module, student: nn.Module, labels, *, seed: int = 0, steps: int = 10, guidance: float = 4.0) -> float:
+    """Mean over the teacher's sampling steps of ``block_mse`` (student fed the teacher's x_t); no training."""
+    values = []
+
+    def measure(run_student, t_out, s_out):
+        with torch.no_grad():
+            run_student()
+        values.append(float(block_mse(t_out, s_out)))
+
+    _run(pipe, teacher, student, list(labels), seed, VQ4DiTSettings(steps=steps, guidance=guidance), measure)
+    return sum(values) / len(values)
+
+
+def _vq4dit_plan(teacher: nn.Module, recipe) -> dict:
+    """{layer name: VQLayerParams} of the vq4dit layers of a recipe over ``teacher`` (validated)."""
+    from ..quantize import plan_for
+
+    plan = plan_for(teacher, recipe)
+    shapes = {n: m.weight.shape for n, m in teacher.named_modules() if isinstance(m, nn.Linear)}
+    return {n: (c, layer_params(c, *shapes[n], layer=n)) for n, c in plan.items() if c is not None and c.method in ("vq4dit", "kmeans")}
+
+
+def settings_for(teacher: nn.Module, recipe) -> VQ4DiTSettings | None:
+    """The calibration settings shared by the recipe's vq4dit layers (None if it has none); every layer's params
+    are validated, and layers that disagree on a calibration key raise ConfigError naming it."""
+    found = None
+    for name, (cfg, _) in _vq4dit_plan(teacher, recipe).items():
+        if cfg.method != "vq4dit":
+            continue
+        s = VQ4DiTSettings.from_params(cfg.params, layer=name)
+        if found is not None and s != found[1]:
+            key = next(f.name for f in fields(s) if getattr(s, f.name) != getattr(found[1], f.name))
+            raise ConfigError.invalid(f"params.{key}", getattr(s, key), f"{getattr(found[1], key)!r} as in layer {found[0]!r} "
+                                      "(calibration is model-wide: every vq4dit layer needs the same value)", name)
+        found = found or (name, s)
+    return None if found is None else found[1]
+
+
+def calibrate_vq4dit(pipe, model_q: nn.Module, teacher: nn.Module, settings: VQ4DiTSettings, progress=None,
+                     n_candidates: dict[str, int] | None = None) -> CalibrationLog:
+    """Zero-data block-wise calibration of every ``VQLinear`` with method "vq4dit" in ``model_q`` (in place).
+
+    teacher: the FP transformer with the same layer names (read-only; its weights give the candidate sets).
+    n_candidates: layer name → n (default 2). progress: None/True → tqdm bar, False → silent, or a callable
+    ``(done, total, text)``. Returns the per-step log. Needs a class-conditional DiT (random labels).
+    """
+    if pipe.family != "dit" or pipe.num_classes < 1:
+        raise ConfigError.invalid("model", pipe.family, "a class-conditional DiT (VQ4DiT calibrates with random class labels)")
+    t0 = time.perf_counter()
+    model_q.eval().requires_grad_(False)
+    soft: dict[str, SoftVQLinear] = {}
+    for name, module in list(model_q.named_modules()):
+        if isinstance(module, vq.VQLinear) and module.method == "vq4dit":
+            n = (n_candidates or {}).get(name, 2)
+            layer = SoftVQLinear(teacher.get_submodule(name).weight, module.codebook, module.bias, min(n, module.num_codes))
+            soft[name] = layer
+            _set_module(model_q, name, layer)
+    result = CalibrationLog(layers=len(soft), settings=asdict(settings))
+    if not soft:
+        return result
+    opt = torch.optim.RMSprop([{"params": [s.logits for s in soft.values()], "lr": settings.lr_logits},
+                               {"params": [p for s in soft.values() for p in (s.codebook, s.bias) if p is not None], "lr": settings.lr_codebook}],
+                              alpha=0.9)
+    total = settings.iterations * settings.steps
+    callback = progress if callable(progress) else None
+    bar = tqdm(total=total, desc="VQ4DiT calibration", disable=progress is False or callback is not None, leave=False)
+
+    def step(run_student, t_out, s_out):
+        with torch.enable_grad():
+            run_student()
+            mse = block_mse(t_out, s_out)
+            parts = [s.regulariser() for s in soft.values()]
+            count = sum(c for _, c in parts)
+            reg = sum(v for v, _ in parts) / count if count else mse.new_zeros(())  # n · mean(r(1−r)) over free ratios
+            loss = mse + settings.reg * reg
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        for s in soft.values():
+            s.harden(settings.harden)
+        fixed = sum(int(s.fixed.sum()) for s in soft.values()) / sum(s.fixed.numel() for s in soft.values())
+        result.steps.append({"step": len(result.steps), "mse": float(mse), "reg": float(reg), "fixed": fixed,
+                             "hard_layers": sum(s.hard for s in soft.values())})
+        bar.update(1)
+        bar.set_postfix(mse=f"{float(mse):.3g}", fixed=f"{fixed:.1%}")
+        if callback is not None:
+            callback(len(result.steps), total, f"VQ4DiT calibration step {len(result.steps)}/{total}")
+
+    gen = torch.Generator().manual_seed(settings.seed)
+    try:
+        for it in range(settings.iterations):
+            labels = torch.randint(pipe.num_classes, (settings.samples,), generator=gen).tolist()
+            _run(pipe, teacher, model_q, labels, settings.seed * 1000 + it + 1, settings, step)
+    finally:
+        bar.close()
+        for name, s in soft.items():  # hardened, stored form (also after an interruption)
+            _set_module(model_q, name, s.to_vqlinear())
+        model_q.eval().requires_grad_(False)
+    result.seconds = time.perf_counter() - t0
+    last = result.steps[-1]
+    log.info("VQ4DiT: calibrated %d layers in %d steps, %.1fs; last block MSE %.4g, %.1f%% fixed before the final hardening",
+             len(soft), len(result.steps), result.seconds, last["mse"], 100 * last["fixed"])
+    return result
+
+
+def needs_calibration(transformer: nn.Module, recipe) -> bool:
+    """True if ``recipe`` puts any layer of ``transformer`` on method vq4dit (then use ``quantize_vq4dit``)."""
+    return any(cfg.method == "vq4dit" for cfg, _ in _vq4dit_plan(transformer, recipe).values())
+
+
+def quantize_vq4dit(pipe, recipe, progress=None):
+    """``quantize_`` of ``pipe.transformer`` with ``recipe`` followed by the VQ4DiT calibration of its vq4dit layers.
+
+    Returns ``(quantized transformer, QuantReport)``; ``report.seconds`` includes the calibration and the
+    calibration log is kept on the model as ``model.ditlab_calibration`` (a ``CalibrationLog``). Works for any
+    recipe (no vq4dit layer → no calibration). progress: as in ``quantize_`` (True/None bar, False, or a callable).
+    """
+    from ..config import load_recipe
+    from ..quantize import quantize_
+
+    recipe = load_recipe(recipe)
+    teacher = pipe.transformer
+    settings = settings_for(teacher, recipe)  # validates every VQ layer's params before any work
+    plan = _vq4dit_plan(teacher, recipe)
+    model, report = quantize_(teacher, recipe, progress=progress)
+    calib = CalibrationLog()
+    if settings is not None:
+        n_cand = {name: p.n_candidates for name, (cfg, p) in plan.items() if cfg.method == "vq4dit"}
+        calib = calibrate_vq4dit(pipe, model, teacher, settings, progress, n_candidates=n_cand)
+        report.seconds += calib.seconds
+    model.ditlab_calibration = calib
+    return model, report

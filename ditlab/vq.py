@@ -1,0 +1,280 @@
+"""Vector quantization of weights: batched deterministic k-means, candidate sets, encode/decode, and ``VQLinear``.
+
+A weight W (N, K) is cut along its rows into sub-vectors of d consecutive input channels, ``X = W.reshape(N·K/d, d)``.
+A codebook C (k, d) and one index per sub-vector, A (N, K/d) uint8 (k ≤ 256), represent it: ``Ŵ[n, j·d:(j+1)·d] =
+C[A[n, j]]``. Bits per weight = log2(k)/d plus the codebook (k·d fp16 values per layer).
+
+k-means (Lloyd, k-means++ seeding) works on any number of sub-vectors: distances are computed chunk by chunk as
+``‖c‖² − 2 x·c`` (argmin does not need ‖x‖²), so a DiT-XL/2 layer of 2 M sub-vectors never materialises the full
+(M, k) distance matrix. Centroid sums are accumulated in float64 (millions of float32 additions would drift).
+Everything is deterministic for a given seed: the only randomness is the k-means++ draws from a seeded generator.
+
+``VQLinear`` stores exactly the layout of the fused Triton kernel (``kernels/vq_gemm.py``): assignments uint8
+(N, K/d) and an fp16 codebook (k, d), plus a float32 bias.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import ConfigError
+from .nn import register_module_type
+
+log = logging.getLogger(__name__)
+
+SUBVECTOR_LENGTHS = (1, 2, 4, 8)  # what the fused kernel decodes
+MAX_CODES = 256  # one uint8 index per sub-vector
+CHUNK_ELEMS = 1 << 21  # rows × k of one distance block: 2 M floats = 8 MB, cache-sized and memory-safe
+
+
+# ---- settings ------------------------------------------------------------------------------------------------------
+def default_k_d(bits: int) -> tuple[int, int]:
+    """(k, d) for b bits per weight: the longest sub-vector with b·d ≤ 8 index bits, k = 2^(b·d).
+
+    2 bits → (256, 4) and 3 bits → (64, 2) as in VQ4DiT; 4 → (256, 2); 5–8 → (2^b, 1).
+    """
+    if not 2 <= int(bits) <= 8:
+        raise ConfigError.invalid("w_bits", bits, "2 to 8 for vector quantization")
+    d = max(v for v in SUBVECTOR_LENGTHS if bits * v <= 8)
+    return 2 ** (bits * d), d
+
+
+def cap_k(k: int, n_subvectors: int) -> int:
+    """min(k, largest power of two ≤ n_subvectors / 4), at least 1: every codeword keeps ≥ 4 sub-vectors on average."""
+    limit = max(1, n_subvectors // 4)
+    return max(1, min(int(k), 1 << (limit.bit_length() - 1)))
+
+
+def subvectors(w: torch.Tensor, d: int) -> torch.Tensor:
+    """W (N, K) → (N·K/d, d) float32 rows of d consecutive input channels (row-major, matching A (N, K/d))."""
+    n, k = w.shape
+    if k % d:
+        raise ConfigError.invalid("params.d", d, f"a sub-vector length dividing in_features={k}")
+    return w.detach().float().reshape(n * k // d, d)
+
+
+# ---- distances -------------------------------------------------------------------------------------------------------
+def _chunk_rows(k: int, chunk_elems: int) -> int:
+    return max(1, chunk_elems // max(1, k))
+
+
+def assign(x: torch.Tensor, codebook: torch.Tensor, chunk_elems: int = CHUNK_ELEMS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest codeword of every row: indices (M,) int64 and squared distances (M,) float32 (clamped ≥ 0).
+
+    x (M, d), codebook (k, d). Ties go to the lowest index (``min`` returns the first minimum).
+    """
+    c = codebook.float()
+    cn = (c * c).sum(1)  # (k,)
+    rows = _chunk_rows(c.shape[0], chunk_elems)
+    idx = torch.empty(x.shape[0], dtype=torch.long)
+    d2 = torch.empty(x.shape[0], dtype=torch.float32)
+    for s in range(0, x.shape[0], rows):
+        xc = x[s : s + rows].float()
+        scores = torch.addmm(cn, xc, c.t(), alpha=-2.0)  # (rows, k): ‖c‖² − 2x·c = ‖x − c‖² − ‖x‖²
+        best, arg = scores.min(1)
+        idx[s : s + rows] = arg
+        d2[s : s + rows] = (best + (xc * xc).sum(1)).clamp_min(0.0)  # cancellation can dip just below 0
+    return idx, d2
+
+
+def nearest_codewords(x: torch.Tensor, codebook: torch.Tensor, n: int, chunk_elems: int = CHUNK_ELEMS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n nearest codewords of every row, nearest first: indices (M, n) int64, squared distances (M, n) float32."""
+    c = codebook.float()
+    if not 1 <= n <= c.shape[0]:
+        raise ConfigError.invalid("params.n_candidates", n, f"1 to the number of codewords ({c.shape[0]})")
+    cn = (c * c).sum(1)
+    rows = _chunk_rows(c.shape[0], chunk_elems)
+    idx = torch.empty(x.shape[0], n, dtype=torch.long)
+    d2 = torch.empty(x.shape[0], n, dtype=torch.float32)
+    for s in range(0, x.shape[0], rows):
+        xc = x[s : s + rows].float()
+        scores = torch.addmm(cn, xc, c.t(), alpha=-2.0)  # (rows, k)
+        best, arg = scores.topk(n, dim=1, largest=False, sorted=True)
+        idx[s : s + rows] = arg
+        d2[s : s + rows] = (best + (xc * xc).sum(1, keepdim=True)).clamp_min(0.0)
+    return idx, d2
+
+
+# ---- k-means ---------------------------------------------------------------------------------------------------------
+@dataclass
+class KMeansResult:
+    """codebook (k, d) float32, assignments (M,) int64, inertia = Σ‖x − C[a]‖² (float), Lloyd updates run."""
+
+    codebook: torch.Tensor
+    assignments: torch.Tensor
+    inertia: float
+    iterations: int
+
+
+def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007): (k, d) float32 centres drawn from the rows of x (M, d).
+
+    The first centre is uniform; each next one is drawn with probability ∝ D(x)², the squared distance to the
+    nearest centre so far (inverse-CDF sampling on a float64 cumulative sum). If every D² is 0 (fewer distinct rows
+    than k), the draw is uniform, so the codebook repeats a row (harmless: duplicates stay empty and are re-seeded).
+    """
+    x = x.float()
+    m = x.shape[0]
+    centers = torch.empty(k, x.shape[1], dtype=torch.float32)
+    centers[0] = x[int(torch.randint(m, (1,), generator=generator))]
+    d2 = (x - centers[0]).pow(2).sum(1)  # (M,)
+    for j in range(1, k):
+        cum = torch.cumsum(d2, 0, dtype=torch.float64)
+        u = float(torch.rand(1, generator=generator, dtype=torch.float64))
+        if cum[-1] > 0:
+            i = min(int(torch.searchsorted(cum, torch.tensor([u * float(cum[-1])], dtype=torch.float64), right=True)), m - 1)
+        else:
+            i = min(int(u * m), m - 1)
+        centers[j] = x[i]
+        d2 = torch.minimum(d2, (x - centers[j]).pow(2).sum(1))
+    return centers
+
+
+def _update(x64: torch.Tensor, idx: torch.Tensor, d2: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """One Lloyd update: centres = means of their members; an empty cluster takes the row farthest from its centre.
+
+    Several empty clusters take distinct rows in order of decreasing distance (deterministic: topk, then index order).
+    """
+    k, d = centers.shape
+    sums = torch.zeros(k, d, dtype=torch.float64).index_add_(0, idx, x64)  # (k, d) float64: exact enough for 2 M rows
+    counts = torch.bincount(idx, minlength=k)  # (k,)
+    new = centers.clone()
+    full = counts > 0
+    new[full] = (sums[full] / counts[full, None]).float()
+    empty = (~full).nonzero().flatten()
+    if empty.numel():
+        far = d2.topk(int(empty.numel())).indices
+        new[empty] = x64[far].float()
+    return new
+
+
+def kmeans(x: torch.Tensor, k: int, *, iters: int = 100, seed: int = 0, tol: float = 1e-4, init: torch.Tensor | None = None,
+           chunk_elems: int = CHUNK_ELEMS, progress: bool | None = None, desc: str = "k-means") -> KMeansResult:
+    """Lloyd's k-means on rows x (M, d) with k-means++ seeding; ≤ ``iters`` updates, deterministic from ``seed``.
+
+    Stops early when at most ``tol``·M rows change cluster in an update (tol = 0: only at a fixed point).
+    ``init`` (k, d) replaces the k-means++ seeding (used by tests against a reference with the same start).
+    progress: None → a tqdm bar only for big problems (M·k ≥ 2^26), True/False → always / never.
+    """
+    x = x.detach().float().contiguous()
+    m = x.shape[0]
+    if not 1 <= k <= m:
+        raise ConfigError.invalid("params.k", k, f"1 to the number of sub-vectors ({m})")
+    if init is None:
+        centers = kmeans_plusplus(x, k, torch.Generator().manual_seed(int(seed)))
+    else:
+        centers = init.detach().float().clone()
+    x64 = x.double()
+    idx, d2 = assign(x, centers, chunk_elems)
+    show = (m * k >= 1 << 26) if progress is None else bool(progress)
+    done = 0
+    for _ in tqdm(range(iters), desc=desc, disable=not show, leave=False):
+        centers = _update(x64, idx, d2, centers)
+        new_idx, d2 = assign(x, centers, chunk_elems)
+        changed = int((new_idx != idx).sum())
+        idx = new_idx
+        done += 1
+        if changed <= tol * m:
+            break
+    inertia = float(d2.double().sum())
+    log.debug("%s: M=%d k=%d d=%d, %d updates, inertia %.6g", desc, m, k, x.shape[1], done, inertia)
+    return KMeansResult(centers, idx, inertia, done)
+
+
+# ---- encode / decode -------------------------------------------------------------------------------------------------
+def encode(w: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Nearest-codeword assignments (N, K/d) uint8 of W (N, K) for a codebook (k ≤ 256, d)."""
+    k, d = codebook.shape
+    if k > MAX_CODES:
+        raise ConfigError.invalid("params.k", k, f"at most {MAX_CODES} codewords (uint8 assignments)")
+    idx, _ = assign(subvectors(w, d), codebook)
+    return idx.to(torch.uint8).reshape(w.shape[0], w.shape[1] // d)
+
+
+def decode(assignments: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Ŵ (N, K) float32 = C[A] for assignments (N, K/d) (any integer dtype) and a codebook (k, d) of any float dtype."""
+    n, j = assignments.shape
+    return codebook.float()[assignments.long()].reshape(n, j * codebook.shape[1])
+
+
+# ---- the module ------------------------------------------------------------------------------------------------------
+@register_module_type
+class VQLinear(nn.Module):
+    """A vector-quantized ``Y = X Ŵᵀ + b``: assignments uint8 (N, K/d), codebook fp16 (k, d), bias float32 (N,)."""
+
+    is_quantized_linear = True
+    a_bits = 16  # weight-only: activations stay in float
+
+    def __init__(self, in_features: int, out_features: int, *, num_codes: int, d: int, bias: bool = True, method: str = "kmeans"):
+        super().__init__()
+        k, n = int(in_features), int(out_features)
+        if d not in SUBVECTOR_LENGTHS or k % d:
+            raise ConfigError.invalid("params.d", d, f"one of {SUBVECTOR_LENGTHS} dividing in_features={k}")
+        if not 1 <= num_codes <= MAX_CODES:
+            raise ConfigError.invalid("params.k", num_codes, f"1 to {MAX_CODES} (uint8 assignments)")
+        self.in_features, self.out_features, self.d, self.num_codes, self.method = k, n, int(d), int(num_codes), method
+        self.register_buffer("assignments", torch.zeros(n, k // d, dtype=torch.uint8))
+        self.register_buffer("codebook", torch.zeros(num_codes, d, dtype=torch.float16))
+        self.register_buffer("bias", torch.zeros(n, dtype=torch.float32) if bias else None)
+
+    @classmethod
+    def from_parts(cls, assignments: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor | None, method: str = "kmeans") -> "VQLinear":
+        """From assignments (N, K/d) (integers < k), a codebook (k, d) (rounded to fp16) and an optional bias (N,)."""
+        n, j = assignments.shape
+        k, d = codebook.shape
+        if int(assignments.min()) < 0 or int(assignments.max()) >= k:
+            raise ConfigError.invalid("assignments", f"range [{int(assignments.min())}, {int(assignments.max())}]", f"indices in [0, {k})")
+        layer = cls(j * d, n, num_codes=k, d=d, bias=bias is not None, method=method)
+        layer.assignments.copy_(assignments.to(torch.uint8))
+        layer.codebook.copy_(codebook.detach().to(torch.float16))
+        if bias is not None:
+            layer.bias.copy_(bias.detach().float())
+        return layer
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Index bits per weight, log2(k)/d (the codebook is extra; see ``weight_bytes``)."""
+        return math.log2(self.num_codes) / self.d
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """Ŵ = C[A] (N, K) float32 — what every path multiplies by."""
+        return decode(self.assignments, self.codebook)
+
+    def weight_bytes(self) -> int:
+        """Stored bytes of the weight: assignments (1 byte per sub-vector) + fp16 codebook; the bias is not counted
+        (the same convention as ``QuantLinear.weight_bytes`` and the fp16 reference 2·N·K)."""
+        return self.assignments.numel() * self.assignments.element_size() + self.codebook.numel() * self.codebook.element_size()
+
+    def spec(self) -> dict:
+        """JSON-able structure from which ``from_spec`` rebuilds an empty module of this shape (QDIR)."""
+        return {"type": "VQLinear", "in_features": self.in_features, "out_features": self.out_features, "num_codes": self.num_codes,
+                "d": self.d, "bias": self.bias is not None, "method": self.method}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "VQLinear":
+        return cls(int(spec["in_features"]), int(spec["out_features"]), num_codes=int(spec["num_codes"]), d=int(spec["d"]),
+                   bias=bool(spec["bias"]), method=spec.get("method", "kmeans"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from . import backends  # the one module that may route to the fused Triton VQ kernel
+
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float()  # (M, K)
+        routed = getattr(backends, "vq_linear", None)  # backends may install the fused kernel path here
+        if routed is not None:
+            out = routed(self, x2)
+        else:  # CPU path: decode W = C[A] (float32), one float32 matmul, + bias (== kernels.vq_gemm_ref for fp32 x)
+            out = x2 @ self.dequantized_weight().t()
+            if self.bias is not None:
+                out = out + self.bias
+        return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, {self.method}, k={self.num_codes}, d={self.d} "
+                f"({self.bits_per_weight:g} bits/weight + codebook)")

@@ -1,0 +1,141 @@
+"""ditlab.vq: k-means against scipy, determinism, chunking, empty clusters, encode/decode, VQLinear."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from ditlab import vq
+from ditlab.errors import ConfigError
+
+
+def _blobs(n_per: int, centers: torch.Tensor, spread: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(centers.shape[0]).repeat_interleave(n_per)
+    return centers[labels] + spread * torch.randn(labels.numel(), centers.shape[1], generator=g), labels
+
+
+def _inertia(x, c, a) -> float:
+    return float(((x.double() - c.double()[a]) ** 2).sum())
+
+
+def test_kmeans_no_worse_than_scipy_from_the_same_start():
+    kmeans2 = pytest.importorskip("scipy.cluster.vq").kmeans2
+    x = torch.randn(3000, 4, generator=torch.Generator().manual_seed(1)) * torch.tensor([1.0, 0.5, 2.0, 0.1])
+    init = vq.kmeans_plusplus(x, 24, torch.Generator().manual_seed(3))
+    mine = vq.kmeans(x, 24, init=init, tol=0.0)
+    c_ref, a_ref = kmeans2(x.double().numpy(), init.double().numpy(), iter=100, minit="matrix", missing="raise")
+    ref = _inertia(x, torch.from_numpy(c_ref), torch.from_numpy(a_ref).long())
+    assert mine.iterations < 100  # reached a fixed point
+    assert mine.inertia <= ref * (1 + 1e-6)
+    assert abs(mine.inertia - _inertia(x, mine.codebook, mine.assignments)) <= 1e-4 * mine.inertia  # reported = actual
+    assert mine.inertia < 0.8 * _inertia(x, init, vq.assign(x, init)[0])  # Lloyd improved on the seeding (2515 → 1618)
+
+
+def test_kmeans_plusplus_recovers_separated_blobs_at_least_as_well_as_scipy():
+    kmeans2 = pytest.importorskip("scipy.cluster.vq").kmeans2
+    centers = torch.tensor([[s0 * 10.0, s1 * 10.0, s2 * 10.0] for s0 in (0, 1) for s1 in (0, 1) for s2 in (0, 1)])
+    x, labels = _blobs(60, centers, 0.3, seed=2)
+    mine = vq.kmeans(x, 8, seed=5)
+    c_ref, a_ref = kmeans2(x.double().numpy(), 8, iter=100, minit="++", seed=5)
+    assert mine.inertia <= _inertia(x, torch.from_numpy(c_ref), torch.from_numpy(a_ref).long()) * (1 + 1e-6)
+    # every blob is exactly one cluster: the assignment is a relabelling of the truth
+    pairs = set(zip(labels.tolist(), mine.assignments.tolist()))
+    assert len(pairs) == 8 and len({a for _, a in pairs}) == 8
+
+
+def test_kmeans_is_deterministic_and_chunk_independent():
+    x = torch.randn(5000, 2, generator=torch.Generator().manual_seed(0))
+    a = vq.kmeans(x, 32, seed=7)
+    b = vq.kmeans(x, 32, seed=7, chunk_elems=32 * 37)  # 37-row distance blocks
+    c = vq.kmeans(x, 32, seed=8)
+    assert torch.equal(a.codebook, b.codebook) and torch.equal(a.assignments, b.assignments)
+    assert not torch.equal(a.codebook, c.codebook)
+
+
+def test_empty_cluster_takes_the_farthest_point():
+    x = torch.cat([torch.zeros(50, 2), torch.full((50, 2), 4.0), torch.tensor([[100.0, 100.0]])])
+    init = torch.tensor([[0.0, 0.0], [0.0, 0.0], [4.0, 4.0]])  # centre 1 ties with centre 0 and loses: empty
+    result = vq.kmeans(x, 3, init=init, tol=0.0)
+    assert torch.bincount(result.assignments, minlength=3).min() > 0
+    assert result.inertia == 0.0 and result.codebook[1].tolist() == [100.0, 100.0]
+
+
+def test_kmeans_with_fewer_distinct_rows_than_k_is_finite():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]).repeat(20, 1)
+    result = vq.kmeans(x, 8, seed=0)
+    assert torch.isfinite(result.codebook).all() and result.inertia == 0.0
+
+
+def test_nearest_codewords_match_brute_force():
+    g = torch.Generator().manual_seed(4)
+    x, c = torch.randn(300, 4, generator=g), torch.randn(20, 4, generator=g)
+    idx, d2 = vq.nearest_codewords(x, c, 3, chunk_elems=20 * 64)
+    full = ((x[:, None, :] - c[None]) ** 2).sum(-1)  # (M, k)
+    ref_d2, ref_idx = full.topk(3, dim=1, largest=False)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(d2, ref_d2, rtol=1e-5, atol=1e-5)
+    assert torch.equal(vq.assign(x, c)[0], ref_idx[:, 0])
+
+
+def test_encode_decode_shapes_dtypes_and_exact_round_trip():
+    g = torch.Generator().manual_seed(0)
+    codebook = torch.randn(16, 4, generator=g).half()
+    assignments = torch.randint(0, 16, (24, 8), generator=g, dtype=torch.uint8)
+    w = vq.decode(assignments, codebook)
+    assert w.shape == (24, 32) and w.dtype == torch.float32
+    assert torch.equal(w[3, 8:12], codebook[assignments[3, 2].long()].float())
+    again = vq.encode(w, codebook)
+    assert again.dtype == torch.uint8 and again.shape == (24, 8)
+    assert torch.equal(again, assignments)  # a weight made of codewords encodes back to them exactly
+    noisy = vq.decode(vq.encode(torch.randn(24, 32, generator=g), codebook), codebook)
+    assert noisy.shape == (24, 32) and noisy.dtype == torch.float32
+
+
+def test_default_k_d_and_cap():
+    assert vq.default_k_d(2) == (256, 4) and vq.default_k_d(3) == (64, 2) and vq.default_k_d(4) == (256, 2)
+    assert vq.default_k_d(8) == (256, 1)
+    assert vq.cap_k(256, 192 * 192 // 4) == 256
+    assert vq.cap_k(256, 100) == 16  # ≤ 100/4 = 25 → 16
+    assert vq.cap_k(64, 3) == 1
+    with pytest.raises(ConfigError, match="params.d"):
+        vq.subvectors(torch.zeros(4, 6), 4)
+
+
+def _layer(n=12, k=16, codes=32, d=4, bias=True, seed=0) -> vq.VQLinear:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(0, codes, (n, k // d), generator=g)
+    return vq.VQLinear.from_parts(a, torch.randn(codes, d, generator=g), torch.randn(n, generator=g) if bias else None)
+
+
+def test_vqlinear_forward_equals_dense_matmul_on_decoded_weight():
+    layer = _layer()
+    assert layer.assignments.dtype == torch.uint8 and layer.codebook.dtype == torch.float16
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+    w = vq.decode(layer.assignments, layer.codebook)
+    ref = (x.reshape(-1, 16) @ w.t() + layer.bias).reshape(2, 5, 12)
+    assert torch.equal(layer(x), ref)
+    torch.testing.assert_close(layer(x), F.linear(x, w, layer.bias))
+    assert torch.equal(_layer(bias=False)(x), (x.reshape(-1, 16) @ _layer(bias=False).dequantized_weight().t()).reshape(2, 5, 12))
+
+
+def test_vqlinear_matches_the_kernel_twin():
+    pytest.importorskip("triton")
+    from kernels.vq_gemm import vq_gemm_ref
+
+    layer = _layer(n=20, k=32, codes=64, d=2)
+    x = torch.randn(7, 32, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(layer(x), vq_gemm_ref(x, layer.assignments, layer.codebook, layer.bias))
+
+
+def test_vqlinear_bytes_spec_and_validation():
+    layer = _layer(n=12, k=16, codes=32, d=4)
+    assert layer.weight_bytes() == 12 * 4 * 1 + 32 * 4 * 2  # uint8 assignments + fp16 codebook; bias not counted
+    assert layer.bits_per_weight == 5 / 4
+    empty = vq.VQLinear.from_spec(layer.spec())
+    empty.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 16)
+    assert torch.equal(empty(x), layer(x))
+    with pytest.raises(ConfigError, match="assignments"):
+        vq.VQLinear.from_parts(torch.full((2, 2), 40), torch.zeros(32, 4), None)
+    with pytest.raises(ConfigError, match="params.k"):
+        vq.VQLinear(16, 4, num_codes=300, d=4)
