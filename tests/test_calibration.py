@@ -288,3 +288,17 @@ def test_timestep_groups():
     assert timestep_groups(25, 4) == [list(range(0, 7)), list(range(7, 13)), list(range(13, 19)), list(range(19, 25))]
     with pytest.raises(ConfigError, match="n_groups"):
         timestep_groups(ts, 0)
+
+
+def test_text_model_calibrates_with_prompts(tmp_path):
+    """PixArt: prompts take the place of labels; cross-attention K inputs (text tokens) differ between branches."""
+    from ditlab.testing import tiny_pixart_pipeline
+
+    pipe = load_pipeline(tiny_pixart_pipeline(tmp_path / "pixart"))
+    k_layer = "transformer_blocks.0.attn2.to_k"
+    s = calibrate(pipe, n_samples=2, steps=2, layers=[k_layer, "transformer_blocks.0.attn1.to_q"], use_cache=False, progress=False)
+    assert s.settings["prompts"] == list(calibration.DEFAULT_PROMPTS[:2]) and "labels" not in s.settings
+    for t in s.timesteps:
+        branches = s[k_layer].per_timestep[t]
+        assert set(branches) == {"cond", "uncond"}
+        assert not torch.equal(branches["cond"]["absmax"], branches["uncond"]["absmax"])  # prompt vs empty prompt
