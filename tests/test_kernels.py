@@ -232,6 +232,60 @@ def test_hadamard_definition():
     assert torch.equal(h @ h, 64 * torch.eye(64)) and torch.equal(h, hadamard_ops.hadamard_matrix(64, normalised=False))
 
 
+# ---------------------------------------------------------------------------------------------- with ditlab's layers
+
+
+@interpreted_only
+@pytest.mark.parametrize("w_bits,a_bits,group,symmetric", [(8, 8, None, False), (4, 8, 64, False), (4, 4, None, True),
+                                                           (4, 16, 32, False)])
+def test_quantlinear_on_kernels_equals_cpu_int_path(w_bits, a_bits, group, symmetric):
+    """The stored QuantLinear buffers fed to the kernels: the same codes, accumulators and outputs as ``cpu-int``."""
+    from torch import nn
+
+    from ditlab import backends
+    from ditlab.config import LayerConfig
+    from ditlab.nn import QuantLinear
+
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(nn.Linear(192, 96), LayerConfig(w_bits=w_bits, a_bits=a_bits, w_group_size=group,
+                                                                   w_symmetric=symmetric))
+    x = torch.randn(40, 192) * torch.exp(torch.randn(192))  # outlier channels
+    want = backends.cpu_int_linear(layer, x)
+    if a_bits == 16:
+        got = kernels.w4a16_gemm(x, layer.qweight, layer.w_scale, layer.w_zero, layer.bias)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        return
+    codes, scale = kernels.act_quant(x, a_bits)
+    want_codes, want_scale = backends.quantize_input(layer, x)
+    assert torch.equal(codes, want_codes) and torch.equal(scale, want_scale)
+    int32 = kernels.w4a8_gemm_int32 if w_bits <= 4 else kernels.w8a8_gemm_int32
+    acc = int32(codes, layer.qweight, layer.w_zero, num_groups=layer.w_scale.shape[1])
+    assert torch.equal(acc, backends.cpu_int_accumulators(layer, codes))
+    gemm = kernels.w4a8_gemm if w_bits <= 4 else kernels.w8a8_gemm
+    torch.testing.assert_close(gemm(codes, scale, layer.qweight, layer.w_scale, layer.w_zero, layer.bias), want,
+                               rtol=1e-5, atol=1e-5)
+
+
+@interpreted_only
+def test_static_activation_scale_is_primitives_quantize_act():
+    x = torch.randn(30, 96) * 3
+    codes, scale = kernels.act_quant(x, 8, scale=torch.tensor([[0.02]]))
+    assert torch.equal(codes, primitives.quantize_act(x, torch.tensor([[0.02]]), 8))
+    assert torch.equal(scale, torch.full((30, 1), 0.02))
+
+
+@interpreted_only
+def test_vqlinear_on_kernel():
+    from ditlab.vq import VQLinear
+
+    g = torch.Generator().manual_seed(4)
+    layer = VQLinear.from_parts(torch.randint(0, 256, (48, 32), generator=g), torch.randn(256, 4, generator=g),
+                                torch.randn(48, generator=g))
+    x = torch.randn(20, 128, generator=g)
+    got = kernels.vq_gemm(x, layer.assignments, layer.codebook, layer.bias)
+    torch.testing.assert_close(got, x @ layer.dequantized_weight().t() + layer.bias, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- input checks
 
 
