@@ -75,9 +75,3 @@ def cdiv(a: int, b: int) -> int:
     """Ceiling division."""
     return -(-a // b)
 
-
-def check_blocks(**blocks: int) -> None:
-    """Block sizes must be powers of two (``tl.arange``) and at least 16 where they feed ``tl.dot``."""
-    for name, b in blocks.items():
-        if b < 1 or b & (b - 1):
-            raise ValueError(f"{name}={b} must be a power of two")

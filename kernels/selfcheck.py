@@ -72,7 +72,7 @@ def check_one(kernel: str, shape: tuple, variant: dict, blocks: dict) -> dict:
            "ok": False, "exact": None, "max_error": None, "seconds": 0.0, "error": ""}
     t0 = time.perf_counter()
     try:
-        kw = entry.example_inputs(shape, seed=len(CHECKS), **_dtype_kwargs(variant))
+        kw = entry.example_inputs(shape, seed=0, **_dtype_kwargs(variant))
         got, want = entry.wrapper(**kw, **blocks), entry.ref(**kw)
         got = got if isinstance(got, tuple) else (got,)
         want = want if isinstance(want, tuple) else (want,)
