@@ -2,8 +2,8 @@
 
 Computes exactly what ``kernels.w8a8_gemm`` computes, with the weight codes unpacked from nibbles in registers:
 
-    acc[m, n, g] = Σ_{k in g} a[m, k] · (w[n, k] − z[n, g])          exact int32, one accumulator per group
-    y[m, n]      = (Σ_g acc[m, n, g] · w_scale[n, g]) · a_scale[m]  + bias[n] + mean_corr[m // T, n]
+    acc[m, g, n] = Σ_{k in g} a[m, k] · (w[n, k] − z[n, g])          exact int32, one accumulator per group
+    y[m, n]      = (Σ_g acc[m, g, n] · w_scale[n, g]) · a_scale[m]  + bias[n] + mean_corr[m // T, n]
 
 Per group (G > 1) each group's int32 dot is completed, scaled in float32 and summed over groups in order — the
 same per-group accumulation as the CPU integer path (unpack to int8, one integer GEMM per group).

@@ -2,8 +2,8 @@
 
 Computes, for tokens m, output channels n and weight groups g (G = 1: per channel):
 
-    acc[m, n, g] = Σ_{k in g} a[m, k] · (w[n, k] − z[n, g])          exact int32 (zero term via Σ_k a[m, k])
-    y[m, n]      = (Σ_g acc[m, n, g] · w_scale[n, g]) · a_scale[m]  + bias[n] + mean_corr[m // T, n]
+    acc[m, g, n] = Σ_{k in g} a[m, k] · (w[n, k] − z[n, g])          exact int32 (zero term via Σ_k a[m, k])
+    y[m, n]      = (Σ_g acc[m, g, n] · w_scale[n, g]) · a_scale[m]  + bias[n] + mean_corr[m // T, n]
 
 Inputs (the layout ``QuantLinear`` stores; any strides unless stated):
   a          (M, K) int8     activation codes (per-token symmetric, e.g. from ``kernels.act_quant``)
