@@ -26,12 +26,12 @@ def gemm_blocks(m: int, n: int, k: int, group_size: int, interpreted: bool, bloc
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for an int8 GEMM.
 
     GPU: 128×128×64 tiles (IMMA/wgmma-friendly), shrunk to the problem for small M/N (tl.dot needs ≥ 16).
-    Interpreter: same M/N tiles and 128-deep k-steps (it pays ~2 ms per program per k-step, whatever the tile).
+    Interpreter: 128×256×256 tiles — it pays a fixed Python cost per program and k-step, whatever the tile.
     BLOCK_K is capped by the largest power of two dividing the group size so a k-step stays within one group.
     """
     bm = block_m or min(128, max(16, next_pow2(m)))
-    bn = block_n or min(128, max(16, next_pow2(n)))
-    bk = block_k or (128 if interpreted else 64)
+    bn = block_n or min(256 if interpreted else 128, max(16, next_pow2(n)))
+    bk = block_k or (256 if interpreted else 64)
     if group_size < k:  # per-group: a k-step must not straddle groups
         bk = min(bk, group_size & -group_size)
     for name, b in (("block_m", bm), ("block_n", bn), ("block_k", bk)):

@@ -28,9 +28,10 @@ import triton.language as tl
 from ._launch import cdiv, is_interpreted, launch, next_pow2
 from ._tiles import bf16_rne
 
-# Configs: 64×128×64 tiles on GPU, 128-deep k-steps in the interpreter (it pays per step).
+# Configs: 64×128×64 tiles on GPU; the interpreter gets 256×256 weight tiles (it pays a fixed cost per program
+# and k-step, whatever the tile).
 BLOCK_M_MAX, BLOCK_N, BLOCK_K = 64, 128, 64
-BLOCK_K_INTERPRET = 128
+BLOCK_N_INTERPRET, BLOCK_K_INTERPRET = 256, 256
 GROUP_M = 8
 NUM_WARPS, NUM_STAGES = 4, 3
 FLOAT_IN = (torch.float32, torch.bfloat16, torch.float16)
@@ -114,7 +115,7 @@ def vq_gemm(x: torch.Tensor, assignments: torch.Tensor, codebook: torch.Tensor, 
     m, n, k, d = _check(x, assignments, codebook, bias)
     interp = is_interpreted(_vq_kernel)
     bm = block_m or min(BLOCK_M_MAX, max(16, next_pow2(m)))
-    bn = block_n or min(BLOCK_N, max(16, next_pow2(n)))
+    bn = block_n or min(BLOCK_N_INTERPRET if interp else BLOCK_N, max(16, next_pow2(n)))
     bk = block_k or (BLOCK_K_INTERPRET if interp else BLOCK_K)
     if min(bm, bn, bk) < 16 or any(b & (b - 1) for b in (bm, bn, bk)):
         raise ValueError(f"blocks ({bm}, {bn}, {bk}) must be powers of two ≥ 16")

@@ -29,9 +29,10 @@ from ._launch import cdiv, is_interpreted, launch, next_pow2
 from ._tiles import bf16_rne
 
 # Configs: 64×128×64 tiles on GPU (a float activation tile is 2–4× the bytes of an int8 one); the interpreter
-# gets 128-deep k-steps (it pays per step). BLOCK_K must divide the group size so one scale column serves a step.
+# gets 256×256 weight tiles (it pays a fixed cost per program and step). BLOCK_K divides the group size, so one
+# scale column serves a whole k-step.
 BLOCK_M_MAX, BLOCK_N, BLOCK_K = 64, 128, 64
-BLOCK_K_INTERPRET = 128
+BLOCK_N_INTERPRET, BLOCK_K_INTERPRET = 256, 256
 GROUP_M = 8
 NUM_WARPS, NUM_STAGES = 4, 3
 FLOAT_IN = (torch.float32, torch.bfloat16, torch.float16)
@@ -123,7 +124,7 @@ def w4a16_gemm(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, w
     group_size = k // num_groups
     interp = is_interpreted(_w4a16_kernel)
     bm = block_m or min(BLOCK_M_MAX, max(16, next_pow2(m)))
-    bn = block_n or min(BLOCK_N, max(16, next_pow2(n)))
+    bn = block_n or min(BLOCK_N_INTERPRET if interp else BLOCK_N, max(16, next_pow2(n)))
     bk = block_k or (BLOCK_K_INTERPRET if interp else BLOCK_K)
     if num_groups > 1:
         bk = min(bk, group_size & -group_size)
