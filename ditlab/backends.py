@@ -96,12 +96,16 @@ def cpu_int_linear(layer, x: torch.Tensor) -> torch.Tensor:
     if layer.a_bits == 16:
         return weight_only_linear(layer, x)
     codes, scale = quantize_input(layer, x)
-    w_scale = layer.w_scale.t()  # (G, N)
+    w_scale = layer.w_scale.t().contiguous()  # (G, N)
     out = None
     for gi, acc in enumerate(_accumulators(layer, codes, primitives.int_matmul)):
-        part = acc.float() * w_scale[gi][None, :]  # int32 → float32 is exact below 2^24; beyond, rounding only
-        out = part if out is None else out + part
-    return _add_bias(layer, out * scale)
+        # int32 → float32 is exact below 2^24; beyond, rounding only. In place: the epilogue is memory-bound.
+        if out is None:
+            out = acc.float().mul_(w_scale[gi])
+        else:
+            out.addcmul_(acc.float(), w_scale[gi])
+    out.mul_(scale)
+    return out if layer.bias is None else out.add_(layer.bias)
 
 
 # ---- registry and selection ----------------------------------------------------------------------------------------

@@ -207,8 +207,13 @@ class QuantLinear(nn.Module):
 
     # ---- views of the stored weight -----------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
-        """Signed-shifted int8 codes (N, K) (unpacked from int4 when needed)."""
-        return primitives.unpack_int4(self.qweight) if self.w_bits <= 4 else self.qweight
+        """Signed-shifted int8 codes (N, K) (unpacked from int4 when needed; same result as primitives.unpack_int4)."""
+        if self.w_bits > 4:
+            return self.qweight
+        p8 = self.qweight.view(torch.int8)
+        lo = (p8 << 4) >> 4  # low nibble to the top, arithmetic shift back: sign-extended two's-complement nibble
+        hi = p8 >> 4  # arithmetic shift: sign-extended high nibble
+        return torch.stack([lo, hi], dim=-1).reshape(self.out_features, self.in_features)
 
     def dequantized_weight(self) -> torch.Tensor:
         """Ŵ = (q − z)·Δ (N, K) float32 — the weight the reference path multiplies by (excludes the low-rank part)."""

@@ -131,6 +131,19 @@ def plan_for(model: nn.Module, recipe: Recipe | str) -> dict[str, LayerConfig | 
     return load_recipe(recipe).resolve([info for info in list_linears(model)])
 
 
+def layers_needing_stats(model: nn.Module, recipe: Recipe | str) -> list[str]:
+    """Names of the layers whose planned config needs calibration statistics (empty: no calibration needed)."""
+    return [n for n, c in plan_for(model, recipe).items() if c is not None and not c.is_fp and c.needs_stats]
+
+
+def quantize_pipeline(pipe, recipe: Recipe | str, calib=None, progress: bool | Progress | None = None):
+    """``quantize_`` on ``pipe.transformer``; returns (a Pipeline sharing every other component, QuantReport)."""
+    import dataclasses
+
+    qmodel, report = quantize_(pipe.transformer, recipe, calib, progress)
+    return dataclasses.replace(pipe, transformer=qmodel), report
+
+
 def quantize_(model: nn.Module, recipe: Recipe | str, calib=None, progress: bool | Progress | None = None) -> tuple[nn.Module, QuantReport]:
     """Quantizes a deep copy of ``model`` (a transformer) with ``recipe`` (Recipe, preset name or JSON path).
 

@@ -71,6 +71,16 @@ def test_int4_storage_layout_low_nibble_even_k():
     assert torch.equal(codes, primitives.quantize_weight(lin.weight, s, z, 4))
 
 
+def test_unpack_in_module_equals_primitives_over_full_range():
+    q = torch.randint(-8, 8, (16, 64), dtype=torch.int8)
+    q[0, :16] = torch.arange(-8, 8, dtype=torch.int8)  # every nibble value at both positions
+    q[1, :16] = torch.arange(-8, 8, dtype=torch.int8).flip(0)
+    layer = QuantLinear(64, 16, w_bits=4)
+    layer.set_weight(q, torch.ones(16, 1), None)
+    assert torch.equal(layer.qweight, primitives.pack_int4(q))
+    assert torch.equal(layer.codes(), q) and torch.equal(primitives.unpack_int4(layer.qweight), q)
+
+
 # ---- the two paths agree ----------------------------------------------------------------------------------------------
 CONFIGS = [
     dict(w_bits=8, a_bits=8),
