@@ -1,56 +1,42 @@
-"""The few entry points that the app, the CLI and users call: load, sample, evaluate (quantize comes next).
+"""The entry points that the app, the CLI and users call: load, generate, calibrate, quantize, evaluate, save.
 
-Everything here returns plain data (tensors, dicts, dataclasses); nothing imports gradio.
+Everything here returns plain data (tensors, dicts, dataclasses); nothing imports gradio. The loaded FP pipeline
+is shared read-only: quantization always works on a deep copy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from . import data, metrics
-from .classifier import ShapeClassifier, classify
-from .models import SHIPPED_CLASSIFIER, LayerInfo, Pipeline, list_linears, load_pipeline
+from . import backends, evaluation
+from .config import Recipe, load_recipe
+from .evaluation import SampleSettings, content_metrics, eval_labels, load_classifier, real_features  # noqa: F401 - re-exported
+from .models import LayerInfo, Pipeline, list_linears, load_pipeline
 from .sampling import SampleResult, image_grid, sample
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GUIDANCE = 4.0
 DEFAULT_STEPS = 25
-REAL_SEED = 1  # the classifier's held-out data seed: the reference set for the Fréchet distance
-N_REAL = 2000
-
-__all__ = [
-    "DEFAULT_GUIDANCE",
-    "DEFAULT_STEPS",
-    "LayerInfo",
-    "Pipeline",
-    "SampleResult",
-    "evaluate",
-    "generate",
-    "image_grid",
-    "layers",
-    "load",
-    "load_classifier",
-    "model_info",
-]
 
 
 @functools.lru_cache(maxsize=4)
 def load(source: str | None = None) -> Pipeline:
-    """Loads (and caches per process) a pipeline; see ``models.load_pipeline``. Treat the result as read-only."""
+    """Loads (and caches per process) a pipeline — a diffusers folder, a hub id, "shipped", or a QDIR written by
+    ``save``. Treat the result as read-only."""
+    from . import qdir
+
+    if source and qdir.is_qdir(Path(str(source)).expanduser()):
+        return qdir.load_quantized(source)[0]
     return load_pipeline(source)
-
-
-@functools.lru_cache(maxsize=1)
-def load_classifier(folder: str | None = None) -> ShapeClassifier:
-    """The shipped Shapes-10 classifier (eval mode)."""
-    return ShapeClassifier.load(folder or SHIPPED_CLASSIFIER)
 
 
 def layers(pipe: Pipeline) -> list[LayerInfo]:
@@ -97,60 +83,146 @@ def generate(
     return sample(pipe, labels, guidance=guidance, steps=steps, scheduler=scheduler, seed=seed, transformer=transformer, progress=progress, **kwargs)
 
 
-def eval_labels(num_classes: int, n_per_label: int) -> list[int]:
-    """The evaluation label list: ``n_per_label`` images of every class, class-major (0,0,…,1,1,…)."""
-    return [c for c in range(num_classes) for _ in range(n_per_label)]
+# ---------------------------------------------------------------- quantization
 
 
-@functools.lru_cache(maxsize=2)
-def real_features(n: int = N_REAL, seed: int = REAL_SEED) -> tuple[torch.Tensor, float]:
-    """Classifier features of ``n`` real Shapes-10 images (seed ``seed``) and the classifier's accuracy on them."""
-    images, labels = data.make_dataset(n, seed)
-    pred, feats = classify(load_classifier(), images)
-    return feats, metrics.accuracy(pred, labels)
+@dataclass
+class Quantized:
+    """A quantized copy of a pipeline (sharing every non-transformer component) and how it was made."""
+
+    pipe: Pipeline
+    recipe: Recipe
+    report: object  # quantize.QuantReport
+    seconds_quantize: float
+    seconds_calibrate: float = 0.0
 
 
-def content_metrics(images: torch.Tensor, labels: Sequence[int]) -> dict:
-    """Classifier accuracy of ``images`` on their intended labels and the Fréchet distance to real images."""
-    pred, feats = classify(load_classifier(), images)
-    real, _ = real_features()
-    return {"class_acc": metrics.accuracy(pred, torch.as_tensor(list(labels))), "fd": metrics.frechet_distance(feats, real), "pred": pred}
+def calibrate(pipe: Pipeline, *, n_samples: int = 8, steps: int = 10, progress: bool = True, **kwargs):
+    """Calibration statistics of every linear (cached on disk by model and settings); see ``calibration.calibrate``."""
+    from .calibration import calibrate as _calibrate
+
+    return _calibrate(pipe, n_samples=n_samples, steps=steps, progress=progress, **kwargs)
 
 
-def evaluate(
-    pipe: Pipeline,
-    *,
-    n_per_label: int = 10,
-    steps: int = DEFAULT_STEPS,
-    guidance: float = DEFAULT_GUIDANCE,
-    seed: int = 0,
-    scheduler: str = "ddim",
-    progress: bool = True,
-) -> dict:
-    """Generates ``n_per_label`` images per class with the FP model and scores them with the shipped classifier.
+def needs_calibration(pipe: Pipeline, recipe: Recipe | str) -> bool:
+    """True if some planned layer's method needs calibration statistics."""
+    from .quantize import layers_needing_stats
 
-    Returns ``class_acc_fp``, ``fd_fp``, ``class_acc_real`` (classifier on real held-out data), ``seconds_sample``
-    and ``n_images``. Only models with Shapes-10 labels can be scored by the shipped classifier.
+    return bool(layers_needing_stats(pipe.transformer, recipe))
+
+
+def quantize(pipe: Pipeline, recipe: Recipe | str, *, calib=None, progress: bool = True, calib_settings: dict | None = None) -> Quantized:
+    """Quantizes a deep copy of ``pipe``'s transformer with ``recipe`` (preset name, JSON path, dict or Recipe).
+
+    Calibrates first (cached) when a planned method needs statistics and ``calib`` is not given; VQ4DiT layers get
+    their zero-data block-wise calibration after the swap.
     """
-    labels = eval_labels(pipe.num_classes, n_per_label)
+    from .methods import vq4dit
+    from .quantize import quantize_pipeline
+
+    recipe = load_recipe(recipe)
+    t_cal = 0.0
+    if calib is None and needs_calibration(pipe, recipe):
+        t0 = time.perf_counter()
+        calib = calibrate(pipe, progress=progress, **(calib_settings or {}))
+        t_cal = time.perf_counter() - t0
     t0 = time.perf_counter()
-    result = generate(pipe, labels, steps=steps, guidance=guidance, seed=seed, scheduler=scheduler, progress=progress)
-    seconds = time.perf_counter() - t0
-    content = content_metrics(result.images, labels)
+    if vq4dit.settings_for(pipe.transformer, recipe) is not None:
+        model, report = vq4dit.quantize_vq4dit(pipe, recipe, progress=progress)
+        qpipe = dataclasses.replace(pipe, transformer=model)
+    else:
+        qpipe, report = quantize_pipeline(pipe, recipe, calib, progress)
+    qpipe.transformer.ditlab_recipe = recipe
+    return Quantized(pipe=qpipe, recipe=recipe, report=report, seconds_quantize=time.perf_counter() - t0, seconds_calibrate=t_cal)
+
+
+def save(quantized: Quantized, source: Pipeline, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Writes ``quantized`` as a standalone QDIR (atomic); ``load(out_dir)`` reads it back bit-identically."""
+    from . import qdir
+
+    totals = getattr(quantized.report, "totals", None)
+    extra = {"report": totals() if callable(totals) else None, "seconds_quantize": quantized.seconds_quantize}
+    return qdir.save_quantized(quantized.pipe.transformer, quantized.recipe, source, out_dir, overwrite=overwrite, extra=extra)
+
+
+def qdir_source(folder: str | Path) -> str:
+    """The FP model a QDIR was quantized from (as recorded in its manifest; "shipped" resolves to the shipped model)."""
+    from . import qdir
+
+    return str(qdir._read_manifest(Path(folder).expanduser()).get("source") or "shipped")
+
+
+def weight_bytes(pipe: Pipeline) -> tuple[int, int]:
+    """(packed bytes, fp16 bytes) of the quantizable linears (those not skipped by default) of ``pipe``."""
+    from .models import default_skip_kinds
+    from .quantize import weight_bytes as module_bytes
+
+    packed = fp16 = 0
+    skip = set(default_skip_kinds())
+    for info in list_linears(pipe.transformer):
+        if info.kind in skip:
+            continue
+        module = pipe.transformer.get_submodule(info.name)
+        fp16 += 2 * info.out_features * info.in_features
+        packed += module_bytes(module) if getattr(module, "is_quantized_linear", False) else 2 * info.out_features * info.in_features
+    return packed, fp16
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@functools.lru_cache(maxsize=8)
+def _fp_run(pipe: Pipeline, settings: SampleSettings) -> tuple[torch.Tensor, dict, float]:
+    """FP images, content metrics and seconds for ``settings`` (cached: the FP model is read-only)."""
+    labels = eval_labels(pipe.num_classes, settings.n_per_label)
+    result = generate(pipe, labels, steps=settings.steps, guidance=settings.guidance, seed=settings.seed, scheduler=settings.scheduler, progress=False)
+    return result.images, content_metrics(result.images, labels), result.seconds
+
+
+def evaluate(pipe: Pipeline, recipe: Recipe | str = "fp", *, settings: SampleSettings = SampleSettings(), progress: bool = True,
+             quantized: Quantized | None = None) -> dict:
+    """Scores ``recipe`` on ``pipe`` (an FP pipeline) against the FP model on the same labels and seeds.
+
+    Returns one JSON-ready dict: psnr, ssim (final images vs FP), class_acc, class_acc_fp, fd, fd_fp,
+    class_agreement, weight_bytes, weight_bytes_fp16, backend, seconds_calibrate, seconds_quantize, seconds_sample,
+    seconds_sample_fp, n_images, plus the settings. ``quantized`` reuses an existing quantized copy.
+    """
+    evaluation.check_scorable(pipe)
+    labels = eval_labels(pipe.num_classes, settings.n_per_label)
+    fp_images, fp_content, fp_seconds = _fp_run(pipe, settings)
+    recipe = load_recipe(recipe)
+    q = quantized or (None if recipe.name == "fp" and not recipe.overrides else quantize(pipe, recipe, progress=progress))
+    if q is None:
+        images, content, seconds = fp_images, fp_content, fp_seconds
+        packed, fp16 = weight_bytes(pipe)
+    else:
+        result = generate(q.pipe, labels, steps=settings.steps, guidance=settings.guidance, seed=settings.seed, scheduler=settings.scheduler, progress=progress)
+        images, seconds = result.images, result.seconds
+        content = content_metrics(images, labels)
+        packed, fp16 = weight_bytes(q.pipe)
     _, real_acc = real_features()
     return {
         "model": pipe.source,
-        "recipe": "fp",
-        "class_acc_fp": content["class_acc"],
-        "fd_fp": content["fd"],
+        "recipe": recipe.name,
+        **evaluation.fidelity(fp_images, images, fp_content["pred"], content["pred"]),
+        "class_acc": content["class_acc"],
+        "class_acc_fp": fp_content["class_acc"],
+        "fd": content["fd"],
+        "fd_fp": fp_content["fd"],
         "class_acc_real": real_acc,
+        "weight_bytes": packed,
+        "weight_bytes_fp16": fp16,
+        "backend": backends.current(),
+        "seconds_calibrate": q.seconds_calibrate if q else 0.0,
+        "seconds_quantize": q.seconds_quantize if q else 0.0,
         "seconds_sample": seconds,
+        "seconds_sample_fp": fp_seconds,
         "n_images": len(labels),
-        "steps": steps,
-        "guidance": guidance,
-        "seed": seed,
-        "scheduler": scheduler,
+        **dataclasses.asdict(settings),
     }
+
+
+# ---------------------------------------------------------------- small helpers for the UI and the CLI
 
 
 def save_grid(images: torch.Tensor, path: str | Path, rows: int, scale: int = 2) -> Path:
@@ -168,25 +240,26 @@ def label_choices(pipe: Pipeline) -> list[tuple[str, int]]:
     return [(f"{i}: {pipe.label_name(i)}", i) for i in range(pipe.num_classes)]
 
 
-def generate_grid(
-    pipe: Pipeline,
-    labels: Sequence[int],
-    n_per_label: int,
-    *,
-    steps: int = DEFAULT_STEPS,
-    guidance: float = DEFAULT_GUIDANCE,
-    seed: int = 0,
-    scheduler: str = "ddim",
-    scale: int = 3,
-) -> tuple["object", dict]:
-    """One row per label of ``n_per_label`` images → (uint8 grid array (H, W, 3), info dict with seconds and seed)."""
+def generate_grid(pipe: Pipeline, labels: Sequence[int], n_per_label: int, *, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
+                  seed: int = 0, scheduler: str = "ddim", scale: int = 3) -> tuple["object", dict]:
+    """One row per label of ``n_per_label`` images → (uint8 grid array (H, W, 3), info dict with seconds and seed).
+
+    Results for the shared FP model are cached (sampling is deterministic), so a page load costs one sampling run.
+    """
     from .errors import ConfigError
 
     if not labels:
         raise ConfigError.invalid("labels", list(labels), "pick at least one class")
     if not 1 <= int(n_per_label) <= 16:
         raise ConfigError.invalid("images per label", n_per_label, "1 to 16")
-    batch = [int(y) for y in labels for _ in range(int(n_per_label))]
-    result = generate(pipe, batch, steps=int(steps), guidance=float(guidance), seed=int(seed), scheduler=scheduler)
-    info = {"seconds": round(result.seconds, 2), "seed": int(seed), "n_images": len(batch), "path": "fp32 (torch, CPU)"}
-    return image_grid(result.images, rows=len(labels), scale=scale), info
+    return _cached_grid(pipe, tuple(int(y) for y in labels), int(n_per_label), int(steps), float(guidance), int(seed), scheduler, scale)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_grid(pipe: Pipeline, labels: tuple[int, ...], n_per_label: int, steps: int, guidance: float, seed: int, scheduler: str, scale: int):
+    batch = [y for y in labels for _ in range(n_per_label)]
+    result = generate(pipe, batch, steps=steps, guidance=guidance, seed=seed, scheduler=scheduler)
+    info = {"seconds": round(result.seconds, 2), "seed": seed, "n_images": len(batch), "path": "fp32 (torch, CPU)"}
+    grid = image_grid(result.images, rows=len(labels), scale=scale)
+    grid.setflags(write=False)  # shared between callers
+    return grid, info

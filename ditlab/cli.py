@@ -25,7 +25,8 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="generate Shapes-10 and train the shipped tiny DiT and classifier")
     p.add_argument("--out", default="assets", help="folder that receives tiny-dit/ and classifier/ (default: assets)")
     p.add_argument("--steps", type=int, default=None, help="DiT optimisation steps (default 4000)")
-    p.add_argument("--only", choices=["all", "classifier"], default="all", help="train both, or only the classifier")
+    p.add_argument("--only", choices=["all", "classifier", "dit"], default="all",
+                   help="train both (default), or only one of them (the other must already exist in --out)")
 
 
 def _cmd_train(args) -> int:
@@ -96,19 +97,23 @@ def _cmd_info(args) -> int:
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate a grid of images (one row per label)")
     _add_sampling_args(p, labels=True)
+    p.add_argument("--recipe", default="fp", help="quantize first: a preset name or a recipe JSON file (default fp)")
     p.add_argument("--out", default="grid.png", help="output PNG path (default grid.png)")
 
 
 def _cmd_sample(args) -> int:
-    from . import api
+    from . import api, backends
 
     pipe = api.load(args.model)
+    if args.recipe != "fp":
+        pipe = api.quantize(pipe, args.recipe, progress=sys.stderr.isatty()).pipe
     labels = args.labels if args.labels is not None else list(range(pipe.num_classes))
     n = args.n_per_label or 8
     result = api.generate(pipe, [y for y in labels for _ in range(n)], steps=args.steps, seed=args.seed, scheduler=args.scheduler,
-                          guidance=api.DEFAULT_GUIDANCE if args.cfg is None else args.cfg)
+                          guidance=api.DEFAULT_GUIDANCE if args.cfg is None else args.cfg, progress=sys.stderr.isatty())
     path = api.save_grid(result.images, args.out, rows=len(labels))
-    print(json.dumps({"out": str(path), "n_images": len(result.images), "seconds_sample": round(result.seconds, 3)}))
+    print(json.dumps({"out": str(path), "recipe": args.recipe, "backend": backends.current(), "n_images": len(result.images),
+                      "seconds_sample": round(result.seconds, 3)}))
     return 0
 
 
@@ -121,13 +126,54 @@ def _add_eval(sub) -> None:
 
 def _cmd_eval(args) -> int:
     from . import api
+    from .evaluation import SampleSettings
 
-    if args.recipe != "fp":
-        raise DitlabError(f"--recipe {args.recipe!r}: only 'fp' is available in this version")
+    settings = SampleSettings(n_per_label=args.n_per_label or 10, steps=args.steps, seed=args.seed, scheduler=args.scheduler,
+                              guidance=api.DEFAULT_GUIDANCE if args.cfg is None else args.cfg)
     pipe = api.load(args.model)
-    result = api.evaluate(pipe, n_per_label=args.n_per_label or 10, steps=args.steps, seed=args.seed, scheduler=args.scheduler,
-                          guidance=api.DEFAULT_GUIDANCE if args.cfg is None else args.cfg, progress=sys.stderr.isatty())
+    quantized = None
+    if getattr(pipe.transformer, "ditlab_recipe", None) is not None:  # a QDIR: compare with the FP model it came from
+        if args.recipe != "fp":
+            raise DitlabError(f"--recipe {args.recipe!r}: --model is already quantized (a QDIR); omit --recipe")
+        quantized = api.Quantized(pipe=pipe, recipe=pipe.transformer.ditlab_recipe, report=None, seconds_quantize=0.0)
+        pipe = api.load(api.qdir_source(args.model))
+    result = api.evaluate(pipe, quantized.recipe if quantized else args.recipe, settings=settings, progress=sys.stderr.isatty(), quantized=quantized)
     print(json.dumps(result))
+    return 0
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a model with a recipe and write a standalone QDIR")
+    p.add_argument("--model", default="shipped", help="pipeline folder or hub id (default: the shipped tiny DiT)")
+    p.add_argument("--recipe", required=True, help="a preset name or a recipe JSON file")
+    p.add_argument("--out", required=True, help="output folder (QDIR); written atomically")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing QDIR at --out")
+
+
+def _cmd_quantize(args) -> int:
+    from . import api
+
+    pipe = api.load(args.model)
+    quantized = api.quantize(pipe, args.recipe, progress=sys.stderr.isatty())
+    path = api.save(quantized, pipe, args.out, overwrite=args.overwrite)
+    packed, fp16 = api.weight_bytes(quantized.pipe)
+    print(json.dumps({"out": str(path), "recipe": quantized.recipe.name, "weight_bytes": packed, "weight_bytes_fp16": fp16,
+                      "seconds_calibrate": round(quantized.seconds_calibrate, 3), "seconds_quantize": round(quantized.seconds_quantize, 3)}))
+    return 0
+
+
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="collect (and cache) per-layer activation statistics")
+    p.add_argument("--model", default="shipped", help="pipeline folder or hub id (default: the shipped tiny DiT)")
+    p.add_argument("--n-samples", type=_positive_int, default=8, help="images sampled for calibration (default 8)")
+    p.add_argument("--steps", type=_positive_int, default=10, help="sampler steps (default 10)")
+
+
+def _cmd_calibrate(args) -> int:
+    from . import api
+
+    stats = api.calibrate(api.load(args.model), n_samples=args.n_samples, steps=args.steps, progress=sys.stderr.isatty())
+    print(json.dumps({"layers": len(stats), "timesteps": stats.timesteps, "settings": stats.settings}, default=str))
     return 0
 
 
@@ -156,6 +202,8 @@ COMMANDS = {
     "info": (_add_info, _cmd_info),
     "sample": (_add_sample, _cmd_sample),
     "eval": (_add_eval, _cmd_eval),
+    "quantize": (_add_quantize, _cmd_quantize),
+    "calibrate": (_add_calibrate, _cmd_calibrate),
 }
 
 

@@ -33,7 +33,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 LAYER_KINDS = ("qkv", "out", "fc1", "fc2", "adaLN", "embedder", "final", "other")
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: hashable, so per-pipeline results can be cached
 class Pipeline:
     """The components of a loaded model. The transformer is shared read-only; quantize a deep copy."""
 

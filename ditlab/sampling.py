@@ -61,7 +61,10 @@ def make_scheduler(config: dict, name: str):
     if name == "ddim":
         return DDIMScheduler.from_config(config)
     if name == "dpm++":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+        # A model whose scheduler clips x̂0 (pixel space) gets the same bound through DPM-Solver++'s thresholding.
+        clip = bool(config.get("clip_sample", False))
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2, thresholding=clip,
+                                                       sample_max_value=float(config.get("clip_sample_range", 1.0)))
     raise ConfigError.invalid("scheduler", name, ", ".join(SCHEDULERS))
 
 
