@@ -1,9 +1,9 @@
 """Triton kernels vs their torch twins and vs ditlab's own integer path, under the Triton interpreter.
 
 The kernels must be interpreted (TRITON_INTERPRET=1 before triton decorates them), which must not leak into the
-other test files of the session. So in the normal pytest process ``test_interpreter_suite`` re-runs this file in a
-subprocess with TRITON_INTERPRET=1 and every other test is skipped here; in that subprocess (or when you run
-``TRITON_INTERPRET=1 pytest tests/test_kernels.py`` yourself) the tests below run for real.
+other test files of the session. So in the normal pytest process only ``test_interpreter_suite`` is collected: it
+re-runs this file in a subprocess with TRITON_INTERPRET=1, where (as when you run ``TRITON_INTERPRET=1 pytest
+tests/test_kernels.py`` yourself) every test below is collected and run, and it fails with their report if any does.
 
 Equality is exact for integer accumulators, packed data, activation codes/scales and the Hadamard butterflies;
 float epilogues are compared within the rounding of their dtype. Shapes are small (the interpreter pays per
@@ -22,7 +22,13 @@ import torch
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ROOT = Path(__file__).resolve().parent.parent
-interpreted_only = pytest.mark.skipif(not INTERPRETED, reason="runs in test_interpreter_suite's TRITON_INTERPRET=1 subprocess")
+
+
+def interpreted_only(test):
+    """Collect ``test`` only where the kernels are interpreted (elsewhere test_interpreter_suite runs it)."""
+    test.__test__ = INTERPRETED
+    return test
+
 
 if INTERPRETED:  # import the kernels only where they are interpreted
     import importlib
@@ -37,14 +43,15 @@ RAGGED = {"block_m": 32, "block_n": 32, "block_k": 64}  # 50×70×200 is a multi
 
 
 def test_interpreter_suite():
-    """Run this file's interpreted tests in a child process with TRITON_INTERPRET=1 (they are skipped here)."""
-    if INTERPRETED:
-        pytest.skip("this process already interprets the kernels")
+    """Run this file's interpreted tests in a child process with TRITON_INTERPRET=1 (they are not collected here)."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra",
                            str(Path(__file__))], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"interpreted kernel tests failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
-    assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-2000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout and " skipped" not in proc.stdout, proc.stdout[-2000:]
+
+
+test_interpreter_suite.__test__ = not INTERPRETED  # the child process runs the tests themselves
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:
