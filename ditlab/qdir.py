@@ -32,7 +32,7 @@ from torch import nn
 from . import __version__
 from .config import Recipe, load_recipe
 from .errors import DitlabError, ModelLoadError
-from .models import FAMILIES, Pipeline, _from_pretrained, _load_labels, _load_text_encoder, read_model_index, resolve_source
+from .models import FAMILIES, SHIPPED_ALIASES, Pipeline, _from_pretrained, _load_labels, _load_text_encoder, read_model_index, resolve_source
 from .nn import MODULE_TYPES
 
 log = logging.getLogger(__name__)
@@ -85,9 +85,12 @@ def _write_components(source, folder: Path) -> tuple[str, dict]:
     """Scheduler config, labels, model index and VAE/text encoder folders of the source pipeline → ``folder``."""
     pipe = source if isinstance(source, Pipeline) else None
     src = None
+    if pipe is None:
+        src = resolve_source(source)
+    elif str(pipe.source).strip() in SHIPPED_ALIASES or Path(str(pipe.source)).expanduser().is_dir():
+        src = resolve_source(pipe.source)  # a local folder: copy its files (never a hub lookup for a loaded pipeline)
     try:
-        src = resolve_source(pipe.source if pipe is not None else source)
-        index = read_model_index(src)
+        index = read_model_index(src) if src is not None else {"_class_name": _PIPELINES[pipe.family]}
     except DitlabError:
         if pipe is None:
             raise
