@@ -305,16 +305,13 @@ def random_choice(sensitivity, budget_bits: float, seed: int, *, w_bits: Sequenc
     raise AllocationError(f"budget_bits = {budget_bits!r}: no random allocation found within {window} bits below it; allowed: a budget between the candidate bits")
 
 
-def choice_recipe(choice: dict[str, tuple[int, int]], base: LayerConfig, name: str = "custom") -> Recipe:
-    """A Recipe with one override per unit: ``base`` with the chosen (w_bits, a_bits) (for random/uniform baselines)."""
-    overrides = tuple((u, _override(json_of(base), w, a)) for u, (w, a) in choice.items())
-    return Recipe(default=FP, overrides=overrides, name=name)
-
-
-def json_of(cfg: LayerConfig) -> str:
-    import json
-
-    return json.dumps(cfg.to_dict(), sort_keys=True)
+def choice_recipe(choice: dict[str, tuple[int, int]], sensitivity, name: str = "custom") -> Recipe:
+    """The Recipe of a given choice (unit → (w_bits, a_bits)), with each candidate's measured config (baselines)."""
+    table = damage_table(sensitivity, "sqnr")
+    picked = [table[(table["unit"] == u) & (table["w_bits"] == w) & (table["a_bits"] == a)].head(1) for u, (w, a) in choice.items()]
+    if any(p.empty for p in picked):
+        raise AllocationError("choice: a (unit, bits) pair that was not measured; allowed: candidates present in the sensitivity cells")
+    return _recipe(pd.concat(picked, ignore_index=True), name)
 
 
 def brute_force(damage: np.ndarray, cost: np.ndarray, groups: np.ndarray, caps: Sequence[int], items: np.ndarray) -> tuple[float, np.ndarray]:

@@ -2,16 +2,16 @@
 
 For one layer, diffusion timestep and CFG branch the layer's real input X is captured during one FP sampling run
 (same labels / seeds / schedule as the calibration that is passed in; cached per process), then for every transform
-— none, SmoothQuant, Hadamard, HadaNorm, ViDiT-Q channel balancing — the transformed input X' (the exact online
-transform of ``ditlab.transforms.transform_input`` with the statistics and folded weights of ``ditlab.transforms``)
-is summarised:
+— none, SmoothQuant, Hadamard, HadaNorm, ViDiT-Q channel balancing — the transformed input X' (the ``InputTransform``
+that the method's own builder in ``ditlab.methods`` makes for this layer, i.e. exactly what the quantized layer
+computes online) is summarised:
 
 * per-channel absmax of X' (sorted, descending) and the outlier ratio max/median of it;
 * |X'| as a token × channel map for one sample (for adaLN, whose input is one vector per sample, rows = samples);
 * a histogram of the values and their kurtosis (Pearson: 3 for a Gaussian; large = heavy tails = outliers);
 * the A8 / A4 error of per-token fake quantization (``primitives.fake_quantize_act``): in the transformed space,
-  ‖Q(X') − X'‖_F / ‖X'‖_F, and at the layer output, ``transforms.act_quant_error`` (weights in float, HadaNorm's
-  mean added back exactly) — the output error is the fair comparison, since rescaling channels changes what an
+  ‖Q(X') − X'‖_F / ‖X'‖_F, and at the layer output (``output_error``: weights in float, HadaNorm's mean added
+  back exactly, as ``transforms.act_quant_error``) — the output error is the fair comparison, since rescaling channels changes what an
   input-side error means.
 
 ``outlier_map(calib)`` is the model-wide layers × timesteps table of the outlier ratio from calibration statistics.
@@ -30,10 +30,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import hadamard_ops, transforms
 from .calibration import BRANCHES, CalibStats, model_fingerprint
+from .config import LayerConfig
 from .errors import ConfigError
 from .models import Pipeline, layer_kind
+from .nn import InputTransform
 from .primitives import fake_quantize_act
 from .sampling import StepContext, make_scheduler, sample
 
@@ -117,25 +118,39 @@ def rel_error(x: torch.Tensor, bits: int) -> float:
 
 
 # ---- transforms --------------------------------------------------------------------------------------------------
-def transform_args(name: str, w: torch.Tensor, stats, alpha: float = 0.5, seed: int = 0) -> dict:
-    """Keyword arguments of ``transforms.transform_input`` / ``act_quant_error`` for transform ``name``.
+def build_transform(name: str, linear: nn.Linear, stats, alpha: float = 0.5, seed: int = 0) -> InputTransform:
+    """The ``InputTransform`` that method ``name`` builds for this layer (the methods' own builders, so the view
+    shows exactly what the quantized layer computes: e.g. HadaNorm without centring on single-token adaLN inputs).
 
-    w: (N, K) layer weight; stats: the layer's LayerStats (absmax over all calibrated timesteps; HadaNorm σ = the
-    std of the mean-centred input). Hadamard: ``hadamard_ops.make_rotation`` with ``seed``.
+    stats: the layer's LayerStats (SmoothQuant / ViDiT-Q absmax over all calibrated timesteps, HadaNorm σ);
+    alpha: SmoothQuant / SDCB migration strength; seed: Hadamard signs.
     """
-    k = w.shape[1]
+    from .methods.hadamard import hadamard_transform
+    from .methods.hadanorm import hadanorm_transform
+    from .methods.smoothquant import smoothquant_transform
+    from .methods.viditq import viditq_transform
+
+    builders = {"smoothquant": smoothquant_transform, "hadamard": hadamard_transform, "hadanorm": hadanorm_transform, "viditq": viditq_transform}
     if name == "none":
-        return {}
-    if name == "smoothquant":
-        return {"smooth": transforms.smoothquant_scales(stats.absmax, w, alpha)}
-    rotate = hadamard_ops.make_rotation(k, seed)
-    if name == "hadamard":
-        return {"rotate": rotate}
-    if name == "hadanorm":
-        return {"center": True, "sigma": transforms.hadanorm_sigma(stats.centered_std, stats.centered_absmax, "std"), "rotate": rotate}
-    if name == "viditq":
-        return {"smooth": 1.0 / transforms.sdcb_scales(stats.absmax, w, alpha), "rotate": rotate}  # X·diag(m) = X / (1/m)
-    raise ConfigError.invalid("transform", name, ", ".join(TRANSFORMS))
+        return InputTransform(linear.in_features)
+    if name not in builders:
+        raise ConfigError.invalid("transform", name, ", ".join(TRANSFORMS))
+    cfg = LayerConfig(method=name, w_bits=8, a_bits=8, alpha=float(alpha), hadamard_seed=int(seed))
+    with torch.no_grad():
+        return builders[name](linear, cfg, stats)
+
+
+def output_error(x: torch.Tensor, w: torch.Tensor, transform: InputTransform, bits: int) -> float:
+    """‖X Wᵀ − (Q_a(X') + T(μ)) W'ᵀ‖_F / ‖X Wᵀ‖_F: the layer-output error of activation quantization alone
+    (weights in float; X', T(μ) = transform(X), W' = transform.fold_weight(W); the mean term is exact)."""
+    xf = x.float()
+    y = xf @ w.float().t()
+    xt, mu = transform(xf)
+    xq = fake_quantize_act(xt, bits)
+    if mu is not None:
+        xq = xq + mu  # HadaNorm's mean correction runs in full precision
+    y_hat = xq @ transform.fold_weight(w).t()
+    return float((y - y_hat).norm() / y.norm().clamp(min=1e-30))
 
 
 def branch_rows(x: torch.Tensor, branch: str, batch_size: int) -> torch.Tensor:
@@ -149,17 +164,19 @@ def branch_rows(x: torch.Tensor, branch: str, batch_size: int) -> torch.Tensor:
     return x[:batch_size] if branch == "cond" else x[batch_size:]
 
 
-def analyse(x: torch.Tensor, w: torch.Tensor, stats, *, branch: str = "cond", batch_size: int, sample_index: int = 0,
+def analyse(x: torch.Tensor, linear: nn.Linear, stats, *, branch: str = "cond", batch_size: int, sample_index: int = 0,
             alpha: float = 0.5, seed: int = 0, names=TRANSFORMS) -> list[TransformView]:
-    """Views of every transform for a captured layer input x (2n, T, K) or (2n, K) and weight w (N, K).
+    """Views of every transform for a captured layer input x (2n, T, K) or (2n, K) of ``linear``.
 
-    The transform is applied to the whole input as the layer sees it (HadaNorm's μ is per sample; for a 2-D input the
-    rows count as one sample, as in ``transforms.transform_input``), then the branch's rows are summarised.
+    The transform is applied to the whole input as the layer sees it (HadaNorm's μ is per sample), then the
+    branch's rows are summarised; the output error is measured on the branch's rows.
     """
+    w = linear.weight.detach().float()
     views = []
     for name in names:
-        kw = transform_args(name, w, stats, alpha, seed)
-        xt, _ = transforms.transform_input(x, **kw)
+        it = build_transform(name, linear, stats, alpha, seed)
+        with torch.no_grad():
+            xt, _ = it(x)
         rows = branch_rows(xt, branch, batch_size)  # (n, T, K) or (n, K)
         xb = branch_rows(x, branch, batch_size)
         flat = rows.reshape(-1, rows.shape[-1])  # (R, K)
@@ -168,8 +185,7 @@ def analyse(x: torch.Tensor, w: torch.Tensor, stats, *, branch: str = "cond", ba
         counts, edges = np.histogram(flat.numpy().reshape(-1), bins=HIST_BINS)
         views.append(TransformView(
             name, np.sort(chan.numpy())[::-1].copy(), heat.numpy(), counts, edges, kurtosis(flat), max_median_ratio(chan),
-            {b: rel_error(flat, b) for b in BITS},
-            {b: transforms.act_quant_error(xb if xb.dim() == 3 else xb[None], w, b, **kw) for b in BITS}))
+            {b: rel_error(flat, b) for b in BITS}, {b: output_error(xb, w, it, b) for b in BITS}))
     return views
 
 
@@ -247,8 +263,7 @@ def outlier_view(pipe: Pipeline, calib: CalibStats, layer: str, timestep: int | 
     if not 0 <= int(sample_index) < n:
         raise ConfigError.invalid("sample", sample_index, f"an image index from 0 to {n - 1}")
     x = capture_step(pipe, calib.settings, step)[layer]
-    w = linears[layer].weight.detach().float()
-    views = analyse(x, w, calib[layer], branch=branch, batch_size=n, sample_index=int(sample_index), alpha=alpha, seed=seed)
+    views = analyse(x, linears[layer], calib[layer], branch=branch, batch_size=n, sample_index=int(sample_index), alpha=alpha, seed=seed)
     rows = branch_rows(x, branch, n).reshape(-1, x.shape[-1]).shape[0]
     return OutlierResult(layer, layer_kind(layer), t, step, branch, int(sample_index), rows, x.shape[-1], float(alpha), views)
 
