@@ -1,11 +1,15 @@
 """The one place that chooses how a ``QuantLinear`` multiplies: the execution paths and their selection.
 
-Paths (same numbers on all of them; integer accumulators agree bit for bit):
-  * ``reference``  — dequantize W and X' (codes × scales) and multiply in float32: the definition.
-  * ``cpu-int``    — ``torch._int_mm`` int8 × int8 → int32 (int4 unpacked to int8), per group, then the epilogue
-                     ``out = s_a · Σ_g s_w,g · (acc_g − z_g · Σ_{k∈g} a_k) + b`` in float32.
+Every path computes the same integers and the same epilogue:
+    acc_g = Σ_{k∈g} a_k (q_k − z_g)  (int32, exact)       out = s_a · Σ_g s_w,g · acc_g + b  (float32, group order)
+  * ``reference``  — the accumulators from plain float64 matmuls of the integer codes (exact: every product is
+                     ≤ 2^15 and every sum < 2^53), no integer kernel involved. Slow; the verification oracle.
+  * ``cpu-int``    — ``torch._int_mm`` int8 × int8 → int32 (int4 unpacked to int8), one GEMM per group.
   * ``triton`` / ``triton-interpret`` — filled in by the kernels (``register_kernel``); ``triton`` needs CUDA.
-Weight-only layers (a_bits = 16) use one float matmul on the dequantized weight on every path.
+Because reference and cpu-int share codes, accumulators and epilogue, their outputs are bit-identical (so are the
+images). ``dequant_linear`` is the textbook float32 definition (Q_a(X')·Ŵᵀ on dequantized values); tests check
+every path against it within float rounding. Weight-only layers (a_bits = 16) use one float matmul on the
+dequantized weight on every path.
 
 Selection: ``use_backend(name)`` (thread-local, so concurrent app sessions do not interfere) overrides the
 ``DITLAB_BACKEND`` environment variable (read on every call); ``auto`` = ``triton`` on CUDA when registered, else
@@ -72,9 +76,14 @@ def _accumulators(layer, codes: torch.Tensor, matmul) -> Iterator[torch.Tensor]:
         yield acc
 
 
+def exact_matmul(a: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """A (M, g) int8 · Q (N, g)ᵀ int8 → (M, N) int32 through float64 BLAS: integer-valued, hence exact."""
+    return (a.double() @ q.double().t()).to(torch.int32)
+
+
 def reference_accumulators(layer, codes: torch.Tensor) -> torch.Tensor:
-    """(M, G, N) int32 accumulators from plain int64 matmuls (the definition the integer paths must equal)."""
-    return torch.stack(list(_accumulators(layer, codes, primitives.int_matmul_ref)), dim=1)
+    """(M, G, N) int32 accumulators without any integer kernel (the oracle the integer paths must equal)."""
+    return torch.stack(list(_accumulators(layer, codes, exact_matmul)), dim=1)
 
 
 def cpu_int_accumulators(layer, codes: torch.Tensor) -> torch.Tensor:
@@ -82,30 +91,42 @@ def cpu_int_accumulators(layer, codes: torch.Tensor) -> torch.Tensor:
     return torch.stack(list(_accumulators(layer, codes, primitives.int_matmul)), dim=1)
 
 
-# ---- the two torch paths -------------------------------------------------------------------------------------------
-def reference_linear(layer, x: torch.Tensor) -> torch.Tensor:
-    """Float definition: Q_a(X') as codes·scale, Ŵ = (q − z)·Δ, out = X̂' Ŵᵀ + b (float32)."""
+def epilogue(layer, accs: Iterator[torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
+    """out = s_a · Σ_g s_w,g · acc_g + b (M, N) float32, groups summed in order (every path uses this order)."""
+    w_scale = layer.w_scale.t().contiguous()  # (G, N)
+    out = None
+    for gi, acc in enumerate(accs):
+        # int32 → float32 is exact below 2^24; beyond, rounding only. Multiply then add as two roundings (no fused
+        # multiply-add), the order the kernels' epilogue_ref uses. In place: the epilogue is memory-bound.
+        part = acc.float().mul_(w_scale[gi])
+        out = part if out is None else out.add_(part)
+    out.mul_(scale)
+    return out if layer.bias is None else out.add_(layer.bias)
+
+
+# ---- the torch paths -----------------------------------------------------------------------------------------------
+def dequant_linear(layer, x: torch.Tensor) -> torch.Tensor:
+    """Textbook definition in float32: X̂' = codes·s_a, Ŵ = (q − z)·Δ, out = X̂' Ŵᵀ + b (not a selectable path)."""
     if layer.a_bits == 16:
         return weight_only_linear(layer, x)
     codes, scale = quantize_input(layer, x)
     return _add_bias(layer, (codes.float() * scale) @ layer.dequantized_weight().t())
 
 
-def cpu_int_linear(layer, x: torch.Tensor) -> torch.Tensor:
-    """Integer path: int32 accumulators per group, then s_a · Σ_g s_w,g · acc_g + b in float32."""
+def reference_linear(layer, x: torch.Tensor) -> torch.Tensor:
+    """Reference path: exact accumulators from float64 matmuls of the codes, then the shared epilogue."""
     if layer.a_bits == 16:
         return weight_only_linear(layer, x)
     codes, scale = quantize_input(layer, x)
-    w_scale = layer.w_scale.t().contiguous()  # (G, N)
-    out = None
-    for gi, acc in enumerate(_accumulators(layer, codes, primitives.int_matmul)):
-        # int32 → float32 is exact below 2^24; beyond, rounding only. In place: the epilogue is memory-bound.
-        if out is None:
-            out = acc.float().mul_(w_scale[gi])
-        else:
-            out.addcmul_(acc.float(), w_scale[gi])
-    out.mul_(scale)
-    return out if layer.bias is None else out.add_(layer.bias)
+    return epilogue(layer, _accumulators(layer, codes, exact_matmul), scale)
+
+
+def cpu_int_linear(layer, x: torch.Tensor) -> torch.Tensor:
+    """Integer path: int32 accumulators per group from torch._int_mm, then the shared epilogue."""
+    if layer.a_bits == 16:
+        return weight_only_linear(layer, x)
+    codes, scale = quantize_input(layer, x)
+    return epilogue(layer, _accumulators(layer, codes, primitives.int_matmul), scale)
 
 
 # ---- registry and selection ----------------------------------------------------------------------------------------

@@ -77,8 +77,9 @@ def test_model_paths_agree_within_float_rounding(tiny):
         ref = _run(qmodel, inputs)
     with backends.use_backend("cpu-int"):
         out = _run(qmodel, inputs)
-    # identical integer codes at each layer; only float32 epilogue order differs (and propagates through the net)
-    assert sqnr(ref, out) > 60
+    # identical codes, exact accumulators and one shared epilogue at every layer: bit-identical model output
+    assert torch.equal(ref, out)
+    assert sqnr(_run(model, inputs), out) > 15
 
 
 def test_overrides_and_fp_layers(tiny):
