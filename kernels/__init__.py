@@ -1,8 +1,9 @@
 """Triton kernels of ditlab's quantized formats, each with a plain-torch ``*_ref`` twin in the same file.
 
-Importing this package decides once per process whether the kernels are compiled (CUDA) or interpreted: set
-``TRITON_INTERPRET=1`` before the first import to run them on CPU tensors. Only ``ditlab.backends`` imports this
-package; it never imports ``ditlab``.
+Importing this package decides once per process whether the kernels are compiled (CUDA) or interpreted: to run
+them on CPU tensors set ``TRITON_INTERPRET=1`` before triton is first imported (diffusers and bitsandbytes import
+it), i.e. at process start; a late setting is refused at import with an explanation. Only ``ditlab.backends``
+imports this package; it never imports ``ditlab``.
 
 ``KERNELS`` maps a name to ``KernelEntry(wrapper, ref, example_inputs)``: ``wrapper(**kw)`` and ``ref(**kw)`` take the
 same keyword arguments, and ``example_inputs(shape, seed=0, device="cpu", **variant)`` makes them — shape (M, N, K)
@@ -25,6 +26,9 @@ from .vq_gemm import vq_gemm, vq_gemm_ref
 from .w4a8_gemm import w4a8_gemm, w4a8_gemm_int32, w4a8_gemm_int32_ref, w4a8_gemm_ref
 from .w4a16_gemm import w4a16_gemm, w4a16_gemm_ref
 from .w8a8_gemm import w8a8_gemm, w8a8_gemm_int32, w8a8_gemm_int32_ref, w8a8_gemm_ref
+from ._launch import check_mode as _check_mode
+
+_check_mode(_w8a8._w8a8_kernel)
 
 
 class KernelEntry(NamedTuple):

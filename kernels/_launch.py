@@ -45,6 +45,23 @@ def is_interpreted(kernel: Any) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
+def check_mode(kernel: Any) -> None:
+    """Refuse a process where ``kernel`` and ``triton.language`` disagree on interpretation.
+
+    Triton decides at decoration time: ``triton.language``'s own helpers (``tl.zeros``, ``tl.max``, …) when triton
+    is first imported, our kernels when this package is. Setting TRITON_INTERPRET=1 in between (diffusers and
+    bitsandbytes import triton) gives interpreted kernels calling compiled helpers, which fails at the first launch.
+    """
+    import triton.language as tl
+
+    if is_interpreted(kernel) != is_interpreted(tl.zeros):
+        raise ImportError(
+            "TRITON_INTERPRET changed after triton was first imported (diffusers and bitsandbytes import it): set "
+            "TRITON_INTERPRET=1 at process start, before anything imports triton, to interpret the kernels "
+            f"(triton.language is {'interpreted' if is_interpreted(tl.zeros) else 'compiled'}, "
+            f"the kernels would be {'interpreted' if is_interpreted(kernel) else 'compiled'})")
+
+
 def launch(kernel: Any, grid: tuple[int, ...], params: dict[str, Any], *, num_warps: int = 4, num_stages: int = 3) -> None:
     """Launch ``kernel[grid](**params)``, or record it inside ``recording()``.
 

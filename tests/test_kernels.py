@@ -54,6 +54,17 @@ def test_interpreter_suite():
 test_interpreter_suite.__test__ = not INTERPRETED  # the child process runs the tests themselves
 
 
+def test_late_interpret_setting_is_refused():
+    """TRITON_INTERPRET=1 set after triton was imported would fail at the first launch: the import says why."""
+    code = "import os, triton; os.environ['TRITON_INTERPRET'] = '1'; import kernels"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "set TRITON_INTERPRET=1 at process start" in proc.stderr, proc.stderr[-2000:]
+
+
+test_late_interpret_setting_is_refused.__test__ = not INTERPRETED
+
+
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:
     assert got.dtype == want.dtype and got.shape == want.shape
     scale = float(want.double().abs().max()) or 1.0
