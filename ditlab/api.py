@@ -263,3 +263,54 @@ def _cached_grid(pipe: Pipeline, labels: tuple[int, ...], n_per_label: int, step
     grid = image_grid(result.images, rows=len(labels), scale=scale)
     grid.setflags(write=False)  # shared between callers
     return grid, info
+
+
+# ---------------------------------------------------------------- side-by-side comparison (the app's Compare tab)
+
+
+@dataclass
+class Comparison:
+    """FP and quantized images for the same labels and seed, their difference, metrics and per-step divergence."""
+
+    fp_images: torch.Tensor  # uint8 (B, 3, H, W)
+    q_images: torch.Tensor  # uint8 (B, 3, H, W)
+    diff: torch.Tensor  # uint8 (B, 3, H, W): |fp − q| mean over channels, ×4, as a heat colour map
+    metrics: dict
+    divergence: list[float]  # per step: ‖x_q − x_fp‖ / ‖x_fp‖ of the latents after that step
+    timesteps: list[int]
+    backend: str
+
+
+def heat(diff: torch.Tensor, gain: float = 4.0) -> torch.Tensor:
+    """|difference| (B, H, W) float in [0, 255] → uint8 (B, 3, H, W) black→red→yellow→white heat map."""
+    v = (diff * gain / 255.0).clamp(0, 1)
+    r = (v * 3).clamp(0, 1)
+    g = (v * 3 - 1).clamp(0, 1)
+    b = (v * 3 - 2).clamp(0, 1)
+    return (torch.stack([r, g, b], 1) * 255).round().to(torch.uint8)
+
+
+def compare(pipe: Pipeline, quantized: Quantized, labels: Sequence[int], *, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
+            seed: int = 0, scheduler: str = "ddim", backend: str | None = None, progress: bool = True) -> Comparison:
+    """Samples ``labels`` with the FP pipeline and the quantized one (same seeds), on ``backend`` (default: current)."""
+    kwargs = dict(steps=steps, guidance=guidance, seed=seed, scheduler=scheduler, record_trajectory=True, progress=progress)
+    fp = generate(pipe, labels, **kwargs)
+    with backends.use_backend(backend or backends.requested()):
+        used = backends.current()
+        q = generate(quantized.pipe, labels, **kwargs)
+    divergence = [float((b - a).norm() / a.norm().clamp_min(1e-12)) for a, b in zip(fp.trajectory, q.trajectory)]
+    packed, fp16 = weight_bytes(quantized.pipe)
+    metrics = {**evaluation.fidelity(fp.images, q.images), "weight_bytes": packed, "weight_bytes_fp16": fp16,
+               "seconds_fp": fp.seconds, "seconds_quantized": q.seconds, "seconds_quantize": quantized.seconds_quantize}
+    try:
+        evaluation.check_scorable(pipe)
+        fp_c, q_c = content_metrics(fp.images, labels), content_metrics(q.images, labels)
+        metrics.update(class_acc_fp=fp_c["class_acc"], class_acc=q_c["class_acc"], class_agreement=float((fp_c["pred"] == q_c["pred"]).double().mean()))
+    except Exception:  # noqa: BLE001 - models other than Shapes-10 have no classifier metrics
+        pass
+    from .sampling import make_scheduler
+
+    sched = make_scheduler(pipe.scheduler_config, scheduler)
+    sched.set_timesteps(steps)
+    diff = heat((fp.images.float() - q.images.float()).abs().mean(1))
+    return Comparison(fp.images, q.images, diff, metrics, divergence, [int(t) for t in sched.timesteps], used)
