@@ -181,13 +181,29 @@ def _add_bench(sub) -> None:
     from .bench import BENCHMARKS
 
     p = sub.add_parser("bench", help="run a benchmark and print a markdown table")
-    p.add_argument("part", choices=sorted(BENCHMARKS), help="what to measure")
+    p.add_argument("part", choices=sorted([*BENCHMARKS, "kernels"]), help="what to measure")
     p.add_argument("--out", default=None, help="also append the table to this markdown file")
+
+
+def _repo_script(relative: str):
+    """Imports a script of the repository (benchmarks/…) by path: they are not part of the installed package."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / relative
+    if not path.is_file():
+        raise DitlabError(f"{relative} not found: run from a ditlab checkout")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _cmd_bench(args) -> int:
     from .bench import BENCHMARKS, markdown_table
 
+    if args.part == "kernels":
+        return _repo_script("benchmarks/bench_kernels.py").main([])
     table = markdown_table(BENCHMARKS[args.part](), "python -m ditlab bench " + args.part)
     print(table)
     if args.out:
@@ -196,8 +212,29 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _add_kernels(sub) -> None:
+    p = sub.add_parser("kernels", help="self-test of the Triton kernels (interpreter vs torch twins, AOT compile for sm_80/sm_90)")
+    p.add_argument("--check", action="store_true", required=True, help="run the checks and print a table; exit 1 on any failure")
+    p.add_argument("--no-aot", action="store_true", help="skip the ahead-of-time compilation for sm_80/sm_90")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+
+
+def _cmd_kernels(args) -> int:
+    try:
+        from kernels.selfcheck import failed, format_table, run_checks
+    except ImportError as exc:
+        raise DitlabError(f"the kernels package is not importable ({exc}); run from a ditlab checkout with triton installed") from None
+    rows = run_checks(aot=not args.no_aot)
+    print(json.dumps(rows) if args.json else format_table(rows))
+    bad = failed(rows)
+    if bad:
+        print(f"ditlab kernels: {len(bad)} of {len(rows)} checks failed", file=sys.stderr)
+    return 1 if bad else 0
+
+
 COMMANDS = {
     "train": (_add_train, _cmd_train),
+    "kernels": (_add_kernels, _cmd_kernels),
     "bench": (_add_bench, _cmd_bench),
     "info": (_add_info, _cmd_info),
     "sample": (_add_sample, _cmd_sample),
