@@ -27,7 +27,7 @@ codes are packed as nibbles, so W2 costs the same bytes as W4 in this implementa
 
 from __future__ import annotations
 
-import itertools
+import json
 import logging
 import math
 import random
@@ -217,8 +217,6 @@ def solve(sensitivity, budget_bits: float | None = None, *, budget_bytes: int | 
 
 def _override(config_json: str | None, w: int, a: int) -> dict:
     """Fields of the chosen candidate that differ from the FP default (what a Recipe override needs)."""
-    import json
-
     cfg = LayerConfig.from_dict(json.loads(config_json)) if isinstance(config_json, str) else LayerConfig()
     full = cfg.replace(w_bits=int(w), a_bits=int(a)).to_dict()
     base = FP.to_dict()
@@ -314,18 +312,36 @@ def choice_recipe(choice: dict[str, tuple[int, int]], sensitivity, name: str = "
     return _recipe(pd.concat(picked, ignore_index=True), name)
 
 
-def brute_force(damage: np.ndarray, cost: np.ndarray, groups: np.ndarray, caps: Sequence[int], items: np.ndarray) -> tuple[float, np.ndarray]:
-    """Reference optimum of ``solve_choice``'s problem by enumeration (tests; small problems only)."""
-    per_item = [np.flatnonzero(items == i) for i in range(int(items.max()) + 1)]
-    best, best_x = math.inf, None
-    for combo in itertools.product(*per_item):
-        idx = np.array(combo)
-        if all(int(cost[idx][groups[idx] == g].sum()) <= c for g, c in enumerate(caps)):
-            d = float(damage[idx].sum())
-            if d < best:
-                best, best_x = d, idx
-    if best_x is None:
-        raise AllocationError("infeasible")
-    x = np.zeros(len(damage), bool)
-    x[best_x] = True
-    return best, x
+def candidate_recipes(setting, w_bits: Sequence[int] = (2, 4, 8), a_bits: Sequence[int] = (8,)) -> list[Recipe]:
+    """The setting (preset name, LayerConfig, Recipe) at every (w, a) candidate: its default config with the bits replaced."""
+    from .sensitivity import setting_recipe
+
+    base = setting_recipe(setting)
+    return [base.replace(default=base.default.replace(w_bits=int(w), a_bits=int(a)), name=f"{base.name}@w{w}a{a}") for w in w_bits for a in a_bits]
+
+
+def cli_allocate(model: str = "shipped", budget_bits: float = 5.0, *, setting: str = "w4a8-rtn", w_bits: Sequence[int] = (2, 4, 8),
+                 a_bits: Sequence[int] = (8,), split: float | None = 1.0, metric: str = "decoupled", n_images: int = 10, steps: int = 10,
+                 groups: int = 4, out: str | None = None, as_json: bool = False, cache_dir: str | None = None, progress: bool = True) -> str:
+    """``python -m ditlab allocate``: sensitivity of ``setting`` at every (w, a) candidate (cached), then the milp
+    allocation at ``budget_bits``; writes the recipe JSON to ``out`` if given. Returns a summary (text or JSON)."""
+    from . import api
+    from .config import save_recipe
+    from .sensitivity import SensitivitySettings, run_sensitivity
+
+    pipe = api.load(model)
+    st = SensitivitySettings(n_images=n_images, steps=steps, n_groups=groups)
+    recipes = candidate_recipes(setting, w_bits, a_bits)
+    calib = api.calibrate(pipe, progress=progress) if any(api.needs_calibration(pipe, r) for r in recipes) else None
+    results = [run_sensitivity(pipe, r, settings=st, calib=calib, cache_dir=cache_dir, progress=progress) for r in recipes]
+    alloc = solve(results, budget_bits, metric=metric, split=split, name=f"alloc-{setting}-{budget_bits:g}b")
+    if out:
+        save_recipe(alloc.recipe, out)
+    if as_json:
+        return json.dumps({"recipe": alloc.recipe.to_dict(), "avg_w_bits": alloc.avg_w_bits, "avg_a_bits": alloc.avg_a_bits,
+                           "bytes": alloc.bytes, "predicted_damage": alloc.predicted_damage, "budget_bits": budget_bits, "out": out,
+                           "choice": {u: list(c) for u, c in alloc.choice.items()}})
+    lines = [f"allocation at {budget_bits:g} average weight bits: {alloc.avg_w_bits:.3f} used, {alloc.bytes} bytes, "
+             f"predicted damage {alloc.predicted_damage:.4g}" + (f" → {out}" if out else "")]
+    lines += [f"  {u:<44} W{w}A{a}" for u, (w, a) in alloc.choice.items()]
+    return "\n".join(lines)

@@ -312,3 +312,28 @@ def outlier_map(calib: CalibStats, branch: str = "cond", metric: str = "max_medi
         data[name] = row
     frame = pd.DataFrame.from_dict(data, orient="index", columns=timesteps)
     return OutlierMap(frame, metric, branch)
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------------------
+def cli_outliers(model: str = "shipped", layer: str | None = None, timestep: int | None = None, branch: str = "cond", *,
+                 n_samples: int = 8, steps: int = 10, metric: str = "max_median", as_json: bool = False, progress: bool = False) -> str:
+    """``python -m ditlab outliers``: without a layer, the model-wide layers × timesteps table of ``metric``; with a
+    layer, its per-transform table (kurtosis, max/median, A8/A4 errors) at ``timestep`` (default: the first step).
+    Calibrates first (cached on disk) with ``n_samples`` images and ``steps`` steps. Returns text or JSON."""
+    from . import api
+
+    pipe = api.load(model)
+    calib = api.calibrate(pipe, n_samples=n_samples, steps=steps, progress=progress)
+    if layer is None:
+        omap = outlier_map(calib, branch, metric)
+        if as_json:
+            return json.dumps({"metric": metric, "branch": branch, "timesteps": [int(t) for t in omap.frame.columns],
+                               "layers": {n: [float(v) for v in row] for n, row in omap.frame.iterrows()}})
+        return f"{metric} of the layer input per timestep ({branch} branch)\n" + omap.frame.to_string(float_format=lambda v: f"{v:.3g}")
+    res = outlier_view(pipe, calib, layer, timestep, branch)
+    table = res.table()
+    if as_json:
+        return json.dumps({"layer": res.layer, "kind": res.kind, "timestep": res.timestep, "step": res.step, "branch": res.branch,
+                           "rows": res.rows, "in_features": res.in_features, "transforms": table.to_dict(orient="records")})
+    head = f"{res.layer} ({res.kind}) at t={res.timestep} (step {res.step}), {res.branch} branch, {res.rows} rows × {res.in_features} channels"
+    return head + "\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4g}")

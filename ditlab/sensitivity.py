@@ -383,3 +383,24 @@ def measure(pipe: Pipeline, recipe: "str | Recipe | Sequence[Recipe]", *, settin
             "class_acc": metrics.accuracy(pred, target), "class_acc_fp": metrics.accuracy(fp_pred, target),
             "agreement": metrics.accuracy(pred, fp_pred), "bytes_packed": sum(r.bytes_packed for r in reports) // len(reports),
             "bytes_fp16": sum(r.bytes_fp16 for r in reports) // len(reports), "n_images": len(labels), "seconds": time.perf_counter() - t0}
+
+
+def cli_sensitivity(model: str = "shipped", setting: str = "w4a8-rtn", *, n_images: int = 10, steps: int = 10, groups: int = 4,
+                    unit: str = "layer", layers: Sequence[str] | None = None, metric: str = "sqnr_db", as_json: bool = False,
+                    cache_dir: str | None = None, progress: bool = True) -> str:
+    """``python -m ditlab sensitivity``: the units × groups table of ``metric`` (text), or every cell as JSON
+    (``{"setting", "settings", "groups", "seconds", "cells": [...]}``). Calibrates first (cached) if the setting needs it."""
+    from . import api
+
+    pipe = api.load(model)
+    st = SensitivitySettings(n_images=n_images, steps=steps, n_groups=groups, unit=unit)
+    calib = api.calibrate(pipe, progress=progress) if api.needs_calibration(pipe, setting_recipe(setting)) else None
+    res = run_sensitivity(pipe, setting, settings=st, layers=layers, calib=calib, cache_dir=cache_dir, progress=progress)
+    if as_json:
+        cells = res.frame.drop(columns=["config"]).to_dict(orient="records")
+        return json.dumps({"setting": res.setting, "settings": res.settings, "groups": res.groups, "seconds": res.seconds,
+                           "n_computed": res.n_computed, "n_cached": res.n_cached, "cells": cells}, default=str)
+    table = res.pivot(metric)
+    table.columns = [f"g{g} ({s})" for g, s in zip(table.columns, dict.fromkeys(res.frame["steps"]))]
+    return (f"{metric} per unit × timestep group at {res.setting} ({res.n_computed} cells computed, {res.n_cached} cached, "
+            f"{res.seconds:.1f}s)\n" + table.to_string(float_format=lambda v: f"{v:.4g}"))

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from ditlab import allocation
-from ditlab.allocation import AllocationError, brute_force, solve, solve_choice
+from ditlab.allocation import AllocationError, solve, solve_choice
 from ditlab.config import LayerConfig
 
 BASE = LayerConfig(method="rtn", w_bits=4, a_bits=8, w_group_size=64)
@@ -29,6 +29,23 @@ def cells(spec, groups=2, seed=0):
                              "bytes": params * (w if w > 4 else 4) // 8 + 8 * params // 64,
                              "config": json.dumps(BASE.replace(w_bits=w).to_dict(), sort_keys=True)})
     return pd.DataFrame(rows)
+
+
+def brute_force(damage: np.ndarray, cost: np.ndarray, groups: np.ndarray, caps, items: np.ndarray) -> tuple[float, np.ndarray]:
+    """Reference optimum of ``solve_choice``'s problem by enumeration (small problems only)."""
+    per_item = [np.flatnonzero(items == i) for i in range(int(items.max()) + 1)]
+    best, best_x = math.inf, None
+    for combo in itertools.product(*per_item):
+        idx = np.array(combo)
+        if all(int(cost[idx][groups[idx] == g].sum()) <= c for g, c in enumerate(caps)):
+            d = float(damage[idx].sum())
+            if d < best:
+                best, best_x = d, idx
+    if best_x is None:
+        raise AllocationError("infeasible")
+    x = np.zeros(len(damage), bool)
+    x[best_x] = True
+    return best, x
 
 
 SPEC = [("b0.q", "qkv", 4), ("b0.k", "qkv", 4), ("b0.fc1", "fc1", 16), ("b0.fc2", "fc2", 16), ("b0.ada", "adaLN", 24), ("b1.q", "qkv", 4)]
