@@ -1,0 +1,65 @@
+"""The public entry points end to end on a tiny random DiT: quantize (with calibration), save/load, compare."""
+
+import pytest
+import torch
+
+from ditlab import api
+from ditlab.errors import ConfigError
+from ditlab.evaluation import SampleSettings
+from ditlab.testing import tiny_dit_pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return api.load(str(tiny_dit_pipeline(tmp_path_factory.mktemp("api") / "dit")))
+
+
+def test_quantize_calibrates_when_needed_and_shares_components(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("DITLAB_CACHE", str(tmp_path / "cache"))
+    assert api.needs_calibration(tiny, "w8a8-smoothquant") and not api.needs_calibration(tiny, "w8a8-rtn")
+    q = api.quantize(tiny, "w8a8-smoothquant", progress=False, calib_settings={"n_samples": 2, "steps": 3})
+    assert q.seconds_calibrate > 0 and q.pipe.scheduler_config is tiny.scheduler_config
+    assert q.pipe.transformer is not tiny.transformer
+    assert not any(getattr(m, "is_quantized_linear", False) for m in tiny.transformer.modules())  # FP model untouched
+    packed, fp16 = api.weight_bytes(q.pipe)
+    assert 0.4 < packed / fp16 < 0.6
+
+
+def test_save_then_load_gives_identical_images(tiny, tmp_path):
+    q = api.quantize(tiny, "w4a8-rtn", progress=False)
+    out = api.save(q, tiny, tmp_path / "qdir")
+    loaded = api.load(str(out))
+    a = api.generate(q.pipe, [1, 2], steps=3, progress=False).latents
+    b = api.generate(loaded, [1, 2], steps=3, progress=False).latents
+    assert torch.equal(a, b)
+    assert api.qdir_source(out) == tiny.source
+
+
+def test_compare_reports_images_metrics_and_divergence(tiny):
+    q = api.quantize(tiny, "w8a8-rtn", progress=False)
+    c = api.compare(tiny, q, [0, 3, 5], steps=4, seed=2, progress=False)
+    assert c.fp_images.shape == c.q_images.shape == c.diff.shape == (3, 3, 16, 16)
+    assert len(c.divergence) == len(c.timesteps) == 4 and all(d >= 0 for d in c.divergence)
+    assert c.metrics["psnr"] > 20 and 0 < c.metrics["ssim"] <= 1 and c.backend == "cpu-int"
+    fp_again = api.generate(tiny, [0, 3, 5], steps=4, seed=2, progress=False).images
+    assert torch.equal(c.fp_images, fp_again)
+
+
+def test_compare_on_the_reference_path_matches_the_integer_path(tiny):
+    q = api.quantize(tiny, "w8a8-rtn", progress=False)
+    ref = api.compare(tiny, q, [4], steps=3, backend="reference", progress=False)
+    fast = api.compare(tiny, q, [4], steps=3, backend="cpu-int", progress=False)
+    assert ref.backend == "reference" and fast.backend == "cpu-int"
+    assert (ref.q_images.int() - fast.q_images.int()).abs().max() <= 1  # float rounding of the epilogue only
+
+
+def test_heat_map_is_black_for_no_difference():
+    h = api.heat(torch.zeros(1, 4, 4))
+    assert h.shape == (1, 3, 4, 4) and int(h.max()) == 0
+    assert api.heat(torch.full((1, 2, 2), 255.0))[0, :, 0, 0].tolist() == [255, 255, 255]
+
+
+def test_evaluate_refuses_models_the_classifier_cannot_score(tiny):
+    with pytest.raises(ConfigError) as info:
+        api.evaluate(tiny, "fp", settings=SampleSettings(n_per_label=1, steps=2), progress=False)
+    assert info.value.field == "model"
