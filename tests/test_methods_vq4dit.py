@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from ditlab import vq
+from ditlab.blockwise import block_output_mse
 from ditlab.config import PRESETS, LayerConfig, Recipe
 from ditlab.errors import ConfigError
 from ditlab.methods.kmeans import layer_params, quantize_kmeans
-from ditlab.methods.vq4dit import (SoftVQLinear, VQ4DiTSettings, block_output_mse, needs_calibration, quantize_vq4dit,
-                                   settings_for)
+from ditlab.methods.vq4dit import SoftVQLinear, VQ4DiTSettings, needs_calibration, quantize_vq4dit, settings_for
 
 TINY_PARAMS = {"iterations": 2, "samples": 2, "steps": 6, "kmeans_iters": 30}
 

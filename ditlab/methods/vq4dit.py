@@ -33,9 +33,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import vq
-from ..errors import ConfigError, DitlabError
+from ..blockwise import block_mse, run_teacher_student
+from ..errors import ConfigError
 from . import register
-from .kmeans import VQ4DIT_KEYS, kmeans_init, layer_params
+from .kmeans import kmeans_init, layer_params
 
 log = logging.getLogger(__name__)
 
@@ -57,25 +58,21 @@ class VQ4DiTSettings:
     harden: float = 0.99  # top-ratio threshold that fixes a sub-vector; also the fixed fraction that hardens a layer
     scheduler: str = "ddim"
 
-    _RULES = {"iterations": (1, 1000), "samples": (1, 256), "steps": (1, 1000), "seed": (0, 2**31 - 1)}
-
     @classmethod
     def from_params(cls, params: dict, layer: str | None = None) -> "VQ4DiTSettings":
         """Validated settings from a params dict (other keys are ignored here; ``layer_params`` checks them)."""
         values = {}
-        for key, (lo, hi) in cls._RULES.items():
+        for key, lo, hi in _RULES:
             if key in params:
-                v = params[key]
-                if not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
-                    raise ConfigError.invalid(f"params.{key}", v, f"an integer from {lo} to {hi}", layer)
-                values[key] = v
-        for key, lo, hi in (("guidance", 0.0, 50.0), ("reg", 0.0, 1e6), ("lr_logits", 1e-8, 10.0), ("lr_codebook", 0.0, 1.0), ("harden", 0.5, 1.0)):
-            if key in params:
-                v = params[key]
-                if not (isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi):
-                    raise ConfigError.invalid(f"params.{key}", v, f"a number from {lo:g} to {hi:g}", layer)
-                values[key] = float(v)
+                v, integer = params[key], isinstance(getattr(cls, key), int)
+                if not (isinstance(v, int if integer else (int, float)) and not isinstance(v, bool) and lo <= v <= hi):
+                    raise ConfigError.invalid(f"params.{key}", v, f"{'an integer' if integer else 'a number'} from {lo} to {hi}", layer)
+                values[key] = v if integer else float(v)
         return cls(**values)
+
+
+_RULES = (("iterations", 1, 1000), ("samples", 1, 256), ("steps", 1, 1000), ("seed", 0, 2**31 - 1), ("guidance", 0.0, 50.0),
+          ("reg", 0.0, 1e6), ("lr_logits", 1e-8, 10.0), ("lr_codebook", 0.0, 1.0), ("harden", 0.5, 1.0))  # (key, min, max)
 
 
 @register("vq4dit")
@@ -184,75 +181,6 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
-def _blocks(model: nn.Module) -> nn.ModuleList:
-    blocks = getattr(model, "transformer_blocks", None)
-    if not isinstance(blocks, nn.ModuleList) or not len(blocks):
-        raise DitlabError(f"VQ4DiT calibration needs a transformer with `transformer_blocks`; {type(model).__name__} has none")
-    return blocks
-
-
-class _Capture:
-    """Forward hooks that record every block's output (B, T, C) of one model call."""
-
-    def __init__(self, blocks: nn.ModuleList):
-        self.outputs: list[torch.Tensor] = []
-        self.handles = [b.register_forward_hook(lambda _m, _i, out: self.outputs.append(out[0] if isinstance(out, tuple) else out)) for b in blocks]
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def block_mse(teacher_out: list[torch.Tensor], student_out: list[torch.Tensor]) -> torch.Tensor:
-    """Mean over blocks of the MSE between student and teacher block outputs (scalar)."""
-    return torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(student_out, teacher_out)]).mean()
-
-
-class _TeacherStudentStep(nn.Module):
-    """Stands in for the transformer in the sampler: returns the teacher's output (so the trajectory is the
-    teacher's), and on the same inputs runs the student and, if an optimiser is given, takes one step."""
-
-    def __init__(self, teacher: nn.Module, student: nn.Module, step_fn):
-        super().__init__()
-        self.teacher, self.step_fn = teacher, step_fn
-        self._student = [student]  # not a submodule: parameters() must yield the teacher's dtype first
-        self.cap_t, self.cap_s = _Capture(_blocks(teacher)), _Capture(_blocks(student))
-
-    def forward(self, *args, **kwargs):
-        self.cap_t.outputs.clear(), self.cap_s.outputs.clear()
-        with torch.no_grad():
-            out = self.teacher(*args, **kwargs)
-        self.step_fn(lambda: self._student[0](*args, **kwargs), self.cap_t.outputs, self.cap_s.outputs)
-        return out
-
-    def remove(self) -> None:
-        self.cap_t.remove(), self.cap_s.remove()
-
-
-def _run(pipe, teacher, student, labels, seed, settings: VQ4DiTSettings, step_fn, hooks=()) -> None:
-    from ..sampling import sample
-
-    runner = _TeacherStudentStep(teacher, student, step_fn)
-    try:
-        sample(pipe, labels, guidance=settings.guidance, steps=settings.steps, scheduler=settings.scheduler, seed=seed,
-               transformer=runner, hooks=hooks, decode_images=False, progress=False)
-    finally:
-        runner.remove()
-
-
-def block_output_mse(pipe, teacher: nn.Module, student: nn.Module, labels, *, seed: int = 0, steps: int = 10, guidance: float = 4.0) -> float:
-    """Mean over the teacher's sampling steps of ``block_mse`` (student fed the teacher's x_t); no training."""
-    values = []
-
-    def measure(run_student, t_out, s_out):
-        with torch.no_grad():
-            run_student()
-        values.append(float(block_mse(t_out, s_out)))
-
-    _run(pipe, teacher, student, list(labels), seed, VQ4DiTSettings(steps=steps, guidance=guidance), measure)
-    return sum(values) / len(values)
-
-
 def _vq4dit_plan(teacher: nn.Module, recipe) -> dict:
     """{layer name: VQLayerParams} of the vq4dit layers of a recipe over ``teacher`` (validated)."""
     from ..quantize import plan_for
@@ -332,7 +260,8 @@ def calibrate_vq4dit(pipe, model_q: nn.Module, teacher: nn.Module, settings: VQ4
     try:
         for it in range(settings.iterations):
             labels = torch.randint(pipe.num_classes, (settings.samples,), generator=gen).tolist()
-            _run(pipe, teacher, model_q, labels, settings.seed * 1000 + it + 1, settings, step)
+            run_teacher_student(pipe, teacher, model_q, labels, step, seed=settings.seed * 1000 + it + 1, steps=settings.steps,
+                                guidance=settings.guidance, scheduler=settings.scheduler)
     finally:
         bar.close()
         for name, s in soft.items():  # hardened, stored form (also after an interruption)
