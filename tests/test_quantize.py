@@ -46,7 +46,9 @@ def test_w8a8_close_to_fp_and_skip_list_respected(tiny):
     for name, kind in kinds.items():
         module = qmodel.get_submodule(name)
         if kind in ("embedder", "final"):
-            assert type(module) is torch.nn.Linear and torch.equal(module.weight, model.get_submodule(name).weight)
+            original = model.get_submodule(name).weight
+            assert type(module) is torch.nn.Linear and torch.equal(module.weight, original)
+            assert module.weight.data_ptr() != original.data_ptr()  # a real copy: editing it cannot touch the FP model
         else:
             assert isinstance(module, QuantLinear) and module.w_bits == 8
     # the input model is untouched (it is the shared read-only FP model)
