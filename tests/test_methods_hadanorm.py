@@ -33,7 +33,8 @@ def test_folding_with_mean_term_is_exact():
     assert rel_err(x @ lin.weight.t(), (xt + mu) @ w_t.t()) < 1e-5  # fp32: the mean term is large
 
 
-@pytest.mark.parametrize("kw", [{}, {"w_bits": 4, "w_group_size": 64, "a_bits": 8, "sigma": "absmax"}])
+@pytest.mark.parametrize("kw", [{}, {"w_bits": 4, "w_group_size": 64, "a_bits": 8, "sigma": "absmax"},
+                                {"w_bits": 4, "w_group_size": 64, "params": {"mean_bias_correction": False}}])
 def test_handler_matches_plain_reference(kw):
     x = outlier_acts(seed=2)
     lin = make_linear(seed=2)
@@ -44,14 +45,31 @@ def test_handler_matches_plain_reference(kw):
     qm = dense_hadamard(192, 64, hadamard_ops.random_signs(192, 5).double()).float()
     mu = x.mean(1, keepdim=True)  # (B, 1, K) per-sample mean over tokens
     x_hat = primitives.fake_quantize_act((x - mu) / sigma @ qm, cfg.a_bits)
-    w_hat = primitives.fake_quantize_weight((lin.weight * sigma) @ qm, cfg.w_bits, cfg.w_group_size, cfg.w_symmetric)
+    w_tilde = (lin.weight * sigma) @ qm
+    w_hat = primitives.fake_quantize_weight(w_tilde, cfg.w_bits, cfg.w_group_size, cfg.w_symmetric)
     ref = x_hat @ w_hat.t() + (mu / sigma @ qm) @ w_hat.t() + lin.bias  # mean term in float with the quantized W̃
+    if cfg.params.get("mean_bias_correction", True):
+        ref = ref + (st.mean / sigma @ qm) @ (w_tilde - w_hat).t()  # bias correction at the calibration mean
     with backends.use_backend("reference"):
         out_ref = q(x)
     with backends.use_backend("cpu-int"):
         out_int = q(x)
     assert rel_err(ref, out_ref) < 2e-3  # fp32 FWHT vs dense matmul may move a value across a rounding boundary
     assert rel_err(out_ref, out_int) < 1e-5
+
+
+def test_mean_bias_correction_removes_the_mean_terms_weight_error_at_w4():
+    """Channels with mean ≫ σ amplify the 4-bit error of W̃ in the (quantized-weight) mean term; the bias
+    correction at the calibration mean removes most of it."""
+    x = outlier_acts(seed=7)
+    lin = make_linear(seed=7)
+    st = stats_from_acts(x)
+    y = lin(x)
+    cfg = _cfg(w_bits=4, w_group_size=64, a_bits=8)
+    with_corr = rel_err(y, METHODS["hadanorm"](lin, cfg, st)(x))
+    without = rel_err(y, METHODS["hadanorm"](lin, cfg.replace(params={"mean_bias_correction": False}), st)(x))
+    rtn = rel_err(y, METHODS["rtn"](lin, cfg.replace(method="rtn"), st)(x))
+    assert with_corr < 0.5 * without and with_corr < rtn, (with_corr, without, rtn)
 
 
 def test_single_token_layer_is_not_centred_and_is_batch_independent():

@@ -23,8 +23,10 @@ def outlier_acts(b: int = 4, t: int = 64, k: int = 192, n_outliers: int = 6, see
     spread[wide] = 20 + 80 * torch.rand(len(wide), generator=g)
     x = torch.randn(b, t, k, generator=g) * spread
     if offsets:
-        mean = torch.randn(1, 1, k, generator=g) + 0.5 * torch.randn(b, 1, k, generator=g)  # shared + per-sample part
-        mean[..., massive] = (20 + 80 * torch.rand(len(massive), generator=g)) * torch.sign(mean[..., massive])
+        shared = torch.randn(1, 1, k, generator=g)
+        mean = shared + 0.5 * torch.randn(b, 1, k, generator=g)  # shared + per-sample part
+        big = (20 + 80 * torch.rand(len(massive), generator=g)) * torch.sign(shared[..., massive])
+        mean[..., massive] = big * (1 + 0.1 * torch.randn(b, 1, len(massive), generator=g))  # ±10 % per sample
         x = x + mean
     return x
 
