@@ -14,6 +14,22 @@ import sys
 from .errors import DitlabError
 
 
+def _json(obj) -> str:
+    """Strict JSON: non-finite floats (e.g. the PSNR of identical images) become null."""
+    import math
+
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(obj), allow_nan=False, default=str)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that exits with code 2 and one line (no usage dump) on a bad argument."""
 
@@ -35,8 +51,8 @@ def _cmd_train(args) -> int:
     from .train import TrainConfig, train_all
 
     cfg = TrainConfig() if args.steps is None else replace(TrainConfig(), steps=args.steps)
-    command = "python -m ditlab train " + " ".join(sys.argv[2:])
-    print(json.dumps(train_all(args.out, cfg, command=command.strip(), only=args.only), indent=2))
+    command = f"python -m ditlab train --out {args.out}" + (f" --steps {args.steps}" if args.steps else "") + (f" --only {args.only}" if args.only != "all" else "")
+    print(json.dumps(train_all(args.out, cfg, command=command, only=args.only), indent=2))
     return 0
 
 
@@ -138,7 +154,7 @@ def _cmd_eval(args) -> int:
         quantized = api.Quantized(pipe=pipe, recipe=pipe.transformer.ditlab_recipe, report=None, seconds_quantize=0.0)
         pipe = api.load(api.qdir_source(args.model))
     result = api.evaluate(pipe, quantized.recipe if quantized else args.recipe, settings=settings, progress=sys.stderr.isatty(), quantized=quantized)
-    print(json.dumps(result))
+    print(_json(result))
     return 0
 
 
