@@ -117,3 +117,26 @@ def test_gptq_dead_columns_and_bad_arguments():
         gptq_quantize(w, h, 4, None, True, damp=0.0)
     with pytest.raises(ConfigError, match="hessian"):
         gptq_quantize(w, h[:10, :10], 4, None, True)
+
+
+def test_gptq_handler_stores_gptq_codes_and_beats_rtn():
+    from ditlab import backends
+    from ditlab.config import LayerConfig
+    from ditlab.methods import METHODS
+    from transform_cases import make_linear, rel_err
+
+    x = outlier_acts(b=2, t=64, k=192, seed=8)
+    lin = make_linear(seed=8)
+    st = stats_from_acts(x)
+    cfg = LayerConfig(method="gptq", w_bits=4, a_bits=16, w_group_size=64, w_symmetric=False)
+    assert cfg.weight_rounding == "gptq"
+    q = METHODS["gptq"](lin, cfg, st)
+    codes, scale, zero = gptq_quantize(lin.weight, 2 * st.xtx / st.n_rows, 4, 64, False, damp=0.01)
+    assert torch.equal(q.codes(), codes) and torch.equal(q.w_scale, scale) and torch.equal(q.w_zero, zero)
+    y = lin(x)
+    err_rtn = rel_err(y, METHODS["rtn"](lin, cfg.replace(method="rtn", weight_rounding="nearest"), None)(x))
+    assert rel_err(y, q(x)) < 0.85 * err_rtn
+    with backends.use_backend("cpu-int"):
+        assert rel_err(q(x), METHODS["gptq"](lin, cfg.replace(a_bits=8), st)(x)) < 0.05  # A8 adds little on top
+    with pytest.raises(ConfigError, match="calibration statistics"):
+        METHODS["gptq"](lin, cfg, None)

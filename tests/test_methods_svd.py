@@ -54,3 +54,42 @@ def test_svd_after_smoothing_reconstructs_the_layer():
 def test_svd_rank_validation(rank):
     with pytest.raises(ConfigError, match="rank"):
         transforms.svd_split(_w(), rank)
+
+
+def test_svd_handler_matches_plain_reference_and_beats_smoothing_alone():
+    from ditlab import backends, primitives
+    from ditlab.config import LayerConfig
+    from ditlab.methods import METHODS
+    from ditlab.nn import QuantLinear
+    from transform_cases import make_linear, rel_err
+
+    x = outlier_acts(seed=3)
+    lin = make_linear(seed=3)
+    with torch.no_grad():  # give the weight a strong low-rank part, as smoothed DiT weights have
+        lin.weight += 0.05 * torch.randn(96, 2, generator=torch.Generator().manual_seed(0)) @ torch.randn(2, 192, generator=torch.Generator().manual_seed(1))
+    st = stats_from_acts(x)
+    cfg = LayerConfig(method="svd", w_bits=4, a_bits=4, w_group_size=64, w_symmetric=False, rank=8, alpha=0.5)
+    q = METHODS["svd"](lin, cfg, st)
+    assert q.lr_down.shape == (8, 192) and q.lr_up.shape == (96, 8) and q.lr_down.dtype == torch.float16
+    # plain reference: smooth, SVD in float64, factors rounded to fp16, residual quantized, branch in float
+    s = st.absmax.clamp(min=1e-5) ** 0.5 / lin.weight.abs().amax(0).clamp(min=1e-5) ** 0.5
+    ws = (lin.weight * s).double()
+    u, sv, vh = torch.linalg.svd(ws, full_matrices=False)
+    l1 = (u[:, :8] * sv[:8].sqrt()).half().float()
+    l2 = (sv[:8].sqrt()[:, None] * vh[:8]).half().float()
+    r_hat = primitives.fake_quantize_weight(ws.float() - l1 @ l2, 4, 64, False)
+    xs = x / s
+    ref = primitives.fake_quantize_act(xs, 4) @ r_hat.t() + (xs @ l2.t()) @ l1.t() + lin.bias
+    with backends.use_backend("reference"):
+        out = q(x)
+    assert rel_err(ref, out) < 1e-4
+    with backends.use_backend("cpu-int"):
+        assert rel_err(out, q(x)) < 1e-5
+    y = lin(x)
+    err_sq = rel_err(y, METHODS["smoothquant"](lin, cfg.replace(method="smoothquant"), st)(x))
+    assert rel_err(y, out) < 0.8 * err_sq
+    clone = QuantLinear.from_spec(q.spec())
+    clone.load_state_dict(q.state_dict())
+    assert torch.equal(clone(x), q(x))
+    with pytest.raises(ConfigError, match="rank"):
+        METHODS["svd"](lin, cfg.replace(rank=100), st)
