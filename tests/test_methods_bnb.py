@@ -59,10 +59,24 @@ def test_source_layer_untouched_and_module_on_cpu(method):
     assert torch.equal(linear.weight, w) and linear.weight.dtype == torch.float32 and linear.weight.data_ptr() == ptr
     assert (b is None and linear.bias is None) or torch.equal(linear.bias, b)
     assert torch.equal(linear(x), before)
+    q_ptr, q_shape = q.weight.data_ptr(), q.weight.shape
+    nbytes = bnb_weight_bytes(q)  # must not disturb the module either
     y = q(x)
     assert y.shape == (3, 5, 768) and y.dtype == torch.float32 and y.device.type == "cpu"
-    assert q.weight.data_ptr() != ptr
+    assert q_ptr != ptr
+    # no lazy set-up in the first real forward (bitsandbytes repacks / moves state on its first call: done at build)
+    assert q.weight.data_ptr() == q_ptr and q.weight.shape == q_shape
+    assert q.bias is None or q.bias.dtype == torch.float32
+    assert torch.equal(q(x), y) and bnb_weight_bytes(q) == nbytes
     assert not any(p.requires_grad for p in q.parameters())
+
+
+@pytest.mark.parametrize("method", ["bnb-nf4", "bnb-fp4"])
+def test_4bit_layer_with_out_features_not_a_multiple_of_32(method):
+    """bitsandbytes' CPU 4-bit repacking asserts N % 32 == 0; such layers (tiny DiT proj_out_2: 48) must still work."""
+    linear = _layer(192, 48)
+    x = torch.randn(64, 192)
+    assert _rel(_quantize(linear, method)(x), linear(x)) < MAX_REL_ERR[method]
 
 
 def test_weight_bytes_exact():

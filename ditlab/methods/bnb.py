@@ -12,12 +12,16 @@ parameter is moved to a device, so the module is built on the CPU copy and then 
   ("compress_statistics", bitsandbytes' default).
 
 Compute dtype of the 4-bit layers: ``COMPUTE_DTYPE`` (see its comment for the measurement that chose it).
+bitsandbytes finishes its own set-up in the *first forward* (on AVX-512-BF16 CPUs it repacks the 4-bit weight into a
+CPU layout; Linear8bitLt moves its codes into its state): the constructors here run one tiny forward so that the
+returned module is final — no lazy initialisation racing between sessions that share a quantized model.
 bitsandbytes is imported lazily (importing it costs seconds) and its warning about the optional ``kernels``
 package (which would fetch code from a hub at run time and is never installed) is filtered out.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -29,10 +33,13 @@ from . import register
 log = logging.getLogger(__name__)
 
 INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold (its published default)
-# Measured on this machine (2 cores, AVX-512 BF16), benchmarks/bnb_speed.py: Linear4bit forward with compute dtype
-# bf16 vs float32 — see docs/ for the table. bf16 uses bitsandbytes' fused AVX-512-BF16 4-bit GEMM; float32
-# dequantizes the weight and runs a float matmul.
-COMPUTE_DTYPE = torch.bfloat16
+# Linear4bit compute dtype. Measured here (`python -m benchmarks.bnb_speed --threads 1`, best of 20, tiny-DiT and
+# DiT-XL shapes, M = 4…1024 rows): float32 and bf16 run at the same speed within ±15 % noise either way (e.g. tiny
+# fc2 768→192 ×1024: 1.12 vs 1.13 ms; XL qkv 1152² ×1024: 115 vs 97 ms, then 87 vs 138 ms on a rerun) because on
+# this AVX-512-BF16 CPU both go through bitsandbytes' fused 4-bit kernel; output errors agree to 3 digits. bf16
+# compute, however, permanently casts the layer's bias to bf16 in forward. So: float32.
+COMPUTE_DTYPE = torch.float32
+CPU_PACK_BLOCK_N = 32  # bitsandbytes' CPU 4-bit layout packs output channels in blocks of 32
 _METADATA_KEYS = ("quant_state.", "weight_format")  # state_dict entries that are format flags, not stored numbers
 
 
@@ -61,6 +68,18 @@ def _float_copies(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]
     return w, b
 
 
+def _finish(module: nn.Module) -> nn.Module:
+    """eval mode, no gradients, and one forward on a zero row so bitsandbytes' first-call set-up is done now."""
+    module = module.eval().requires_grad_(False)
+    if hasattr(module, "support_avx512bf16_for_cpu") and module.out_features % CPU_PACK_BLOCK_N:
+        # bitsandbytes 0.50's CPU repacking asserts out_features % 32 == 0 (e.g. the tiny DiT's proj_out_2 has 48):
+        # such layers take its generic path (dequantize, then a float matmul).
+        module.support_avx512bf16_for_cpu = False
+    with torch.no_grad():
+        module(torch.zeros(1, module.in_features))
+    return module
+
+
 def to_int8(linear: nn.Linear, threshold: float = INT8_THRESHOLD) -> nn.Module:
     """``Linear8bitLt`` (int8 weights (N, K), SCB (N,) float32) equivalent to ``linear``; the input layer is untouched."""
     bnb = _bnb()
@@ -72,7 +91,7 @@ def to_int8(linear: nn.Linear, threshold: float = INT8_THRESHOLD) -> nn.Module:
     module = module.to("cpu")  # ← the quantization happens here
     if module.weight.dtype != torch.int8:
         raise ConfigError(f"bitsandbytes did not quantize the weight to int8 (got {module.weight.dtype}); bitsandbytes version?")
-    return module.eval()
+    return _finish(module)
 
 
 def to_4bit(linear: nn.Linear, quant_type: str, compute_dtype: torch.dtype = COMPUTE_DTYPE) -> nn.Module:
@@ -88,7 +107,7 @@ def to_4bit(linear: nn.Linear, quant_type: str, compute_dtype: torch.dtype = COM
     module = module.to("cpu")  # ← the quantization happens here
     if module.weight.dtype != torch.uint8 or module.weight.quant_state is None:
         raise ConfigError(f"bitsandbytes did not quantize the weight to 4 bits (got {module.weight.dtype}); bitsandbytes version?")
-    return module.eval()
+    return _finish(module)
 
 
 @register("bnb-int8")
@@ -114,10 +133,12 @@ def bnb_weight_bytes(module: nn.Module) -> int:
     """Stored bytes of a bitsandbytes layer's weight: what its state_dict holds except the bias and format flags.
 
     int8: codes N·K + SCB 4·N. 4-bit: packed codes N·K/2 + 8-bit block absmax (one per 64 weights) + the 16-entry
-    code table + the nested (float32) absmax and its 256-entry table.
+    code table + the nested (float32) absmax and its 256-entry table. Counted on a copy: bitsandbytes' state_dict
+    un-does its CPU weight layout in place (the next forward would redo it), and the in-memory CPU layout keeps the
+    block absmax as bf16, so the serialised form is the meaningful size.
     """
     total = 0
-    for key, tensor in module.state_dict().items():
+    for key, tensor in copy.deepcopy(module).state_dict().items():
         if key == "bias" or key.endswith(".bias") or any(m in key for m in _METADATA_KEYS):
             continue
         total += tensor.numel() * tensor.element_size()
