@@ -5,8 +5,9 @@ timestep embedders (treated as T = 1). Every call is folded into running accumul
 with the number of steps:
 
 * absmax / min / max per channel: running max/min (exact).
-* mean / std per channel: Chan's parallel merge of (count, mean, M2) in float64 — numerically stable where the
-  textbook ``E[x²] − E[x]²`` cancels catastrophically for channels with a large mean. Population std (ddof = 0).
+* mean / std per channel: Chan's parallel merge of (count, mean, M2) — each call's moments in float32 around its
+  own mean, the running merge in float64 — numerically stable where the textbook ``E[x²] − E[x]²`` cancels
+  catastrophically for channels with a large mean. Population std (ddof = 0).
 * centered std / absmax (HadaNorm's σ): X minus its per-sample, per-channel mean over tokens, same merge. For T = 1
   the centered input is exactly 0 (the sample mean *is* the row), so both are 0 for adaLN/embedder layers.
 * XᵀX: per-call product in float32 (one GEMM at the fp32 rate; relative error ~1e-6 per call, far below GPTQ's 1 %
@@ -37,10 +38,16 @@ def layer_seed(seed: int, name: str) -> int:
 
 
 def _merge_moments(n_a: int, mean_a: torch.Tensor, m2_a: torch.Tensor, x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """Chan et al.: merge running (n, mean (K,), M2 (K,)) float64 with the rows of x (M, K) float64."""
+    """Chan et al.: merge running (n, mean (K,), M2 (K,)) float64 with the rows of x (M, K) float32.
+
+    The call's own mean and M2 are computed in float32 *around the call's mean* (two passes, so no cancellation;
+    relative error ~1e-6), and only the (K,) merge is float64: the (M, K) work stays at the fp32 rate.
+    """
     n_b = x.shape[0]
-    mean_b = x.mean(0)
-    m2_b = (x - mean_b).square().sum(0)
+    mean_b32 = x.mean(0)
+    d = x - mean_b32
+    m2_b = (d * d).sum(0).double()
+    mean_b = mean_b32.double()
     n = n_a + n_b
     delta = mean_b - mean_a
     return n, mean_a + delta * (n_b / n), m2_a + m2_b + delta.square() * (n_a * n_b / n)
@@ -74,24 +81,24 @@ class LayerAccumulator:
         x = x.reshape(x.shape[0], -1, self.k) if x.dim() >= 3 else x.reshape(-1, 1, self.k)  # (B, T, K)
         b, t, k = x.shape
         flat = x.reshape(-1, k)  # (B·T, K)
-        batch_absmax = flat.abs().amax(0)  # (K,); amax propagates NaN and Inf, so this checks every element
+        mag = x.abs()  # (B, T, K), reused by the per-timestep statistics
+        batch_absmax = mag.amax((0, 1))  # (K,); amax propagates NaN and Inf, so this checks every element
         if not bool(torch.isfinite(batch_absmax).all()):
             bad = "NaN" if bool(torch.isnan(batch_absmax).any()) else "Inf"
             raise CalibrationError(f"{bad} in the input of layer {self.name!r} at timestep {timestep} (step {step}); the FP model produces non-finite activations")
         self.absmax = torch.maximum(self.absmax, batch_absmax)
         self.minimum = torch.minimum(self.minimum, flat.amin(0))
         self.maximum = torch.maximum(self.maximum, flat.amax(0))
-        x64 = x.double()
         n_before = self.n
-        self.n, self.mean, self.m2 = _merge_moments(n_before, self.mean, self.m2, x64.reshape(-1, k))
-        centered = x64 - x64.mean(1, keepdim=True)  # per-sample, per-channel mean over tokens removed
+        self.n, self.mean, self.m2 = _merge_moments(n_before, self.mean, self.m2, flat)
+        centered = x - x.mean(1, keepdim=True)  # per-sample, per-channel mean over tokens removed (exactly 0 if T = 1)
         _, self.cmean, self.cm2 = _merge_moments(n_before, self.cmean, self.cm2, centered.reshape(-1, k))
-        self.centered_absmax = torch.maximum(self.centered_absmax, centered.abs().amax((0, 1)).float())
+        self.centered_absmax = torch.maximum(self.centered_absmax, centered.abs().amax((0, 1)))
         if self.xtx is not None:
             self.xtx += (flat.t() @ flat).double()  # fp32 GEMM per call, float64 running sum (see module docstring)
         branches = self._branches(b, batch_size, cfg)
         self._reservoir(flat, timestep, branches, b, t)
-        self._per_timestep(x, timestep, branches)
+        self._per_timestep(mag, timestep, branches)
 
     @staticmethod
     def _branches(b: int, n: int, cfg: bool) -> list[tuple[str, slice]]:
@@ -112,6 +119,9 @@ class LayerAccumulator:
             branch_of_row[sl] = BRANCH_ID[name]
         info = torch.stack([torch.full((b, t), int(timestep), dtype=torch.int32), branch_of_row[:, None].expand(b, t),
                             torch.arange(t, dtype=torch.int32)[None, :].expand(b, t)], -1).reshape(-1, 3)
+        if self.keys.numel() >= self.reservoir:  # full: only rows that beat the worst kept key can enter (same result)
+            cand = (keys < self.keys[-1]).nonzero().squeeze(1)
+            keys, flat, info = keys[cand], flat[cand], info[cand]
         all_keys = torch.cat([self.keys, keys])
         keep = min(self.reservoir, all_keys.numel())
         idx = torch.topk(all_keys, keep, largest=False, sorted=True).indices  # ascending key order: deterministic
@@ -119,13 +129,15 @@ class LayerAccumulator:
         self.rows = torch.cat([self.rows, flat])[idx]
         self.row_info = torch.cat([self.row_info, info])[idx]
 
-    def _per_timestep(self, x: torch.Tensor, timestep: int, branches) -> None:
-        """Per (timestep, branch): channel absmax (K,) and the per-token absmax values (kept until ``result``)."""
+    def _per_timestep(self, mag: torch.Tensor, timestep: int, branches) -> None:
+        """Per (timestep, branch): channel absmax (K,) and the per-token absmax values (kept until ``result``).
+
+        mag: |X| (B, T, K)."""
         slot = self.per_timestep.setdefault(int(timestep), {})
+        token_absmax = mag.amax(-1)  # (B, T)
         for name, sl in branches:
-            a = x[sl].abs()  # (b, T, K)
-            chan = a.amax((0, 1))
-            tokens = a.amax(-1).reshape(-1)  # (b·T,) per-token absmax
+            chan = mag[sl].amax((0, 1))  # (K,)
+            tokens = token_absmax[sl].reshape(-1)  # (b·T,) per-token absmax
             if name in slot:  # the same layer called twice in one step: merge
                 chan = torch.maximum(chan, slot[name]["absmax"])
                 tokens = torch.cat([slot[name]["_tokens"], tokens])
