@@ -97,6 +97,12 @@ class CalibStats(Mapping):
         except KeyError:
             raise CalibrationError(f"no calibration statistics for layer {name!r}; calibrated {len(self.layers)} layers (pass layers=None to calibrate all)") from None
 
+    def __contains__(self, name: object) -> bool:  # Mapping's default would call __getitem__ and expect KeyError
+        return name in self.layers
+
+    def get(self, name: str, default=None):
+        return self.layers.get(name, default)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.layers)
 

@@ -172,6 +172,8 @@ def test_layer_selection_and_no_xtx(tiny):
         sub[TOKEN_LAYER].hessian()
     with pytest.raises(CalibrationError, match="transformer_blocks.0.attn1.to_q"):
         sub["transformer_blocks.0.attn1.to_q"]
+    assert "transformer_blocks.0.attn1.to_q" not in sub and TOKEN_LAYER in sub  # as quantize.stats_for asks
+    assert sub.get("transformer_blocks.0.attn1.to_q") is None and sub.get(TOKEN_LAYER) is sub[TOKEN_LAYER]
     with pytest.raises(ConfigError, match="layers"):
         calibrate(tiny, layers=["nope"], use_cache=False, progress=False)
     with pytest.raises(ConfigError, match="timesteps"):
