@@ -196,3 +196,55 @@ def available() -> list[str]:
     if "triton-interpret" in KERNELS:
         names.append("triton-interpret")
     return names
+
+
+# ---- the Triton paths (kernels/) -----------------------------------------------------------------------------------
+# Triton compiles (CUDA) or interprets (TRITON_INTERPRET=1, set at process start — see ditlab/__init__.py) for a whole
+# process, so which of the two paths exists is decided once, here. The InputTransform has already run in torch, so the
+# kernels see X' and only quantize activations and multiply.
+def _triton_linear(layer, x: torch.Tensor) -> torch.Tensor:
+    """X' (M, K) float32 → (M, N) float32 with the Triton kernels (act_quant + W8A8 / W4A8 / W4A16 GEMM)."""
+    import kernels
+
+    group = layer.w_group_size
+    if group is not None and group % 16:  # the kernels tile a group in multiples of 16 channels
+        return cpu_int_linear(layer, x)
+    if layer.a_bits == 16:
+        if layer.w_bits <= 4:
+            return kernels.w4a16_gemm(x, layer.qweight, layer.w_scale, layer.w_zero, layer.bias)
+        return weight_only_linear(layer, x)
+    codes, scale = kernels.act_quant(x, layer.a_bits, scale=layer.a_scale)
+    gemm = kernels.w4a8_gemm if layer.w_bits <= 4 else kernels.w8a8_gemm
+    return gemm(codes, scale, layer.qweight, layer.w_scale, layer.w_zero, layer.bias)
+
+
+def _triton_accumulators(layer, codes: torch.Tensor) -> torch.Tensor:
+    """(M, G, N) int32 accumulators from the Triton integer GEMMs (exact; compared with the other paths in tests)."""
+    import kernels
+
+    fn = kernels.w4a8_gemm_int32 if layer.w_bits <= 4 else kernels.w8a8_gemm_int32
+    return fn(codes, layer.qweight, layer.w_zero, num_groups=layer.w_scale.shape[1])
+
+
+def vq_linear(layer, x: torch.Tensor) -> torch.Tensor:
+    """VQLinear: the fused Triton decode-and-multiply on a Triton path, else decode W = C[A] and one float matmul."""
+    if current() in ("triton", "triton-interpret"):
+        import kernels
+
+        return kernels.vq_gemm(x, layer.assignments, layer.codebook, layer.bias)
+    out = x @ layer.dequantized_weight().t()
+    return out if layer.bias is None else out + layer.bias
+
+
+def _install_triton() -> None:
+    interpret = os.environ.get("TRITON_INTERPRET", "") == "1"
+    if not (interpret or torch.cuda.is_available()):
+        return
+    try:
+        import kernels  # noqa: F401 - needs triton; refuses a late TRITON_INTERPRET with a clear error
+    except Exception:  # noqa: BLE001 - no triton, or a mode mismatch: the torch paths remain
+        return
+    register_kernel("triton-interpret" if interpret else "triton", _triton_linear, _triton_accumulators)
+
+
+_install_triton()
