@@ -87,9 +87,9 @@ def test_transform_presets_end_to_end_on_a_tiny_dit(tmp_path):
     kw = dict(timestep=torch.tensor([500, 500, 500, 500]), class_labels=torch.tensor([0, 1, 10, 10]), return_dict=False)
     with torch.no_grad():
         y = pipe.transformer(x, **kw)[0]
-        # SQNR floors in dB, ~8–10 dB below what was measured (66, 66, 47, 45, 49, 46, 49, 53)
-        floors = {"w8a8-smoothquant": 56, "w8a8-viditq": 56, "w4a8-viditq": 38, "w4a8-hadamard": 37, "w4a8-hadanorm": 40,
-                  "w4a4-hadanorm": 37, "w4a4-svd": 40, "w4a16-gptq": 44}
+        # SQNR floors in dB, ~8–10 dB below what was measured (66, 66, 49, 46, 49, 53); Hadamard / W4A8-ViDiT-Q are
+        # covered layer by layer in their own tests
+        floors = {"w8a8-smoothquant": 56, "w8a8-viditq": 56, "w4a8-hadanorm": 40, "w4a4-hadanorm": 37, "w4a4-svd": 40, "w4a16-gptq": 44}
         got = {}
         for preset, floor in floors.items():
             qmodel, report = quantize_(pipe.transformer, preset, calib, progress=False)
