@@ -1,58 +1,358 @@
 """ditlab — the Gradio app. Layout and wiring only: every handler is a short call into ``ditlab.api``.
 
-Run: ``python app.py`` (host/port from DITLAB_HOST / DITLAB_PORT, default 127.0.0.1:7860).
+Run: ``python app.py`` (host/port from DITLAB_HOST / DITLAB_PORT, default 127.0.0.1:7860). The FP model is loaded once
+and shared read-only; each session's quantized copies live in a bounded LRU keyed by (session, recipe), never in
+``gr.State`` (which holds only the model source string). Named API endpoints: /load_model, /apply_preset, /compare,
+/outliers, /sensitivity, /allocate, /export (see docs/APP.md).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
 
-from ditlab import api  # noqa: E402
-from ditlab.errors import DitlabError  # noqa: E402
+from ditlab import api, plots  # noqa: E402
+from ditlab.errors import ConfigError, DitlabError  # noqa: E402
 
 PIPE = api.load("shipped")  # loaded once, shared read-only by every session
 LABEL_CHOICES = api.label_choices(PIPE)
+QUANTIZED = api.QuantCache(max_entries=6)  # bounded: at most 6 quantized copies in memory across all sessions
+WORKDIR = Path(tempfile.mkdtemp(prefix="ditlab-app-"))  # exports and uploads of this process
+PRESET_NAMES = list(api.PRESETS)
+LAYER_NAMES = [layer.name for layer in api.layers(PIPE)]
+TIMESTEPS = api.calibration_timesteps(PIPE)
 
 
-def generate(labels: list[int], n_per_label: int, seed: int, steps: int, guidance: float, progress=gr.Progress(track_tqdm=True)):
-    """Handler: a grid with one row per chosen class."""
-    try:
-        grid, info = api.generate_grid(PIPE, labels, int(n_per_label), steps=int(steps), guidance=float(guidance), seed=int(seed))
-    except DitlabError as exc:
-        raise gr.Error(str(exc)) from None
+# ---------------------------------------------------------------- handler helpers
+def guarded(n_outputs: int):
+    """Catches DitlabError: shows the one-line message (toast + the last output, a status Markdown) and leaves
+    every other output, e.g. the user's table, untouched."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except DitlabError as exc:
+                gr.Warning(str(exc))
+                return (*[gr.update()] * (n_outputs - 1), f"⚠️ {exc}")
+        return inner
+    return wrap
+
+
+def _session(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "local"
+
+
+def _recipe_outputs(pipe, recipe, message: str) -> tuple:
+    """(recipe table, recipe JSON, model layers table, memory table, message) for a new current recipe."""
+    return api.recipe_table(pipe, recipe), recipe.to_json(), api.layers_frame(pipe, recipe), api.memory_frame(pipe, recipe), message
+
+
+def _quantized(source: str, recipe, request):
+    pipe = api.load(source)
+    return QUANTIZED.get(_session(request), pipe, recipe, lambda p, r: api.quantize(p, r, calib_settings=api.APP_CALIBRATION))
+
+
+# ---------------------------------------------------------------- handlers
+@guarded(2)
+def generate(labels, n_per_label, seed, steps, guidance, progress=gr.Progress(track_tqdm=True)):
+    """A grid with one row per chosen class (FP model)."""
+    api.check_request(len(labels or []) * int(n_per_label), steps, guidance)
+    grid, info = api.generate_grid(PIPE, labels, int(n_per_label), steps=int(steps), guidance=float(guidance), seed=int(seed))
     return grid, f"{info['n_images']} images · seed {info['seed']} · {info['seconds']} s · {info['path']}"
 
 
+@guarded(11)
+def load_model(kind, path):
+    """Loads a model (shipped / local folder / hub id); resets the recipe to fp."""
+    source = api.model_source(kind, path)
+    pipe = api.load(source)
+    info = api.model_info(pipe)
+    table, text, layers, memory, _ = _recipe_outputs(pipe, api.PRESETS["fp"], "")
+    choices = api.label_choices(pipe)
+    names, timesteps = [layer.name for layer in api.layers(pipe)], api.calibration_timesteps(pipe)
+    return (source, api.model_markdown(info), layers, memory, table, text, gr.update(choices=choices, value=[v for _, v in choices][:8]),
+            "fp", gr.update(choices=names, value=names[0]), gr.update(choices=timesteps, value=timesteps[0]), f"✓ loaded `{source}`")
+
+
+@guarded(5)
+def apply_preset(preset, source):
+    """Replaces the recipe with a preset (or imported recipe JSON)."""
+    pipe = api.load(source)
+    return _recipe_outputs(pipe, api.parse_recipe(preset, pipe), f"✓ preset **{preset}** loaded" if preset in api.PRESETS else "✓ recipe imported")
+
+
+@guarded(4)
+def table_edited(table, recipe_json, source):
+    """Validates the edited table; the recipe JSON follows it (an invalid edit keeps the table and says why)."""
+    pipe = api.load(source)
+    recipe = api.table_recipe(pipe, table, api.parse_recipe(recipe_json))
+    return recipe.to_json(), api.layers_frame(pipe, recipe), api.memory_frame(pipe, recipe), f"✓ table valid · recipe **{recipe.name}**"
+
+
+def recipe_for_run(table, recipe_json, source):
+    """Before Compare/Export: the table's recipe, or stop the chain with the table's error."""
+    try:
+        return api.table_recipe(api.load(source), table, api.parse_recipe(recipe_json)).to_json()
+    except DitlabError as exc:
+        raise gr.Error(str(exc), print_exception=False) from None
+
+
+def download_recipe(recipe_json):
+    """The current recipe as a .json file."""
+    try:
+        return str(api.write_recipe(api.parse_recipe(recipe_json), tempfile.mkdtemp(dir=WORKDIR)))
+    except DitlabError as exc:
+        raise gr.Error(str(exc), print_exception=False) from None
+
+
+@guarded(5)
+def bulk_edit(table, recipe_json, target, setting, source):
+    """Applies one setting to every layer a kind / block / pattern selects."""
+    pipe = api.load(source)
+    recipe = api.bulk_edit(pipe, table, api.parse_recipe(recipe_json), target, setting)
+    return _recipe_outputs(pipe, recipe, f"✓ {target} → {setting}")
+
+
+@guarded(5)
+def import_recipe(text, upload, source):
+    """Imports a recipe from pasted JSON or an uploaded .json file."""
+    pipe = api.load(source)
+    data = Path(upload).read_bytes()[: api.limits().max_recipe_bytes + 1] if upload else text
+    return _recipe_outputs(pipe, api.parse_recipe(data, pipe), "✓ recipe imported")
+
+
+@guarded(6)
+def compare(recipe_json, labels, n_per_label, seed, steps, guidance, backend, source, request: gr.Request = None,
+            progress=gr.Progress(track_tqdm=True)):
+    """FP vs quantized images (same seeds), difference heat map, metrics and per-step divergence."""
+    pipe = api.load(source)
+    recipe = api.parse_recipe(recipe_json, pipe)
+    batch = [int(y) for y in (labels or []) for _ in range(int(n_per_label))]
+    api.check_request(len(batch), steps, guidance)
+    if not batch:
+        raise ConfigError.invalid("labels", labels, "at least one class")
+    q = _quantized(source, recipe, request)
+    c = api.compare(pipe, q, batch, steps=int(steps), guidance=float(guidance), seed=int(seed), backend=backend or None)
+    rows = api.grid_rows(len(labels), int(n_per_label))
+    status = f"recipe **{recipe.name}** · {len(batch)} images · seed {int(seed)} · images by the **{api.BACKEND_NAMES.get(c.backend, c.backend)}**"
+    return (api.image_grid(c.fp_images, rows, scale=3), api.image_grid(c.q_images, rows, scale=3), api.image_grid(c.diff, rows, scale=3),
+            api.compare_metrics(c.metrics), api.divergence_figure(c.divergence, c.timesteps), status)
+
+
+@guarded(4)
+def outliers(layer, timestep, branch, source, progress=gr.Progress(track_tqdm=True)):
+    """Before/after views of one layer's input at one timestep and CFG branch, and the model-wide map."""
+    pipe = api.load(source)
+    res, fig, table, omap = api.outlier_views(pipe, api.calibrate(pipe, **api.APP_CALIBRATION), layer, timestep, branch)
+    return fig, table, omap, f"{res.layer} ({res.kind}) · t={res.timestep} · {res.branch} branch · {res.rows} rows × {res.in_features} channels"
+
+
+@guarded(3)
+def sensitivity(setting, metric, source, progress=gr.Progress(track_tqdm=True)):
+    """Layers × timestep-groups sensitivity of one setting (cached on disk)."""
+    pipe = api.load(source)
+    res = api.sensitivity_run(pipe, setting, lambda p: api.calibrate(p, **api.APP_CALIBRATION))
+    _, styled = api.sensitivity_table(res, metric)
+    return plots.sensitivity_figure(res, metric), styled, f"{res.setting}: {res.n_computed} cells computed, {res.n_cached} cached, {res.seconds:.1f} s"
+
+
+@guarded(4)
+def open_cell(setting, source, evt: gr.SelectData):
+    """A click on a sensitivity cell opens that layer and timestep group in Outliers."""
+    pipe = api.load(source)
+    res = api.sensitivity_run(pipe, setting, lambda p: api.calibrate(p, **api.APP_CALIBRATION), progress=False)
+    layer, t = api.cell_target(pipe, res, api.calibrate(pipe, **api.APP_CALIBRATION, progress=False), *evt.index)
+    return gr.Tabs(selected="outliers"), layer, t, f"opened {layer} at t={t}"
+
+
+@guarded(7)
+def allocate(budget, source, progress=gr.Progress(track_tqdm=True)):
+    """Runs the bit allocator at a budget and loads the result into the recipe table."""
+    pipe = api.load(source)
+    alloc, alloc_fig, pareto_fig = api.allocation_views(pipe, budget)
+    table, text, layers, memory, _ = _recipe_outputs(pipe, alloc.recipe, "")
+    return table, text, layers, memory, alloc_fig, pareto_fig, f"✓ {alloc.recipe.name}: average {alloc.avg_w_bits:.2f} weight bits, loaded into the recipe table"
+
+
+@guarded(3)
+def export(recipe_json, source, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
+    """Quantizes (cached) and writes the quantized model folder as a zip, plus the recipe JSON."""
+    pipe = api.load(source)
+    recipe = api.parse_recipe(recipe_json, pipe)
+    out = Path(tempfile.mkdtemp(dir=WORKDIR))
+    folder = api.save(_quantized(source, recipe, request), pipe, out / api.safe_name(recipe.name))
+    return str(api.export_zip(folder)), str(api.write_recipe(recipe, out)), f"✓ exported `{folder.name}`"
+
+
+@guarded(6)
+def load_export(upload, path, request: gr.Request = None):
+    """Loads an exported zip/folder back: its recipe fills the table and its quantized model is used by Compare."""
+    folder = api.unpack_qdir(upload or path, WORKDIR)
+    q, source = api.load_qdir(folder)
+    pipe = api.load(source)
+    QUANTIZED.put(_session(request), pipe, q.recipe, q)
+    return (source, *_recipe_outputs(pipe, q.recipe, "")[:4], f"✓ loaded `{folder.name}` (recipe {q.recipe.name}, model {source})")
+
+
+def forget_session(request: gr.Request):
+    QUANTIZED.drop_session(_session(request))
+
+
+# ---------------------------------------------------------------- layout
+INTRO = ("# ditlab — post-training quantization lab for Diffusion Transformers\n"
+         "Pick a **recipe** (how many bits each layer keeps), **compare** the quantized model with the full-precision one on the "
+         "same seeds, and see **why** a setting fails (activation outliers, per-layer sensitivity). Newcomer? Read docs/APP.md.")
+HEAVY = dict(concurrency_limit=2, concurrency_id="heavy")  # long jobs share 2 workers (2 CPU cores)
+
+
+def _generate_tab():
+    with gr.Tab("Generate", id="generate"):
+        gr.Markdown(f"Full-precision samples of `{PIPE.source}` — one row per class.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                labels = gr.CheckboxGroup(LABEL_CHOICES, value=[v for _, v in LABEL_CHOICES], label="classes", elem_id="labels")
+                n_per_label = gr.Slider(1, 16, value=6, step=1, label="images per class", elem_id="n_per_label")
+                seed = gr.Number(0, precision=0, label="seed", elem_id="seed")
+                steps = gr.Slider(1, 100, value=api.DEFAULT_STEPS, step=1, label="steps", elem_id="steps")
+                guidance = gr.Slider(1.0, 10.0, value=api.DEFAULT_GUIDANCE, step=0.5, label="CFG scale", elem_id="guidance")
+                run = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column(scale=2):
+                grid = gr.Image(label="samples (one row per class)", type="numpy", elem_id="grid", format="png")
+                status = gr.Markdown(elem_id="status")
+    return [labels, n_per_label, seed, steps, guidance], run, [grid, status]
+
+
 def build() -> gr.Blocks:
+    fp = api.PRESETS["fp"]
     with gr.Blocks(title="ditlab") as demo:
-        gr.Markdown("# ditlab — post-training quantization lab for Diffusion Transformers\n"
-                    f"Model: the shipped tiny DiT (`{PIPE.source}`), {len(api.layers(PIPE))} linear layers, classes: "
-                    + ", ".join(name for name, _ in LABEL_CHOICES))
-        with gr.Tab("Generate"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    labels = gr.CheckboxGroup(LABEL_CHOICES, value=[v for _, v in LABEL_CHOICES], label="classes", elem_id="labels")
-                    n_per_label = gr.Slider(1, 16, value=6, step=1, label="images per class", elem_id="n_per_label")
-                    seed = gr.Number(0, precision=0, label="seed", elem_id="seed")
-                    steps = gr.Slider(1, 100, value=api.DEFAULT_STEPS, step=1, label="steps", elem_id="steps")
-                    guidance = gr.Slider(1.0, 10.0, value=api.DEFAULT_GUIDANCE, step=0.5, label="CFG scale", elem_id="guidance")
-                    run = gr.Button("Generate", variant="primary", elem_id="generate")
-                with gr.Column(scale=2):
-                    grid = gr.Image(label="samples (one row per class)", type="numpy", elem_id="grid", format="png")
-                    status = gr.Markdown(elem_id="status")
-        inputs = [labels, n_per_label, seed, steps, guidance]
-        run.click(generate, inputs, [grid, status], api_name="generate", concurrency_limit=2)
-        demo.load(generate, inputs, [grid, status], api_name=False)
+        source = gr.State("shipped")  # the session's model source; models themselves are cached per process
+        gr.Markdown(INTRO)
+        with gr.Tabs(elem_id="tabs") as tabs:
+            gen_inputs, gen_run, gen_outputs = _generate_tab()
+            with gr.Tab("Model", id="model"):
+                with gr.Row():
+                    kind = gr.Radio(list(api.MODEL_KINDS), value="shipped", label="model", elem_id="model_kind")
+                    path = gr.Textbox(label="local folder or hub id", placeholder="/path/to/pipeline or facebook/DiT-XL-2-256", elem_id="model_path")
+                    load_btn = gr.Button("Load", elem_id="load_model")
+                model_md = gr.Markdown(api.model_markdown(api.model_info(PIPE)), elem_id="model_info")
+                model_msg = gr.Markdown(elem_id="model_msg")
+                memory = gr.Dataframe(api.memory_frame(PIPE, fp), label="weight memory: FP vs the current recipe", interactive=False, elem_id="memory")
+                layers = gr.Dataframe(api.layers_frame(PIPE, fp), label="quantizable linear layers", interactive=False, max_height=360, elem_id="layers")
+            with gr.Tab("Recipe", id="recipe"):
+                with gr.Row():
+                    preset = gr.Dropdown(PRESET_NAMES, value="fp", label="preset", elem_id="preset", scale=2)
+                    target = gr.Dropdown(list(api.BULK_TARGETS), value="fc2", allow_custom_value=True, label="bulk edit: layers (kind, 'block N', glob)",
+                                         elem_id="bulk_target", scale=2)
+                    setting = gr.Textbox("W8", label="set to (e.g. W8, W4A8, FP, hadanorm W4A4 g64)", elem_id="bulk_setting", scale=2)
+                    bulk_btn = gr.Button("Apply to layers", elem_id="bulk_apply", scale=1)
+                table_msg = gr.Markdown("Edit method / w_bits / a_bits / w_group_size / a_granularity in the table; it is checked as you type.",
+                                        elem_id="table_msg")
+                table = gr.Dataframe(api.recipe_table(PIPE, fp), interactive=True, static_columns=[0, 1, 2], max_height=480,
+                                     datatype=["str", "str", "str", "str", "number", "number", "str", "str"], elem_id="recipe_table")
+                with gr.Accordion("Recipe JSON: import / export", open=False):
+                    recipe_json = gr.Code(fp.to_json(), language="json", label="current recipe (what Compare and Export use)", interactive=False,
+                                          elem_id="recipe_json")
+                    with gr.Row():
+                        paste = gr.Textbox(label="paste a recipe JSON", lines=4, elem_id="recipe_paste")
+                        upload = gr.File(label="or upload a .json", file_types=[".json"], type="filepath", elem_id="recipe_upload")
+                    with gr.Row():
+                        import_btn = gr.Button("Import", elem_id="recipe_import")
+                        download_btn = gr.DownloadButton("Download recipe JSON", elem_id="recipe_download")
+            with gr.Tab("Compare", id="compare"):
+                with gr.Row():
+                    c_labels = gr.CheckboxGroup(LABEL_CHOICES, value=[v for _, v in LABEL_CHOICES][:8], label="classes", elem_id="c_labels", scale=3)
+                    c_n = gr.Slider(1, 8, value=1, step=1, label="images per class", elem_id="c_n")
+                    c_seed = gr.Number(0, precision=0, label="seed", elem_id="c_seed")
+                with gr.Row():
+                    c_steps = gr.Slider(1, 100, value=20, step=1, label="steps", elem_id="c_steps")
+                    c_cfg = gr.Slider(1.0, 10.0, value=api.DEFAULT_GUIDANCE, step=0.5, label="CFG scale", elem_id="c_cfg")
+                    c_backend = gr.Radio(api.backends.available(), value=api.backends.current(), label="execution path of the quantized layers",
+                                         elem_id="c_backend")
+                with gr.Row():
+                    c_run = gr.Button("Compare", variant="primary", elem_id="compare")
+                    c_cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                c_status = gr.Markdown(elem_id="c_status")
+                with gr.Row():
+                    fp_img = gr.Image(label="full precision (fp32, CPU)", type="numpy", format="png", elem_id="fp_images")
+                    q_img = gr.Image(label="quantized", type="numpy", format="png", elem_id="q_images")
+                    diff_img = gr.Image(label="|FP − quantized| heat map (×4)", type="numpy", format="png", elem_id="diff_images")
+                with gr.Row():
+                    metrics = gr.Dataframe(label="metrics", interactive=False, elem_id="metrics", scale=1)
+                    divergence = gr.Plot(label="per-step divergence", elem_id="divergence", scale=1)
+            with gr.Tab("Outliers", id="outliers"):
+                with gr.Row():
+                    o_layer = gr.Dropdown(LAYER_NAMES, value="transformer_blocks.0.ff.net.2", label="layer", elem_id="o_layer", scale=3)
+                    o_t = gr.Dropdown(TIMESTEPS, value=TIMESTEPS[0], label="timestep", elem_id="o_timestep")
+                    o_branch = gr.Radio(list(api.BRANCHES), value="cond", label="CFG branch", elem_id="o_branch")
+                    o_run = gr.Button("Show", variant="primary", elem_id="outliers_run")
+                o_msg = gr.Markdown(elem_id="o_msg")
+                o_fig = gr.Plot(label="before / after each transform", elem_id="o_fig")
+                o_table = gr.Dataframe(label="A8 / A4 errors per transform (out_err = layer-output error)", interactive=False, elem_id="o_table")
+                o_map = gr.Plot(label="model-wide outlier map", elem_id="o_map")
+            with gr.Tab("Sensitivity & allocation", id="sensitivity"):
+                with gr.Row():
+                    s_setting = gr.Dropdown([p for p in PRESET_NAMES if p != "fp"], value="w4a8-rtn", label="setting", elem_id="s_setting")
+                    s_metric = gr.Dropdown(["sqnr_db", "ssim", "psnr", "agreement"], value="sqnr_db", label="metric", elem_id="s_metric")
+                    s_run = gr.Button("Run sensitivity", variant="primary", elem_id="sensitivity_run")
+                s_msg = gr.Markdown(elem_id="s_msg")
+                s_fig = gr.Plot(label="layers × timestep groups", elem_id="s_fig")
+                s_table = gr.Dataframe(label="click a cell to open that layer and timestep in Outliers", interactive=False, max_height=360, elem_id="s_table")
+                with gr.Row():
+                    budget = gr.Slider(4.0, 8.0, value=6.0, step=0.25, label="budget: average weight bits (W8A8 / W4A8 per layer)", elem_id="budget")
+                    a_run = gr.Button("Allocate → recipe table", elem_id="allocate_run")
+                a_msg = gr.Markdown(elem_id="a_msg")
+                with gr.Row():
+                    a_fig = gr.Plot(label="allocated bits", elem_id="a_fig")
+                    p_fig = gr.Plot(label="Pareto sweep", elem_id="pareto_fig")
+            with gr.Tab("Export", id="export"):
+                gr.Markdown("Download the quantized model (a QDIR folder, zipped: packed weights, scales, recipe, manifest) and its recipe; "
+                            "load a previous export back (its recipe fills the table; Compare uses it without re-quantizing).")
+                with gr.Row():
+                    e_run = gr.Button("Quantize and export", variant="primary", elem_id="export_run")
+                    e_zip = gr.File(label="quantized model (.zip)", elem_id="export_zip")
+                    e_recipe = gr.File(label="recipe (.json)", elem_id="export_recipe")
+                with gr.Row():
+                    e_upload = gr.File(label="load an exported .zip", file_types=[".zip"], type="filepath", elem_id="export_upload")
+                    e_path = gr.Textbox(label="or a QDIR folder on the server", elem_id="export_path")
+                    e_load = gr.Button("Load export", elem_id="export_load")
+                e_msg = gr.Markdown(elem_id="e_msg")
+
+        recipe_views = [table, recipe_json, layers, memory]
+        gen_run.click(generate, gen_inputs, gen_outputs, api_name="generate", **HEAVY)
+        demo.load(generate, gen_inputs, gen_outputs, api_name=False)
+        load_btn.click(load_model, [kind, path], [source, model_md, layers, memory, table, recipe_json, c_labels, preset, o_layer, o_t, model_msg],
+                       api_name="load_model")
+        preset.input(apply_preset, [preset, source], recipe_views + [table_msg], api_name="apply_preset")
+        table.input(table_edited, [table, recipe_json, source], [recipe_json, layers, memory, table_msg], api_name=False)
+        bulk_btn.click(bulk_edit, [table, recipe_json, target, setting, source], recipe_views + [table_msg], api_name="bulk_edit")
+        import_btn.click(import_recipe, [paste, upload, source], recipe_views + [table_msg], api_name="import_recipe")
+        download_btn.click(download_recipe, recipe_json, download_btn, api_name=False)
+        c_event = c_run.click(recipe_for_run, [table, recipe_json, source], recipe_json, api_name=False).success(
+            compare, [recipe_json, c_labels, c_n, c_seed, c_steps, c_cfg, c_backend, source], [fp_img, q_img, diff_img, metrics, divergence, c_status],
+            api_name="compare", **HEAVY)
+        o_event = o_run.click(outliers, [o_layer, o_t, o_branch, source], [o_fig, o_table, o_map, o_msg], api_name="outliers", **HEAVY)
+        s_event = s_run.click(sensitivity, [s_setting, s_metric, source], [s_fig, s_table, s_msg], api_name="sensitivity", **HEAVY)
+        s_table.select(open_cell, [s_setting, source], [tabs, o_layer, o_t, s_msg], api_name=False).success(
+            outliers, [o_layer, o_t, o_branch, source], [o_fig, o_table, o_map, o_msg], api_name=False, **HEAVY)
+        a_event = a_run.click(allocate, [budget, source], recipe_views + [a_fig, p_fig, a_msg], api_name="allocate", **HEAVY)
+        e_event = e_run.click(recipe_for_run, [table, recipe_json, source], recipe_json, api_name=False).success(
+            export, [recipe_json, source], [e_zip, e_recipe, e_msg], api_name="export", **HEAVY)
+        e_load.click(load_export, [e_upload, e_path], [source] + recipe_views + [e_msg], api_name="load_export")
+        c_cancel.click(None, None, None, cancels=[c_event, o_event, s_event, a_event, e_event], api_name=False)
+        demo.unload(forget_session)
     return demo
 
 
 demo = build()
-demo.queue(max_size=32, default_concurrency_limit=2)
+demo.queue(max_size=32, default_concurrency_limit=4)
 
 if __name__ == "__main__":
     demo.launch(

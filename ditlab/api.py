@@ -314,3 +314,6 @@ def compare(pipe: Pipeline, quantized: Quantized, labels: Sequence[int], *, step
     sched.set_timesteps(steps)
     diff = heat((fp.images.float() - q.images.float()).abs().mean(1))
     return Comparison(fp.images, q.images, diff, metrics, divergence, [int(t) for t in sched.timesteps], used)
+
+
+from .workbench import (APP_CALIBRATION, BACKEND_NAMES, BRANCHES, BULK_TARGETS, MODEL_KINDS, PRESETS, QuantCache, allocation_views, bulk_edit, calibration_timesteps, cell_target, check_request, compare_metrics, divergence_figure, export_zip, grid_rows, layers_frame, limits, load_qdir, memory_frame, model_markdown, model_source, outlier_views, parse_recipe, recipe_table, safe_name, sensitivity_run, sensitivity_table, table_recipe, unpack_qdir, write_recipe)  # noqa: E402,F401 - the app's session logic

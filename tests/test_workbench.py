@@ -1,0 +1,241 @@
+"""ditlab.workbench without gradio: the recipe table round trip, bulk edits, recipe JSON import (bad input names the
+field), request limits and public mode, the per-session quantized cache, QDIR zip export/import, analysis views."""
+
+import json
+import threading
+import time
+import zipfile
+
+import pytest
+
+from ditlab import workbench as wb
+from ditlab.config import PRESETS, Recipe
+from ditlab.errors import ConfigError, DitlabError, ModelLoadError
+from ditlab.models import load_pipeline
+from ditlab.testing import tiny_dit_pipeline
+
+FC2 = "transformer_blocks.0.ff.net.2"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return load_pipeline(tiny_dit_pipeline(tmp_path_factory.mktemp("wb") / "dit"))
+
+
+def test_table_round_trip_unchanged_and_one_edit(tiny):
+    base = PRESETS["w8a8-viditq"]
+    table = wb.recipe_table(tiny, base)
+    assert list(table.columns) == list(wb.TABLE_COLUMNS)
+    assert wb.table_recipe(tiny, table, base) is base  # nothing edited: the same recipe
+    row = table.index[table["name"] == FC2][0]
+    table.loc[row, "w_bits"] = 4
+    table.loc[row, "w_group_size"] = "32"
+    edited = wb.table_recipe(tiny, table, base)
+    plan = edited.resolve(wb.list_linears(tiny.transformer))
+    assert (plan[FC2].w_bits, plan[FC2].w_group_size, plan[FC2].method) == (4, 32, "viditq")
+    assert plan["transformer_blocks.0.ff.net.0.proj"] == base.resolve(wb.list_linears(tiny.transformer))["transformer_blocks.0.ff.net.0.proj"]
+    again = wb.recipe_table(tiny, edited)
+    assert again.loc[row, "w_bits"] == 4 and again.loc[row, "w_group_size"] == "32"
+    assert wb.table_recipe(tiny, again, edited) is edited  # idempotent
+
+
+@pytest.mark.parametrize("column, value, field", [("a_bits", 3, "a_bits"), ("w_bits", "eight", "w_bits"), ("method", "magic", "method"),
+                                                  ("w_group_size", "7", "w_group_size"), ("a_granularity", "per-row", "a_granularity")])
+def test_bad_cell_names_the_field_and_layer(tiny, column, value, field):
+    table = wb.recipe_table(tiny, PRESETS["w8a8-rtn"]).astype(object)  # as the UI sends it: any cell may hold text
+    table.loc[table["name"] == FC2, column] = value
+    with pytest.raises(ConfigError) as err:
+        wb.table_recipe(tiny, table, PRESETS["w8a8-rtn"])
+    assert err.value.field == field and FC2 in str(err.value) and "\n" not in str(err.value)
+
+
+def test_table_with_wrong_rows_is_refused(tiny):
+    table = wb.recipe_table(tiny, PRESETS["fp"]).iloc[:-1]
+    with pytest.raises(ConfigError, match="table rows"):
+        wb.table_recipe(tiny, table, PRESETS["fp"])
+
+
+def test_bulk_edit_kind_block_and_glob(tiny):
+    base = PRESETS["w8a8-rtn"]
+    table = wb.recipe_table(tiny, base)
+    infos = wb.list_linears(tiny.transformer)
+    r = wb.bulk_edit(tiny, table, base, "fc2", "W4 g32")
+    plan = r.resolve(infos)
+    assert all(plan[i.name].w_bits == 4 and plan[i.name].w_group_size == 32 for i in infos if i.kind == "fc2")
+    assert all(plan[i.name].w_bits == 8 for i in infos if i.kind == "fc1")
+    r2 = wb.bulk_edit(tiny, wb.recipe_table(tiny, r), r, "block 0", "FP")
+    plan2 = r2.resolve(infos)
+    assert all(plan2[i.name] is None or plan2[i.name].is_fp for i in infos if i.block == 0)
+    assert plan2["transformer_blocks.1.ff.net.2"].w_bits == 4  # earlier edit kept
+    r3 = wb.bulk_edit(tiny, wb.recipe_table(tiny, PRESETS["fp"]), PRESETS["fp"], "transformer_blocks.1.attn1.to_*", "W8A8")
+    plan3 = r3.resolve(infos)
+    assert plan3["transformer_blocks.1.attn1.to_q"].short() == "rtn W8A8" and plan3["transformer_blocks.0.attn1.to_q"].is_fp
+
+
+def test_bulk_edit_keeps_unsaved_table_edits(tiny):
+    base = PRESETS["w8a8-rtn"]
+    table = wb.recipe_table(tiny, base)
+    table.loc[table["name"] == "transformer_blocks.1.attn1.to_q", "a_bits"] = 6
+    r = wb.bulk_edit(tiny, table, base, "fc2", "W4A8")
+    assert r.resolve(wb.list_linears(tiny.transformer))["transformer_blocks.1.attn1.to_q"].a_bits == 6
+
+
+@pytest.mark.parametrize("target, setting, field", [("nope", "W8", "layer pattern"), ("fc2", "A3", "a_bits"), ("fc2", "W9", "w_bits"),
+                                                    ("fc2", "banana", "setting"), ("block 99", "W8", "layer pattern")])
+def test_bulk_edit_errors_name_the_field(tiny, target, setting, field):
+    with pytest.raises(ConfigError) as err:
+        wb.bulk_edit(tiny, wb.recipe_table(tiny, PRESETS["fp"]), PRESETS["fp"], target, setting)
+    assert err.value.field == field
+
+
+def test_parse_setting():
+    assert wb.parse_setting("hadanorm W4A4 g64") == {"method": "hadanorm", "w_bits": 4, "a_bits": 4, "w_group_size": 64}
+    assert wb.parse_setting("W8, per-tensor") == {"w_bits": 8, "a_granularity": "per-tensor"}
+    assert wb.parse_setting("fp") == {"method": "fp"}
+
+
+@pytest.mark.parametrize("text, field", [
+    ('{"version": 1, "default": ', "recipe JSON"),  # truncated
+    (json.dumps({"version": 1, "default": {"method": "rtn", "w_bits": 8, "a_bits": 3}}), "a_bits"),
+    (json.dumps({"version": 1, "overrides": [{"pattern": "nothing.*", "set": {"w_bits": 4}}]}), "override pattern"),
+    (json.dumps({"version": 1, "overrides": 5}), "recipe JSON"),
+    (json.dumps({"default": {}}), "version"),
+    (b"\xff\xfe{", "recipe JSON"),
+    ("[" * 100_000 + "]" * 100_000, "recipe JSON"),
+    ("", "recipe JSON"),
+    ("not-a-preset", "recipe JSON"),
+])
+def test_parse_recipe_bad_input_is_one_clear_line(tiny, text, field):
+    with pytest.raises(ConfigError) as err:
+        wb.parse_recipe(text, tiny)
+    assert err.value.field == field and "\n" not in str(err.value)
+
+
+def test_parse_recipe_presets_and_round_trip(tiny):
+    assert wb.parse_recipe("w4a8-hadanorm") is PRESETS["w4a8-hadanorm"]
+    r = wb.bulk_edit(tiny, wb.recipe_table(tiny, PRESETS["w8a8-rtn"]), PRESETS["w8a8-rtn"], "adaLN", "FP")
+    assert wb.parse_recipe(r.to_json(), tiny) == r
+    assert wb.parse_recipe(r.to_json().encode(), tiny) == r
+
+
+def test_recipe_size_limit_and_public_mode(monkeypatch, tiny, tmp_path):
+    monkeypatch.setenv("DITLAB_PUBLIC", "1")
+    lim = wb.limits()
+    assert lim.public and lim.max_images <= 16
+    with pytest.raises(ConfigError, match="at most"):
+        wb.parse_recipe('{"version": 1, "name": "' + "x" * lim.max_recipe_bytes + '"}')
+    with pytest.raises(ConfigError) as err:
+        wb.check_request(lim.max_images + 1, 10, 4.0)
+    assert err.value.field == "images"
+    with pytest.raises(ConfigError) as err:
+        wb.model_source("local folder", str(tmp_path))
+    assert err.value.field == "local folder"
+    with pytest.raises(ConfigError):
+        wb.unpack_qdir(tmp_path, tmp_path)  # server folders are not loadable in public mode
+    monkeypatch.setenv("DITLAB_ALLOWED_DIRS", str(tmp_path))
+    assert wb.model_source("local folder", str(tmp_path)) == str(tmp_path.resolve())
+
+
+@pytest.mark.parametrize("n, steps, cfg, field", [(0, 10, 4.0, "images"), (4, 0, 4.0, "steps"), (4, 2.5, 4.0, "steps"),
+                                                  (4, 10, float("nan"), "CFG scale"), (4, 10, 0.5, "CFG scale")])
+def test_check_request(n, steps, cfg, field):
+    with pytest.raises(ConfigError) as err:
+        wb.check_request(n, steps, cfg)
+    assert err.value.field == field
+
+
+def test_model_source_messages(tmp_path):
+    assert wb.model_source("shipped", "") == "shipped"
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        wb.model_source("local folder", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError):
+        wb.model_source("hub id", "  ")
+    assert wb.model_source("hub id", "facebook/DiT-XL-2-256") == "facebook/DiT-XL-2-256"
+
+
+def test_memory_and_layers_frames(tiny):
+    mem = wb.memory_frame(tiny, PRESETS["w4a8-rtn"])
+    fp32, fp16, ideal = mem["MB"]
+    assert fp32 == pytest.approx(2 * fp16) and ideal < 0.5 * fp16
+    layers = wb.layers_frame(tiny, PRESETS["w4a8-rtn"])
+    assert set(layers.loc[layers["kind"] == "embedder", "setting"]) == {"fp (skipped)"}
+    assert set(layers.loc[layers["kind"] == "fc1", "setting"]) == {"rtn W4A8 g64"}
+
+
+def test_quant_cache_bounded_lru_and_quantizes_once(tiny):
+    cache = wb.QuantCache(max_entries=2)
+    calls = []
+
+    def slow_quantize(pipe, recipe):
+        calls.append(recipe.name)
+        time.sleep(0.2)
+        return object()
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get("s1", tiny, PRESETS["w8a8-rtn"], slow_quantize))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == ["w8a8-rtn"] and len({id(r) for r in results}) == 1  # concurrent requests: one quantization
+    other = cache.get("s2", tiny, PRESETS["w8a8-rtn"], slow_quantize)  # another session: its own copy
+    assert other is not results[0] and len(calls) == 2
+    cache.get("s1", tiny, PRESETS["w4a8-rtn"], slow_quantize)
+    assert len(cache) == 2  # bounded
+    cache.drop_session("s1")
+    assert len(cache) == 1
+
+
+def test_export_zip_and_load_back(tiny, tmp_path):
+    from ditlab import api
+
+    q = api.quantize(tiny, "w8a8-rtn", progress=False)
+    folder = api.save(q, tiny, tmp_path / wb.safe_name("../../evil name"))
+    assert folder.parent == tmp_path and folder.name == "evil-name"
+    archive = wb.export_zip(folder)
+    back = wb.unpack_qdir(archive, tmp_path)
+    loaded, source = wb.load_qdir(back)
+    assert loaded.recipe == q.recipe and source == tiny.source
+    for name, t in q.pipe.transformer.state_dict().items():
+        assert loaded.pipe.transformer.state_dict()[name].equal(t)
+
+
+def test_unsafe_or_bad_zips_are_refused(tmp_path):
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("../outside.txt", "x")
+    with pytest.raises(ModelLoadError, match="unsafe path"):
+        wb.unpack_qdir(evil, tmp_path)
+    assert not (tmp_path.parent / "outside.txt").exists()
+    empty = tmp_path / "empty.zip"
+    with zipfile.ZipFile(empty, "w") as zf:
+        zf.writestr("readme.txt", "x")
+    with pytest.raises(ModelLoadError, match="ditlab_qdir.json"):
+        wb.unpack_qdir(empty, tmp_path)
+    (tmp_path / "plain.zip").write_text("not a zip")
+    with pytest.raises(DitlabError, match="not a zip"):
+        wb.unpack_qdir(tmp_path / "plain.zip", tmp_path)
+
+
+def test_compare_views():
+    table = wb.compare_metrics({"psnr": 31.234, "ssim": 0.9, "class_agreement": 0.875, "weight_bytes": 1000, "seconds_fp": 1.0})
+    assert dict(zip(table["metric"], table["value"]))["class agreement"] == "88%"
+    fig = wb.divergence_figure([0.0, 0.1, 0.2], [999, 500, 1])
+    assert list(fig.data[0].y) == [0.0, 0.1, 0.2]
+    assert wb.grid_rows(8, 1) == 2 and wb.grid_rows(3, 4) == 3
+
+
+def test_sensitivity_table_and_cell_target(tiny, monkeypatch, tmp_path):
+    from ditlab.calibration import calibrate
+
+    monkeypatch.setattr(wb, "SENSITIVITY_SETTINGS", {"n_images": 2, "steps": 4, "n_groups": 2, "unit": "layer"})
+    monkeypatch.setenv("DITLAB_CACHE", str(tmp_path))
+    res = wb.sensitivity_run(tiny, "w4a8-rtn", calibrate=None, progress=False)
+    frame, styler = wb.sensitivity_table(res, "sqnr_db")
+    assert list(frame["unit"]) == list(dict.fromkeys(res.frame["unit"])) and frame.shape[1] == 3
+    assert "background-color" in styler.to_html()
+    calib = calibrate(tiny, n_samples=2, steps=4, use_cache=False, progress=False)
+    layer, t = wb.cell_target(tiny, res, calib, 1, 2)
+    assert layer == frame["unit"][1] and t in calib.timesteps
+    alloc, fig, pareto = wb.allocation_views(tiny, 6.0, progress=False)
+    assert alloc.avg_w_bits <= 6.0 and isinstance(alloc.recipe, Recipe)
