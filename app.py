@@ -64,7 +64,8 @@ def _quantized(source: str, recipe, request):
 @guarded(2)
 def generate(labels, n_per_label, seed, steps, guidance, progress=gr.Progress(track_tqdm=True)):
     """A grid with one row per chosen class (FP model)."""
-    api.check_request(len(labels or []) * int(n_per_label), steps, guidance)
+    if labels:  # no labels: generate_grid names the field
+        api.check_request(len(labels) * int(n_per_label), steps, guidance)
     grid, info = api.generate_grid(PIPE, labels, int(n_per_label), steps=int(steps), guidance=float(guidance), seed=int(seed))
     return grid, f"{info['n_images']} images · seed {info['seed']} · {info['seconds']} s · {info['path']}"
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 
-from .config import FP, METHOD_NAMES, PRESETS, Recipe, check_field, load_recipe
+from .config import METHOD_NAMES, PRESETS, Recipe, check_field, get_preset, load_recipe
 from .errors import ConfigError, DitlabError, ModelLoadError
 from .models import LAYER_KINDS, SHIPPED_MODEL, Pipeline, list_linears
 from .plan_table import frame_to_recipe, plan_to_frame
@@ -152,6 +152,9 @@ def table_recipe(pipe: Pipeline, table, base: Recipe) -> Recipe:
         raise ConfigError.invalid("table column", missing[0], "the columns " + ", ".join(TABLE_COLUMNS))
     if [str(n) for n in table["name"]] != [i.name for i in infos]:
         raise ConfigError.invalid("table rows", f"{len(table)} rows", f"the {len(infos)} layers of the model in order (reload the preset)")
+    for name, method, gran in zip(table["name"], table["method"], table["a_granularity"]):  # also on fp rows, which
+        check_field("method", str(method).strip(), layer=str(name))  # frame_to_recipe reads as FP whatever the text
+        check_field("a_granularity", str(gran).strip(), layer=str(name))
     full = plan_to_frame(base.resolve(infos), infos).astype({c: object for c in EDITABLE})
     for col in EDITABLE:
         full[col] = list(table[col])
@@ -247,8 +250,8 @@ def parse_recipe(text, pipe: Pipeline | None = None) -> Recipe:
         raise ConfigError.invalid("recipe JSON", "", "a recipe JSON object or a preset name")
     if len(text.encode("utf-8", "replace")) > lim.max_recipe_bytes:
         raise ConfigError.invalid("recipe JSON", f"{len(text)} characters", f"at most {lim.max_recipe_bytes} bytes")
-    if text in PRESETS:
-        recipe = PRESETS[text]
+    if not text.startswith(("{", "[")):
+        recipe = get_preset(text)  # a preset name (the error lists them)
     else:
         try:
             recipe = Recipe.from_json(text)

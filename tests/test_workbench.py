@@ -103,7 +103,7 @@ def test_parse_setting():
     (b"\xff\xfe{", "recipe JSON"),
     ("[" * 100_000 + "]" * 100_000, "recipe JSON"),
     ("", "recipe JSON"),
-    ("not-a-preset", "recipe JSON"),
+    ("not-a-preset", "recipe"),
 ])
 def test_parse_recipe_bad_input_is_one_clear_line(tiny, text, field):
     with pytest.raises(ConfigError) as err:

@@ -1,0 +1,187 @@
+"""The app's handlers called directly, then every named endpoint through gradio_client against a server started here.
+
+Heavy work runs on a tiny random DiT loaded as a "local folder" (the handlers take the session's model source), with
+the app's sensitivity and calibration settings shrunk, so the whole module takes well under two minutes.
+"""
+
+import json
+import socket
+
+import pandas as pd
+import pytest
+
+from ditlab import workbench
+from ditlab.config import PRESETS
+from ditlab.testing import tiny_dit_pipeline
+
+app = pytest.importorskip("app")
+
+LABELS = [0, 1]
+BAD_JSON = '{"version": 1, "default": {'
+BAD_ABITS = json.dumps({"version": 1, "default": {"method": "rtn", "w_bits": 8, "a_bits": 3}})
+BAD_PATTERN = json.dumps({"version": 1, "default": {"method": "rtn", "w_bits": 8, "a_bits": 8},
+                          "overrides": [{"pattern": "no_such_block.*", "set": {"w_bits": 4}}]})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def small_settings(tmp_path_factory):
+    """Small analysis settings and a private cache for this module."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DITLAB_CACHE", str(tmp_path_factory.mktemp("app-cache")))
+        mp.setattr(workbench, "SENSITIVITY_SETTINGS", {"n_images": 2, "steps": 4, "n_groups": 2, "unit": "layer"})
+        mp.setitem(workbench.APP_CALIBRATION, "n_samples", 2)
+        mp.setitem(workbench.APP_CALIBRATION, "steps", 4)
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(tiny_dit_pipeline(tmp_path_factory.mktemp("app") / "tiny-dit"))
+
+
+def _msg(outputs) -> str:
+    return str(outputs[-1])
+
+
+# ---------------------------------------------------------------- handlers, called directly
+def test_generate_on_the_shipped_model():
+    grid, status = app.generate([0, 1], 1, 0, 2, 4.0)
+    assert grid.shape[2] == 3 and "2 images" in status
+    assert _msg(app.generate([], 1, 0, 2, 4.0)).startswith("⚠️ labels")
+
+
+def test_load_model_shipped_local_and_bad_sources(tiny):
+    out = app.load_model("local folder", tiny)
+    assert out[0] == tiny and "DiTTransformer2DModel" in out[1] and _msg(out).startswith("✓")
+    assert len(out[4]) == len(workbench.list_linears(app.api.load(tiny).transformer))
+    assert app.load_model("shipped", "")[0] == "shipped"
+    assert "does not exist" in _msg(app.load_model("local folder", "/no/such/folder"))
+    hub = _msg(app.load_model("hub id", "someone/not-cached-dit"))
+    assert hub.startswith("⚠️") and "\n" not in hub
+
+
+def test_apply_preset_and_table_edit(tiny):
+    table, text, layers, memory, msg = app.apply_preset("w4a8-rtn", tiny)
+    assert "w4a8-rtn" in msg and json.loads(text)["name"] == "w4a8-rtn"
+    assert set(layers.loc[layers["kind"] == "fc1", "setting"]) == {"rtn W4A8 g64"}
+    edited = table.astype(object)
+    edited.loc[edited["name"] == "transformer_blocks.1.ff.net.2", "w_bits"] = 8
+    text2, layers2, _, msg2 = app.table_edited(edited, text, tiny)
+    assert msg2.startswith("✓") and layers2.loc[layers2["name"] == "transformer_blocks.1.ff.net.2", "setting"].item() == "rtn W8A8 g64"
+    edited.loc[edited["name"] == "transformer_blocks.1.ff.net.2", "a_bits"] = 3
+    out = app.table_edited(edited, text2, tiny)
+    assert "a_bits = 3" in _msg(out) and "transformer_blocks.1.ff.net.2" in _msg(out)
+    assert all(isinstance(o, dict) for o in out[:-1])  # gr.update(): the table and recipe stay as they were
+    assert "preset name" in _msg(app.apply_preset("no-such-preset", tiny))
+
+
+def test_bulk_edit_import_and_download(tiny):
+    table, text, *_ = app.apply_preset("w8a8-rtn", tiny)
+    out = app.bulk_edit(table, text, "fc2", "W4A8 g32", tiny)
+    assert out[-1].startswith("✓") and set(out[2].loc[out[2]["kind"] == "fc2", "setting"]) == {"rtn W4A8 g32"}
+    assert "layer pattern" in _msg(app.bulk_edit(table, text, "nothing_like_this", "W8", tiny))
+    assert "a_bits = 3" in _msg(app.bulk_edit(table, text, "fc1", "A3", tiny))
+    imported = app.import_recipe(out[1], None, tiny)
+    assert json.loads(imported[1]) == json.loads(out[1])
+    for bad, field in ((BAD_JSON, "recipe JSON"), (BAD_ABITS, "a_bits"), (BAD_PATTERN, "override pattern")):
+        assert field in _msg(app.import_recipe(bad, None, tiny))
+    assert app.download_recipe(out[1]).endswith(".recipe.json")
+
+
+def test_recipe_for_run_stops_on_an_invalid_table(tiny):
+    table, text, *_ = app.apply_preset("w8a8-rtn", tiny)
+    assert json.loads(app.recipe_for_run(table, text, tiny))["name"] == "w8a8-rtn"
+    bad = table.astype(object)
+    bad.loc[0, "method"] = "magic"
+    with pytest.raises(app.gr.Error, match="method"):
+        app.recipe_for_run(bad, text, tiny)
+
+
+def test_compare_outputs_and_bad_recipes(tiny):
+    fp, q, diff, metrics, fig, status = app.compare(PRESETS["w8a8-rtn"].to_json(), LABELS, 1, 0, 3, 4.0, "cpu-int", tiny)
+    assert fp.shape == q.shape == diff.shape and "cpu-int" not in status or "CPU integer path" in status
+    assert "PSNR (dB)" in list(metrics["metric"]) and len(fig.data[0].y) == 3
+    ref = app.compare(PRESETS["w8a8-rtn"].to_json(), LABELS, 1, 0, 3, 4.0, "reference", tiny)
+    assert (ref[1] == q).all() and "reference path" in ref[-1]  # same numbers on both paths
+    for bad, field in ((BAD_JSON, "recipe JSON"), (BAD_ABITS, "a_bits"), (BAD_PATTERN, "override pattern")):
+        assert field in _msg(app.compare(bad, LABELS, 1, 0, 3, 4.0, "cpu-int", tiny))
+    assert "steps" in _msg(app.compare(PRESETS["fp"].to_json(), LABELS, 1, 0, 10_000, 4.0, "cpu-int", tiny))
+    assert "DITLAB_BACKEND" in _msg(app.compare(PRESETS["fp"].to_json(), LABELS, 1, 0, 3, 4.0, "gpu-magic", tiny))
+
+
+def test_outliers_sensitivity_cell_click_and_allocate(tiny):
+    layer = "transformer_blocks.0.ff.net.2"
+    timesteps = app.api.calibration_timesteps(app.api.load(tiny))
+    fig, table, omap, msg = app.outliers(layer, timesteps[1], "cond", tiny)
+    assert layer in msg and set(table["transform"]) >= {"HadaNorm", "SmoothQuant"} and len(fig.data) > 5
+    assert "layer" in _msg(app.outliers("nope", timesteps[1], "cond", tiny))
+    s_fig, styled, s_msg = app.sensitivity("w4a8-rtn", "sqnr_db", tiny)
+    assert "cells computed" in s_msg and "background-color" in styled.to_html()
+
+    class Click:  # what gr.SelectData carries
+        index = [2, 1]
+
+    tabs, o_layer, o_t, note = app.open_cell("w4a8-rtn", tiny, Click())
+    assert o_layer == styled.data["unit"][2] and o_t in timesteps and "opened" in note
+    out = app.allocate(6.0, tiny)
+    assert out[-1].startswith("✓") and json.loads(out[1])["overrides"]
+
+
+def test_export_and_load_back(tiny, tmp_path):
+    text = PRESETS["w8a8-rtn"].to_json()
+    zip_path, recipe_path, msg = app.export(text, tiny)
+    assert zip_path.endswith(".zip") and json.loads(open(recipe_path).read())["name"] == "w8a8-rtn" and msg.startswith("✓")
+    out = app.load_export(zip_path, "")
+    assert out[0] == tiny and json.loads(out[2])["name"] == "w8a8-rtn" and out[-1].startswith("✓")
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"nope")
+    assert "not a zip" in _msg(app.load_export(str(bad), ""))
+
+
+# ---------------------------------------------------------------- the named API through gradio_client
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def client():
+    from gradio_client import Client
+
+    port = _free_port()
+    app.demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False, quiet=True)
+    try:
+        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    finally:
+        app.demo.close()
+
+
+def test_every_named_endpoint_over_http(client, tiny):
+    names = set(client.view_api(return_format="dict", print_info=False)["named_endpoints"])
+    assert {"/load_model", "/apply_preset", "/compare", "/outliers", "/sensitivity", "/allocate", "/export"} <= names
+    out = client.predict("local folder", tiny, api_name="/load_model")
+    assert out[-1].startswith("✓")  # the session now uses the tiny model
+    table, text, layers, memory, msg = client.predict("w8a8-rtn", api_name="/apply_preset")
+    assert msg.startswith("✓") and len(table["data"]) == len(layers["data"]) == len(app.api.layers(app.api.load(tiny)))
+    fp, q, diff, metrics, plot, status = client.predict(text, LABELS, 1, 0, 3, 4.0, "cpu-int", api_name="/compare")
+    assert all(str(p).endswith((".png", ".webp")) for p in (fp, q, diff)) and "CPU integer path" in status
+    assert "PSNR (dB)" in [row[0] for row in metrics["data"]]
+    for bad, field in ((BAD_JSON, "recipe JSON"), (BAD_ABITS, "a_bits"), (BAD_PATTERN, "override pattern")):
+        result = client.predict(bad, LABELS, 1, 0, 3, 4.0, "cpu-int", api_name="/compare")
+        assert result[-1].startswith("⚠️") and field in result[-1]
+    timesteps = app.api.calibration_timesteps(app.api.load(tiny))
+    assert "transformer_blocks.0.attn1.to_q" in client.predict("transformer_blocks.0.attn1.to_q", timesteps[0], "uncond", api_name="/outliers")[-1]
+    assert "cells computed" in client.predict("w4a8-rtn", "sqnr_db", api_name="/sensitivity")[-1]
+    assert client.predict(5.0, api_name="/allocate")[-1].startswith("✓")
+    zip_path, recipe_path, msg = client.predict(text, api_name="/export")
+    assert str(zip_path).endswith(".zip") and msg.startswith("✓")
+
+
+def test_sessions_do_not_share_the_model_source(client, tiny):
+    from gradio_client import Client
+
+    other = Client(client.src, verbose=False)  # a fresh session: still the shipped model
+    table = other.predict("fp", api_name="/apply_preset")[0]
+    assert len(table["data"]) == len(app.api.layers(app.PIPE))
+    assert isinstance(pd.DataFrame(table["data"], columns=table["headers"]), pd.DataFrame)
