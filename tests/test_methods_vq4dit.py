@@ -138,6 +138,7 @@ def test_calibration_lowers_block_output_loss_and_round_trips_through_qdir(tiny,
     model, report = quantize_vq4dit(tiny, _recipe("vq4dit", **TINY_PARAMS), progress=lambda *a: seen.append(a))
     steps = model.ditlab_calibration.steps
     assert len(steps) == 12 and seen[-1][:2] == (12, 12)
+    assert steps[5]["fixed"] < 1.0 and steps[-1]["fixed"] == 1.0 and steps[-1]["hard_layers"] == 14  # annealed to hard by 0.8·T
     assert all(isinstance(m, vq.VQLinear) and m.method == "vq4dit" for m in model.modules() if getattr(m, "is_quantized_linear", False))
     labels = [0, 3, 5, 9]
     loss_kmeans = block_output_mse(tiny, tiny.transformer, base, labels, seed=123, steps=6)
