@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 SENS_VERSION = 1
 UNIT_MODES = ("layer", "group")
 _FAMILY = {"qkv": "attn", "out": "attn", "fc1": "ff", "fc2": "ff", "adaLN": "adaLN"}
-Progress = Callable[[int, int, str], None]
+Progress = Callable[[int, int, str], None]  # (done, total, unit name)
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ def setting_recipe(setting: "str | LayerConfig | Recipe") -> Recipe:
 
 # ---- the sampler-side machinery ----------------------------------------------------------------------------------
 class _Switch(nn.Module):
-    """Calls the FP or the quantized module (``active``); set per step by ``_Control``."""
+    """Calls the FP or the quantized module (``active``); set per step by ``_Replay.before``."""
 
     def __init__(self, fp: nn.Module, q: nn.Module):
         super().__init__()
@@ -153,37 +153,40 @@ class _Switch(nn.Module):
 
 
 class _Replay(nn.Module):
-    """Wraps the transformer: records its raw output per step, or replays recorded outputs for early steps."""
+    """Wraps the transformer and is the run's StepHook: records the raw output of every step (FP run), or replays
+    the recorded outputs for the steps before ``start``; switches the quantized modules on during ``active`` steps
+    and keeps the guided ε of those steps."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.model = model
-        self.step, self.record, self.replay_before = 0, None, 0
+        self.model, self.step, self.record, self.start = model, 0, False, 0
         self.outputs: dict[int, torch.Tensor] = {}
+        self.switches: list[_Switch] = []
+        self.active: set[int] = set()
+        self.eps: dict[int, torch.Tensor] = {}
 
     def forward(self, *args, **kwargs):
-        if self.step < self.replay_before:
-            return (self.outputs[self.step].clone(),)  # identical tensor → identical scheduler update
+        if self.step < self.start:
+            return (self.outputs[self.step].clone(),)  # the identical tensor → the identical scheduler update
         out = self.model(*args, **kwargs)
         if self.record:
             self.outputs[self.step] = out[0].detach().clone()
         return out
 
-
-class _Control:
-    """StepHook: tells the replay wrapper and the switches which step runs; keeps ε of the watched steps."""
-
-    def __init__(self, wrapper: _Replay, switches: Sequence[_Switch], active: set[int]):
-        self.wrapper, self.switches, self.active = wrapper, list(switches), set(active)
-        self.eps: dict[int, torch.Tensor] = {}
+    def watch(self, switches: Sequence[_Switch], active: Sequence[int], record: bool = False) -> dict[int, torch.Tensor]:
+        """Arms the next sampling run; returns the dict that will receive ε (step → (B, C, H, W))."""
+        self.switches, self.active, self.record = list(switches), set(active), record
+        self.start = 0 if record or not self.active else min(self.active)
+        self.eps = {}
+        return self.eps
 
     def before(self, ctx: StepContext) -> None:
-        self.wrapper.step = ctx.index
+        self.step = ctx.index
         for sw in self.switches:
             sw.active = ctx.index in self.active
 
     def after(self, ctx: StepContext, latents: torch.Tensor, model_output: torch.Tensor) -> None:
-        if ctx.index in self.active or self.wrapper.record:
+        if ctx.index in self.active or self.record:
             self.eps[ctx.index] = model_output.detach().clone()
 
 
@@ -282,10 +285,8 @@ def _compute(pipe, st, labels, groups, plan, calib, todo, cells, classify_fn, pr
     """Fills ``cells`` for the (unit, group) pairs in ``todo``; calls ``save()`` after every unit."""
     wrapper = _Replay(copy.deepcopy(pipe.transformer))  # private copy: the shared FP model is never touched
     run = dict(guidance=st.guidance, steps=st.steps, scheduler=st.scheduler, seed=st.seed, progress=False)
-    wrapper.record = True
-    ref_ctl = _Control(wrapper, [], set())
-    fp = sample(pipe, labels, transformer=wrapper, hooks=[ref_ctl], **run)
-    wrapper.record = False
+    fp_eps = wrapper.watch([], [], record=True)
+    fp = sample(pipe, labels, transformer=wrapper, hooks=[wrapper], **run)
     fp_pred = classify_fn(fp.images)
     target = torch.as_tensor(labels)
     callback = progress if callable(progress) else None
@@ -309,14 +310,11 @@ def _compute(pipe, st, labels, groups, plan, calib, todo, cells, classify_fn, pr
                 _set_module(wrapper.model, name, switches[-1])
             for g in gs:
                 t_cell = time.perf_counter()
-                active = set(groups[g])
-                wrapper.replay_before = min(active)
-                ctl = _Control(wrapper, switches, active)
-                out = sample(pipe, labels, transformer=wrapper, hooks=[ctl], **run)
+                eps = wrapper.watch(switches, groups[g])
+                out = sample(pipe, labels, transformer=wrapper, hooks=[wrapper], **run)
                 pred = classify_fn(out.images)
-                steps = sorted(active)
                 cells[f"{unit.name}|{g}"] = {
-                    "sqnr_db": pooled_sqnr([ref_ctl.eps[s] for s in steps], [ctl.eps[s] for s in steps]),
+                    "sqnr_db": pooled_sqnr([fp_eps[s] for s in groups[g]], [eps[s] for s in groups[g]]),
                     "ssim": metrics.ssim(fp.images, out.images), "psnr": metrics.psnr(fp.images, out.images),
                     "agreement": metrics.accuracy(pred, fp_pred), "class_acc": metrics.accuracy(pred, target),
                     "bytes": nbytes, "seconds": time.perf_counter() - t_cell}
@@ -325,7 +323,7 @@ def _compute(pipe, st, labels, groups, plan, calib, todo, cells, classify_fn, pr
                 if callback is not None:
                     callback(done, len(todo), unit.name)
         finally:
-            wrapper.replay_before = 0
+            wrapper.watch([], [])
             for name, linear in originals.items():
                 _set_module(wrapper.model, name, linear)
         save()
