@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import resource
 import sys
@@ -67,12 +68,23 @@ def kmeans_xl(bits: int, limit: int | None) -> str:
     return "\n".join(lines)
 
 
-def _quality_recipes() -> list[Recipe]:
-    rtn2 = Recipe(default=LayerConfig(method="rtn", w_bits=2, a_bits=16, w_group_size=64), name="w2a16-rtn-g64")
-    return [get_preset("w2-kmeans"), get_preset("w2-vq4dit"), rtn2, get_preset("w3-kmeans"), get_preset("w3-vq4dit")]
+RTN2 = Recipe(default=LayerConfig(method="rtn", w_bits=2, a_bits=16, w_group_size=64), name="w2a16-rtn-g64")
+DEFAULT_RECIPES = ("w2-kmeans", "w2-vq4dit", "w2a16-rtn-g64", "w3-kmeans", "w3-vq4dit")
 
 
-def quality(n_per_label: int, steps: int, seed: int) -> str:
+def _quality_recipes(names, params: dict) -> list[Recipe]:
+    """Recipes by name (presets or w2a16-rtn-g64); ``params`` is merged into the params of vq4dit recipes."""
+    out = []
+    for name in names:
+        r = RTN2 if name == RTN2.name else get_preset(name)
+        if params and r.default.method == "vq4dit":
+            extra = ",".join(f"{k}={v}" for k, v in params.items())
+            r = r.replace(default=r.default.replace(params={**r.default.params, **params}), name=f"{name} ({extra})")
+        out.append(r)
+    return out
+
+
+def quality(n_per_label: int, steps: int, seed: int, names=DEFAULT_RECIPES, params: dict | None = None) -> str:
     """Markdown table: the shipped model at FP and under each VQ / RTN recipe."""
     from ditlab import api, metrics
     from ditlab.methods.vq4dit import quantize_vq4dit
@@ -84,7 +96,7 @@ def quality(n_per_label: int, steps: int, seed: int) -> str:
     head = ["| recipe | class acc | FD | PSNR vs FP (dB) | bytes / fp16 | quantize s | calibrate s | calib steps |",
             "|---|---|---|---|---|---|---|---|",
             f"| fp | {m['class_acc']:.2%} | {m['fd']:.2f} | – | 1.000 | – | – | – |"]
-    for recipe in _quality_recipes():
+    for recipe in _quality_recipes(names, params or {}):
         model, report = quantize_vq4dit(pipe, recipe)
         calib = model.ditlab_calibration
         out = api.generate(pipe, labels, steps=steps, seed=seed, transformer=model, progress=False)
@@ -106,6 +118,8 @@ def main(argv=None) -> int:
     q.add_argument("--steps", type=int, default=25)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default=None, help="also append the table to this markdown file")
+    q.add_argument("--recipes", nargs="+", default=list(DEFAULT_RECIPES))
+    q.add_argument("--params", type=json.loads, default=None, help='JSON merged into vq4dit params, e.g. \'{"iterations": 16}\'')
     for sp in (p, q):
         sp.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -114,7 +128,7 @@ def main(argv=None) -> int:
     if args.cmd == "kmeans-xl":
         table = kmeans_xl(args.bits, args.limit)
     else:
-        table = quality(args.n_per_label, args.steps, args.seed)
+        table = quality(args.n_per_label, args.steps, args.seed, args.recipes, args.params)
         if args.out:
             cmd = "python benchmarks/bench_vq.py " + " ".join(sys.argv[1:] if argv is None else argv)
             with open(args.out, "a") as f:

@@ -276,13 +276,7 @@ class VQLinear(nn.Module):
 
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()  # (M, K)
-        routed = getattr(backends, "vq_linear", None)  # backends may install the fused kernel path here
-        if routed is not None:
-            out = routed(self, x2)
-        else:  # CPU path: decode W = C[A] (float32), one float32 matmul, + bias (== kernels.vq_gemm_ref for fp32 x)
-            out = x2 @ self.dequantized_weight().t()
-            if self.bias is not None:
-                out = out + self.bias
+        out = backends.vq_linear(self, x2)  # (M, N): fused Triton decode on a Triton path, else C[A] + one fp32 matmul
         return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -10,7 +10,7 @@ from ditlab.errors import ConfigError
 from ditlab.methods.kmeans import layer_params, quantize_kmeans
 from ditlab.methods.vq4dit import SoftVQLinear, VQ4DiTSettings, needs_calibration, quantize_vq4dit, settings_for
 
-TINY_PARAMS = {"iterations": 2, "samples": 2, "steps": 6, "kmeans_iters": 30}
+TINY_PARAMS = {"iterations": 2, "samples": 2, "steps": 6, "k": 64, "kmeans_iters": 20}  # k-means kept cheap
 
 
 def _soft(n_out=16, n_in=32, k=8, d=4, n=2, seed=0) -> SoftVQLinear:
@@ -113,12 +113,12 @@ def _recipe(method, **params):
 def test_kmeans_handler_swaps_vqlinear_and_reports_bytes(tiny):
     from ditlab.quantize import quantize_
 
-    model, report = quantize_(tiny.transformer, _recipe("kmeans", kmeans_iters=30), progress=False)
+    model, report = quantize_(tiny.transformer, _recipe("kmeans", k=64, kmeans_iters=20), progress=False)
     layers = [m for m in model.modules() if isinstance(m, vq.VQLinear)]
     assert len(layers) == len(report.layers) == 14  # 2 blocks × (q, k, v, out, fc1, fc2, adaLN)
     assert report.bytes_packed == sum(m.weight_bytes() for m in layers)
     lin = tiny.transformer.transformer_blocks[0].attn1.to_q
-    direct = quantize_kmeans(lin, _recipe("kmeans", kmeans_iters=30).default)
+    direct = quantize_kmeans(lin, _recipe("kmeans", k=64, kmeans_iters=20).default)
     assert torch.equal(direct.assignments, model.transformer_blocks[0].attn1.to_q.assignments)  # deterministic
 
 
@@ -133,7 +133,7 @@ def test_disagreeing_calibration_settings_are_rejected(tiny):
 def test_calibration_lowers_block_output_loss_and_round_trips_through_qdir(tiny, tmp_path):
     from ditlab.qdir import load_quantized_transformer, save_quantized
 
-    base, _ = quantize_vq4dit(tiny, _recipe("kmeans", kmeans_iters=30), progress=False)
+    base, _ = quantize_vq4dit(tiny, _recipe("kmeans", k=64, kmeans_iters=20), progress=False)
     seen = []
     model, report = quantize_vq4dit(tiny, _recipe("vq4dit", **TINY_PARAMS), progress=lambda *a: seen.append(a))
     steps = model.ditlab_calibration.steps
