@@ -237,7 +237,7 @@ def _generate_tab():
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
                 grid = gr.Image(label="samples (one row per class)", type="numpy", elem_id="grid", format="png")
-                status = gr.Markdown(elem_id="status")
+                status = gr.Markdown(label="status", elem_id="status")
     return [labels, n_per_label, seed, steps, guidance], run, [grid, status]
 
 
@@ -254,7 +254,7 @@ def build() -> gr.Blocks:
                     path = gr.Textbox(label="local folder or hub id", placeholder="/path/to/pipeline or facebook/DiT-XL-2-256", elem_id="model_path")
                     load_btn = gr.Button("Load", elem_id="load_model")
                 model_md = gr.Markdown(api.model_markdown(api.model_info(PIPE)), elem_id="model_info")
-                model_msg = gr.Markdown(elem_id="model_msg")
+                model_msg = gr.Markdown(label="status", elem_id="model_msg")
                 memory = gr.Dataframe(api.memory_frame(PIPE, fp), label="weight memory: FP vs the current recipe", interactive=False, elem_id="memory")
                 layers = gr.Dataframe(api.layers_frame(PIPE, fp), label="quantizable linear layers", interactive=False, max_height=360, elem_id="layers")
             with gr.Tab("Recipe", id="recipe"):
@@ -265,8 +265,8 @@ def build() -> gr.Blocks:
                     setting = gr.Textbox("W8", label="set to (e.g. W8, W4A8, FP, hadanorm W4A4 g64)", elem_id="bulk_setting", scale=2)
                     bulk_btn = gr.Button("Apply to layers", elem_id="bulk_apply", scale=1)
                 table_msg = gr.Markdown("Edit method / w_bits / a_bits / w_group_size / a_granularity in the table; it is checked as you type.",
-                                        elem_id="table_msg")
-                table = gr.Dataframe(api.recipe_table(PIPE, fp), interactive=True, static_columns=[0, 1, 2], max_height=480,
+                                        label="status", elem_id="table_msg")
+                table = gr.Dataframe(api.recipe_table(PIPE, fp), label="per-layer recipe", interactive=True, static_columns=[0, 1, 2], max_height=480,
                                      datatype=["str", "str", "str", "str", "number", "number", "str", "str"], elem_id="recipe_table")
                 with gr.Accordion("Recipe JSON: import / export", open=False):
                     recipe_json = gr.Code(fp.to_json(), language="json", label="current recipe (what Compare and Export use)", interactive=False,
@@ -285,12 +285,12 @@ def build() -> gr.Blocks:
                 with gr.Row():
                     c_steps = gr.Slider(1, 100, value=20, step=1, label="steps", elem_id="c_steps")
                     c_cfg = gr.Slider(1.0, 10.0, value=api.DEFAULT_GUIDANCE, step=0.5, label="CFG scale", elem_id="c_cfg")
-                    c_backend = gr.Radio(api.backends.available(), value=api.backends.current(), label="execution path of the quantized layers",
+                    c_backend = gr.Radio(api.backends.available(), value=api.default_backend(), label="execution path of the quantized layers",
                                          elem_id="c_backend")
                 with gr.Row():
                     c_run = gr.Button("Compare", variant="primary", elem_id="compare")
                     c_cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
-                c_status = gr.Markdown(elem_id="c_status")
+                c_status = gr.Markdown(label="status", elem_id="c_status")
                 with gr.Row():
                     fp_img = gr.Image(label="full precision (fp32, CPU)", type="numpy", format="png", elem_id="fp_images")
                     q_img = gr.Image(label="quantized", type="numpy", format="png", elem_id="q_images")
@@ -304,7 +304,7 @@ def build() -> gr.Blocks:
                     o_t = gr.Dropdown(TIMESTEPS, value=TIMESTEPS[0], label="timestep", elem_id="o_timestep")
                     o_branch = gr.Radio(list(api.BRANCHES), value="cond", label="CFG branch", elem_id="o_branch")
                     o_run = gr.Button("Show", variant="primary", elem_id="outliers_run")
-                o_msg = gr.Markdown(elem_id="o_msg")
+                o_msg = gr.Markdown(label="status", elem_id="o_msg")
                 o_fig = gr.Plot(label="before / after each transform", elem_id="o_fig")
                 o_table = gr.Dataframe(label="A8 / A4 errors per transform (out_err = layer-output error)", interactive=False, elem_id="o_table")
                 o_map = gr.Plot(label="model-wide outlier map", elem_id="o_map")
@@ -313,13 +313,13 @@ def build() -> gr.Blocks:
                     s_setting = gr.Dropdown([p for p in PRESET_NAMES if p != "fp"], value="w4a8-rtn", label="setting", elem_id="s_setting")
                     s_metric = gr.Dropdown(["sqnr_db", "ssim", "psnr", "agreement"], value="sqnr_db", label="metric", elem_id="s_metric")
                     s_run = gr.Button("Run sensitivity", variant="primary", elem_id="sensitivity_run")
-                s_msg = gr.Markdown(elem_id="s_msg")
+                s_msg = gr.Markdown(label="status", elem_id="s_msg")
                 s_fig = gr.Plot(label="layers × timestep groups", elem_id="s_fig")
                 s_table = gr.Dataframe(label="click a cell to open that layer and timestep in Outliers", interactive=False, max_height=360, elem_id="s_table")
                 with gr.Row():
                     budget = gr.Slider(4.0, 8.0, value=6.0, step=0.25, label="budget: average weight bits (W8A8 / W4A8 per layer)", elem_id="budget")
                     a_run = gr.Button("Allocate → recipe table", elem_id="allocate_run")
-                a_msg = gr.Markdown(elem_id="a_msg")
+                a_msg = gr.Markdown(label="status", elem_id="a_msg")
                 with gr.Row():
                     a_fig = gr.Plot(label="allocated bits", elem_id="a_fig")
                     p_fig = gr.Plot(label="Pareto sweep", elem_id="pareto_fig")
@@ -334,7 +334,7 @@ def build() -> gr.Blocks:
                     e_upload = gr.File(label="load an exported .zip", file_types=[".zip"], type="filepath", elem_id="export_upload")
                     e_path = gr.Textbox(label="or a QDIR folder on the server", elem_id="export_path")
                     e_load = gr.Button("Load export", elem_id="export_load")
-                e_msg = gr.Markdown(elem_id="e_msg")
+                e_msg = gr.Markdown(label="status", elem_id="e_msg")
 
         recipe_views = [table, recipe_json, layers, memory]
         gen_run.click(generate, gen_inputs, gen_outputs, api_name="generate", **HEAVY)

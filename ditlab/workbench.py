@@ -357,6 +357,14 @@ def divergence_figure(divergence: list[float], timesteps: list[int]) -> go.Figur
     return fig
 
 
+def default_backend() -> str:
+    """The execution path Compare starts on: the compiled Triton kernels on a CUDA GPU, else the CPU integer path
+    (the Triton interpreter and the reference path are exact but slow: opt-in)."""
+    from . import backends
+
+    return "triton" if "triton" in backends.available() else "cpu-int"
+
+
 BACKEND_NAMES = {"cpu-int": "CPU integer path (torch._int_mm int8×int8→int32)", "reference": "reference path (float64 accumulators, slow)",
                  "triton": "Triton kernels (CUDA GPU)", "triton-interpret": "Triton kernels under the interpreter (exact, slow)"}
 
