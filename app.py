@@ -25,6 +25,7 @@ from ditlab.errors import ConfigError, DitlabError  # noqa: E402
 PIPE = api.load("shipped")  # loaded once, shared read-only by every session
 LABEL_CHOICES = api.label_choices(PIPE)
 QUANTIZED = api.QuantCache(max_entries=6)  # bounded: at most 6 quantized copies in memory across all sessions
+JOBS = api.Jobs()  # cancel tokens of running jobs: Cancel stops a job at its next layer, freeing the worker
 WORKDIR = Path(tempfile.mkdtemp(prefix="ditlab-app-"))  # exports and uploads of this process
 PRESET_NAMES = list(api.PRESETS)
 LAYER_NAMES = [layer.name for layer in api.layers(PIPE)]
@@ -65,11 +66,11 @@ def _quantized(source: str, recipe, request):
 
 # ---------------------------------------------------------------- handlers
 @guarded(2)
-def generate(labels, n_per_label, seed, steps, guidance, progress=gr.Progress(track_tqdm=True)):
+def generate(labels, n_per_label, seed, steps, guidance, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
     """A grid with one row per chosen class (FP model)."""
     if labels:  # no labels: generate_grid names the field
         api.check_request(len(labels) * int(n_per_label), steps, guidance)
-    with GRID_LOCK:
+    with GRID_LOCK, JOBS.run(_session(request)):
         grid, info = api.generate_grid(PIPE, labels, int(n_per_label), steps=int(steps), guidance=float(guidance), seed=int(seed))
     return grid, f"{info['n_images']} images · seed {info['seed']} · {info['seconds']} s · {info['path']}"
 
@@ -144,8 +145,9 @@ def compare(recipe_json, labels, n_per_label, seed, steps, guidance, backend, so
     api.check_request(len(batch), steps, guidance)
     if not batch:
         raise ConfigError.invalid("labels", labels, "at least one class")
-    q = _quantized(source, recipe, request)
-    c = api.compare(pipe, q, batch, steps=int(steps), guidance=float(guidance), seed=int(seed), backend=backend or None)
+    with JOBS.run(_session(request)):
+        q = _quantized(source, recipe, request)
+        c = api.compare(pipe, q, batch, steps=int(steps), guidance=float(guidance), seed=int(seed), backend=backend or None)
     rows = api.grid_rows(len(labels), int(n_per_label))
     status = f"recipe **{recipe.name}** · {len(batch)} images · seed {int(seed)} · images by the **{api.BACKEND_NAMES.get(c.backend, c.backend)}**"
     return (api.image_grid(c.fp_images, rows, scale=3), api.image_grid(c.q_images, rows, scale=3), api.image_grid(c.diff, rows, scale=3),
@@ -153,18 +155,20 @@ def compare(recipe_json, labels, n_per_label, seed, steps, guidance, backend, so
 
 
 @guarded(4)
-def outliers(layer, timestep, branch, source, progress=gr.Progress(track_tqdm=True)):
+def outliers(layer, timestep, branch, source, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
     """Before/after views of one layer's input at one timestep and CFG branch, and the model-wide map."""
     pipe = api.load(source)
-    res, fig, table, omap = api.outlier_views(pipe, api.calibrate(pipe, **api.APP_CALIBRATION), layer, timestep, branch)
+    with JOBS.run(_session(request)):
+        res, fig, table, omap = api.outlier_views(pipe, api.calibrate(pipe, **api.APP_CALIBRATION), layer, timestep, branch)
     return fig, table, omap, f"{res.layer} ({res.kind}) · t={res.timestep} · {res.branch} branch · {res.rows} rows × {res.in_features} channels"
 
 
 @guarded(3)
-def sensitivity(setting, metric, source, progress=gr.Progress(track_tqdm=True)):
+def sensitivity(setting, metric, source, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
     """Layers × timestep-groups sensitivity of one setting (cached on disk)."""
     pipe = api.load(source)
-    res = api.sensitivity_run(pipe, setting, lambda p: api.calibrate(p, **api.APP_CALIBRATION))
+    with JOBS.run(_session(request)):
+        res = api.sensitivity_run(pipe, setting, lambda p: api.calibrate(p, **api.APP_CALIBRATION))
     _, styled = api.sensitivity_table(res, metric)
     return plots.sensitivity_figure(res, metric), styled, f"{res.setting}: {res.n_computed} cells computed, {res.n_cached} cached, {res.seconds:.1f} s"
 
@@ -179,10 +183,11 @@ def open_cell(setting, source, evt: gr.SelectData):
 
 
 @guarded(7)
-def allocate(budget, source, progress=gr.Progress(track_tqdm=True)):
+def allocate(budget, source, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
     """Runs the bit allocator at a budget and loads the result into the recipe table."""
     pipe = api.load(source)
-    alloc, alloc_fig, pareto_fig = api.allocation_views(pipe, budget)
+    with JOBS.run(_session(request)):
+        alloc, alloc_fig, pareto_fig = api.allocation_views(pipe, budget)
     table, text, layers, memory, _ = _recipe_outputs(pipe, alloc.recipe, "")
     return table, text, layers, memory, alloc_fig, pareto_fig, f"✓ {alloc.recipe.name}: average {alloc.avg_w_bits:.2f} weight bits, loaded into the recipe table"
 
@@ -193,7 +198,8 @@ def export(recipe_json, source, request: gr.Request = None, progress=gr.Progress
     pipe = api.load(source)
     recipe = api.parse_recipe(recipe_json, pipe)
     out = Path(tempfile.mkdtemp(dir=WORKDIR))
-    folder = api.save(_quantized(source, recipe, request), pipe, out / api.safe_name(recipe.name))
+    with JOBS.run(_session(request)):
+        folder = api.save(_quantized(source, recipe, request), pipe, out / api.safe_name(recipe.name))
     return str(api.export_zip(folder)), str(api.write_recipe(recipe, out)), f"✓ exported `{folder.name}`"
 
 
@@ -205,6 +211,11 @@ def load_export(upload, path, request: gr.Request = None):
     pipe = api.load(source)
     QUANTIZED.put(_session(request), pipe, q.recipe, q)
     return (source, *_recipe_outputs(pipe, q.recipe, "")[:4], f"✓ loaded `{folder.name}` (recipe {q.recipe.name}, model {source})")
+
+
+def cancel(request: gr.Request = None):
+    """Stops this session's running jobs at their next layer (the Cancel buttons; scripts: /cancel)."""
+    return f"cancelling {JOBS.cancel(_session(request))} running job(s)"
 
 
 def forget_session(request: gr.Request):
@@ -304,6 +315,7 @@ def build() -> gr.Blocks:
                     o_t = gr.Dropdown(TIMESTEPS, value=TIMESTEPS[0], label="timestep", elem_id="o_timestep")
                     o_branch = gr.Radio(list(api.BRANCHES), value="cond", label="CFG branch", elem_id="o_branch")
                     o_run = gr.Button("Show", variant="primary", elem_id="outliers_run")
+                    o_cancel = gr.Button("Cancel", variant="stop", elem_id="o_cancel", scale=0)
                 o_msg = gr.Markdown(label="status", elem_id="o_msg")
                 o_fig = gr.Plot(label="before / after each transform", elem_id="o_fig")
                 o_table = gr.Dataframe(label="A8 / A4 errors per transform (out_err = layer-output error)", interactive=False, elem_id="o_table")
@@ -313,6 +325,7 @@ def build() -> gr.Blocks:
                     s_setting = gr.Dropdown([p for p in PRESET_NAMES if p != "fp"], value="w4a8-rtn", label="setting", elem_id="s_setting")
                     s_metric = gr.Dropdown(["sqnr_db", "ssim", "psnr", "agreement"], value="sqnr_db", label="metric", elem_id="s_metric")
                     s_run = gr.Button("Run sensitivity", variant="primary", elem_id="sensitivity_run")
+                    s_cancel = gr.Button("Cancel", variant="stop", elem_id="s_cancel", scale=0)
                 s_msg = gr.Markdown(label="status", elem_id="s_msg")
                 s_fig = gr.Plot(label="layers × timestep groups", elem_id="s_fig")
                 s_table = gr.Dataframe(label="click a cell to open that layer and timestep in Outliers", interactive=False, max_height=360, elem_id="s_table")
@@ -327,7 +340,9 @@ def build() -> gr.Blocks:
                 gr.Markdown("Download the quantized model (a QDIR folder, zipped: packed weights, scales, recipe, manifest) and its recipe; "
                             "load a previous export back (its recipe fills the table; Compare uses it without re-quantizing).")
                 with gr.Row():
-                    e_run = gr.Button("Quantize and export", variant="primary", elem_id="export_run")
+                    with gr.Column():
+                        e_run = gr.Button("Quantize and export", variant="primary", elem_id="export_run")
+                        e_cancel = gr.Button("Cancel", variant="stop", elem_id="e_cancel")
                     e_zip = gr.File(label="quantized model (.zip)", elem_id="export_zip")
                     e_recipe = gr.File(label="recipe (.json)", elem_id="export_recipe")
                 with gr.Row():
@@ -357,7 +372,9 @@ def build() -> gr.Blocks:
         e_event = e_run.click(recipe_for_run, [table, recipe_json, source], recipe_json, api_name=False).success(
             export, [recipe_json, source], [e_zip, e_recipe, e_msg], api_name="export", **HEAVY)
         e_load.click(load_export, [e_upload, e_path], [source] + recipe_views + [e_msg], api_name="load_export")
-        c_cancel.click(None, None, None, cancels=[c_event, o_event, s_event, a_event, e_event], api_name=False)
+        jobs = [c_event, o_event, s_event, a_event, e_event]
+        for button, note in ((c_cancel, c_status), (o_cancel, o_msg), (s_cancel, s_msg), (e_cancel, e_msg)):
+            button.click(cancel, None, note, cancels=jobs, api_name="cancel" if button is c_cancel else False, concurrency_limit=None)
         demo.unload(forget_session)
     return demo
 

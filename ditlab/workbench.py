@@ -18,6 +18,7 @@ import tempfile
 import threading
 import zipfile
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -329,6 +330,56 @@ class QuantCache:
     def __len__(self) -> int:
         return len(self._items)
 
+
+
+# ---------------------------------------------------------------- cancellation of long jobs
+class Cancelled(DitlabError):
+    """A job stopped because its user pressed Cancel (raised at the job's next module forward)."""
+
+
+_job = threading.local()
+
+
+def _stop_if_cancelled(module, args) -> None:
+    event = getattr(_job, "cancel", None)
+    if event is not None and event.is_set():
+        raise Cancelled("cancelled: the job stopped at your request")
+
+
+class Jobs:
+    """Cancel tokens of the running jobs of each session. A job runs inside ``run(session)``; ``cancel(session)`` makes
+    it raise ``Cancelled`` at its next ``nn.Module`` forward (a global forward pre-hook checks a thread-local token),
+    so the worker thread is free again within one layer's time instead of finishing the job."""
+
+    def __init__(self):
+        self._events: dict[str, set] = {}
+        self._lock = threading.Lock()
+        self._hook = None
+
+    @contextmanager
+    def run(self, session: str | None):
+        import torch
+
+        with self._lock:
+            if self._hook is None:
+                self._hook = torch.nn.modules.module.register_module_forward_pre_hook(_stop_if_cancelled)
+            event = threading.Event()
+            self._events.setdefault(session or "local", set()).add(event)
+        _job.cancel = event
+        try:
+            yield event
+        finally:
+            _job.cancel = None
+            with self._lock:
+                self._events.get(session or "local", set()).discard(event)
+
+    def cancel(self, session: str | None) -> int:
+        """Signals every running job of ``session``; returns how many."""
+        with self._lock:
+            events = list(self._events.get(session or "local", ()))
+        for event in events:
+            event.set()
+        return len(events)
 
 # ---------------------------------------------------------------- compare views
 def compare_metrics(metrics: dict) -> pd.DataFrame:

@@ -6,6 +6,7 @@ the app's sensitivity and calibration settings shrunk, so the whole module takes
 
 import json
 import socket
+import time
 
 import pandas as pd
 import pytest
@@ -185,3 +186,18 @@ def test_sessions_do_not_share_the_model_source(client, tiny):
     table = other.predict("fp", api_name="/apply_preset")[0]
     assert len(table["data"]) == len(app.api.layers(app.PIPE))
     assert isinstance(pd.DataFrame(table["data"], columns=table["headers"]), pd.DataFrame)
+
+
+def test_cancel_over_http_frees_the_worker(client):
+    from gradio_client import Client
+
+    session = Client(client.src, verbose=False)  # shipped model: 64 images × 100 steps runs for minutes unless cancelled
+    job = session.submit(PRESETS["fp"].to_json(), list(range(8)), 8, 0, 100, 4.0, "cpu-int", api_name="/compare")
+    deadline = time.time() + 120
+    while session.predict(api_name="/cancel") == "cancelling 0 running job(s)":
+        assert not job.done(), f"the job ended before it could be cancelled: {job.result()[-1]}"
+        assert time.time() < deadline, "the job never started"
+        time.sleep(0.5)
+    t0 = time.time()
+    assert "cancelled" in job.result(timeout=60)[-1]
+    assert time.time() - t0 < 30

@@ -133,4 +133,20 @@ def test_main_path(page, url):
     page.click("#export_run")
     _wait_text(page, "#e_msg", "exported")
     _shot(page, "export")
+
+    _tab(page, "Compare")  # a long Compare, cancelled: the worker is free again for the next one
+    page.fill("#c_steps input[type=number]", "100")
+    page.keyboard.press("Enter")
+    page.fill("#c_n input[type=number]", "8")
+    page.keyboard.press("Enter")
+    page.click("#compare")
+    page.wait_for_timeout(2000)
+    page.click("#cancel")
+    _wait_text(page, "#c_status", "cancelling")
+    page.fill("#c_steps input[type=number]", "5")
+    page.keyboard.press("Enter")
+    page.fill("#c_n input[type=number]", "1")
+    page.keyboard.press("Enter")
+    page.click("#compare")
+    _wait_text(page, "#c_status", "images by the")
     assert first_images < 180, f"first images took {first_images:.0f} s"

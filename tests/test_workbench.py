@@ -239,3 +239,33 @@ def test_sensitivity_table_and_cell_target(tiny, monkeypatch, tmp_path):
     assert layer == frame["unit"][1] and t in calib.timesteps
     alloc, fig, pareto = wb.allocation_views(tiny, 6.0, progress=False)
     assert alloc.avg_w_bits <= 6.0 and isinstance(alloc.recipe, Recipe)
+
+
+def test_cancel_stops_a_running_job_at_the_next_layer(tiny):
+    from ditlab.sampling import sample
+
+    jobs = wb.Jobs()
+    outcome = {}
+
+    def job(session, steps):
+        try:
+            with jobs.run(session):
+                sample(tiny, [0, 1], steps=steps, progress=False)
+            outcome[session] = "finished"
+        except wb.Cancelled as exc:
+            outcome[session] = str(exc)
+
+    long = threading.Thread(target=job, args=("a", 1000))
+    other = threading.Thread(target=job, args=("b", 3))
+    long.start()
+    other.start()
+    assert jobs.cancel("zzz") == 0
+    while jobs.cancel("a") == 0:  # as soon as the job runs
+        assert long.is_alive()
+        time.sleep(0.01)
+    t0 = time.perf_counter()
+    long.join(timeout=30)
+    other.join(timeout=60)
+    assert not long.is_alive() and time.perf_counter() - t0 < 30
+    assert outcome == {"a": "cancelled: the job stopped at your request", "b": "finished"}  # the other session ran on
+    sample(tiny, [0], steps=2, progress=False)  # outside a job the hook does nothing
