@@ -40,11 +40,16 @@ class _Capture:
             h.remove()
 
 
-def block_mse(teacher_out: Sequence[torch.Tensor], student_out: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Mean over blocks of the MSE between student and teacher block outputs (scalar, differentiable in the student)."""
+def block_mse(teacher_out: Sequence[torch.Tensor], student_out: Sequence[torch.Tensor], relative: bool = False) -> torch.Tensor:
+    """Mean over blocks of the MSE between student and teacher block outputs (scalar, differentiable in the student).
+
+    relative: each block's MSE is divided by the teacher output's mean square (so high-noise steps, whose block
+    outputs are orders of magnitude larger, do not dominate)."""
     if len(teacher_out) != len(student_out) or not teacher_out:
         raise DitlabError(f"block outputs disagree: teacher {len(teacher_out)}, student {len(student_out)} blocks")
-    return torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(student_out, teacher_out)]).mean()
+    terms = [F.mse_loss(s.float(), t.float()) / (t.float().pow(2).mean().clamp_min(1e-12) if relative else 1.0)
+             for s, t in zip(student_out, teacher_out)]
+    return torch.stack(terms).mean()
 
 
 class _TeacherStudent(nn.Module):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ditlab import vq
-from ditlab.blockwise import block_output_mse
+from ditlab.blockwise import block_mse, block_output_mse
 from ditlab.config import PRESETS, LayerConfig, Recipe
 from ditlab.errors import ConfigError
 from ditlab.methods.kmeans import layer_params, quantize_kmeans
@@ -75,6 +75,13 @@ def test_regulariser_is_n_times_sum_of_r_one_minus_r_over_free_ratios():
     assert count == r.numel() and abs(float(value.detach()) - float(2 * (r * (1 - r)).sum())) < 1e-5
 
 
+def test_block_mse_absolute_and_relative():
+    teacher = [torch.full((1, 2, 3), 2.0), torch.ones(1, 2, 3)]
+    student = [torch.full((1, 2, 3), 3.0), torch.zeros(1, 2, 3)]
+    assert block_mse(teacher, student).item() == 1.0  # (1 + 1) / 2
+    assert block_mse(teacher, student, relative=True).item() == 0.625  # (1/4 + 1/1) / 2
+
+
 def test_params_validation_names_the_key():
     cfg = LayerConfig(method="vq4dit", w_bits=2, a_bits=16)
     p = layer_params(cfg, 192, 192)
@@ -82,7 +89,7 @@ def test_params_validation_names_the_key():
     assert layer_params(LayerConfig(method="kmeans", w_bits=3, a_bits=16), 64, 64).k == 64
     assert layer_params(cfg, 16, 16).k == 16  # capped: 16·16/4 = 64 sub-vectors → ≤ 16
     for params, key in (({"n_candidates": 5}, "params.n_candidates"), ({"d": 3}, "params.d"), ({"k": 512}, "params.k"),
-                        ({"steps": 0}, "params.steps"), ({"colour": 1}, "params")):
+                        ({"steps": 0}, "params.steps"), ({"relative": 1}, "params.relative"), ({"colour": 1}, "params")):
         with pytest.raises(ConfigError, match=key):
             c = cfg.replace(params=params)
             layer_params(c, 192, 192)

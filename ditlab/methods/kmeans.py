@@ -31,7 +31,7 @@ from . import register
 log = logging.getLogger(__name__)
 
 KMEANS_KEYS = ("k", "d", "seed", "kmeans_iters", "kmeans_fit")
-VQ4DIT_KEYS = ("n_candidates", "iterations", "samples", "steps", "guidance", "reg", "lr_logits", "lr_codebook", "harden", "anneal")
+VQ4DIT_KEYS = ("n_candidates", "iterations", "samples", "steps", "guidance", "reg", "lr_logits", "lr_codebook", "harden", "anneal", "relative")
 
 
 def _int_param(params: dict, key: str, default: int, lo: int, hi: int, layer: str | None) -> int:

@@ -64,6 +64,7 @@ class VQ4DiTSettings:
     lr_codebook: float = 1e-4
     harden: float = 0.99  # top-ratio threshold that fixes a sub-vector; also the fixed fraction that hardens a layer
     anneal: float = 0.5  # fraction of the steps after which the threshold decays to 0 (at 0.8); 1 = never
+    relative: bool = False  # divide each block's MSE by the teacher output's mean square (not in METHODS.md)
     scheduler: str = "ddim"
 
     @classmethod
@@ -76,6 +77,10 @@ class VQ4DiTSettings:
                 if not (isinstance(v, int if integer else (int, float)) and not isinstance(v, bool) and lo <= v <= hi):
                     raise ConfigError.invalid(f"params.{key}", v, f"{'an integer' if integer else 'a number'} from {lo} to {hi}", layer)
                 values[key] = v if integer else float(v)
+        if "relative" in params:
+            if not isinstance(params["relative"], bool):
+                raise ConfigError.invalid("params.relative", params["relative"], "true or false", layer)
+            values["relative"] = params["relative"]
         return cls(**values)
 
 
@@ -246,7 +251,7 @@ def calibrate_vq4dit(pipe, model_q: nn.Module, teacher: nn.Module, settings: VQ4
     def step(run_student, t_out, s_out):
         with torch.enable_grad():
             run_student()
-            mse = block_mse(t_out, s_out)
+            mse = block_mse(t_out, s_out, relative=settings.relative)
             parts = [s.regulariser() for s in soft.values()]
             count = sum(c for _, c in parts)
             reg = sum(v for v, _ in parts) / count if count else mse.new_zeros(())  # n · mean(r(1−r)) over free ratios
