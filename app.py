@@ -9,6 +9,7 @@ and shared read-only; each session's quantized copies live in a bounded LRU keye
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import tempfile
 import threading
@@ -22,6 +23,7 @@ import gradio as gr  # noqa: E402
 from ditlab import api, plots  # noqa: E402
 from ditlab.errors import ConfigError, DitlabError  # noqa: E402
 
+log = logging.getLogger("ditlab.app")
 PIPE = api.load("shipped")  # loaded once, shared read-only by every session
 LABEL_CHOICES = api.label_choices(PIPE)
 QUANTIZED = api.QuantCache(max_entries=6)  # bounded: at most 6 quantized copies in memory across all sessions
@@ -36,16 +38,21 @@ FIRST_SCREEN = dict(labels=[v for _, v in LABEL_CHOICES], n_per_label=6, seed=0,
 
 # ---------------------------------------------------------------- handler helpers
 def guarded(n_outputs: int):
-    """Catches DitlabError: shows the one-line message (toast + the last output, a status Markdown) and leaves
-    every other output, e.g. the user's table, untouched."""
+    """Catches errors: shows a one-line message (toast + the last output, a status Markdown) and leaves every other
+    output, e.g. the user's table, untouched. A DitlabError is the user's message; anything else is a bug, logged
+    with its traceback on the server and summarised in one line for the user."""
     def wrap(fn):
         @functools.wraps(fn)
         def inner(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
             except DitlabError as exc:
-                gr.Warning(str(exc))
-                return (*[gr.update()] * (n_outputs - 1), f"⚠️ {exc}")
+                message = str(exc)
+            except Exception as exc:  # noqa: BLE001 - never a traceback in the page
+                log.exception("%s failed", fn.__name__)
+                message = f"internal error in {fn.__name__} ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+            gr.Warning(message)
+            return (*[gr.update()] * (n_outputs - 1), f"⚠️ {message}")
         return inner
     return wrap
 

@@ -201,3 +201,13 @@ def test_cancel_over_http_frees_the_worker(client):
     t0 = time.time()
     assert "cancelled" in job.result(timeout=60)[-1]
     assert time.time() - t0 < 30
+
+
+def test_an_unexpected_error_is_one_line_not_a_traceback(tiny, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(app.api, "recipe_table", broken)
+    out = app.apply_preset("w8a8-rtn", tiny)
+    assert out[-1] == "⚠️ internal error in apply_preset (RuntimeError: boom)"
+    assert all(isinstance(o, dict) for o in out[:-1])
