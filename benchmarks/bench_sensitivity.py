@@ -64,7 +64,7 @@ def part_outliers(pipe, calib, figures: Path | None) -> None:
     for layer in KIND_LAYERS:
         res = outliers.outlier_view(pipe, calib, layer, mid, "cond")
         print(f"\n**{layer}** ({res.kind}), t = {res.timestep}, cond branch, {res.rows} rows × {res.in_features} channels\n")
-        print(md(res.table().to_dict(orient="records")))
+        print(md(res.table().to_dict(orient="records")), flush=True)
         if figures and layer.endswith("ff.net.2"):
             outlier_png(res, figures / "outliers_fc2.png")
     names = [i.name for i in api.layers(pipe) if i.kind in ("qkv", "out", "fc1", "fc2", "adaLN")]
@@ -85,8 +85,8 @@ def part_outliers(pipe, calib, figures: Path | None) -> None:
         map_png(outliers.outlier_map(calib, "cond"), figures / "outlier_map.png")
 
 
-def candidates(pipe, st: SensitivitySettings):
-    return [run_sensitivity(pipe, r, settings=st, progress=True) for r in allocation.candidate_recipes("w4a8-rtn", (2, 4, 8), (8,))]
+def candidates(pipe, st: SensitivitySettings, w_bits):
+    return [run_sensitivity(pipe, r, settings=st, progress=True) for r in allocation.candidate_recipes("w4a8-rtn", w_bits, (8,))]
 
 
 def evaluate(pipe, recipe, ss: SampleSettings, **extra) -> dict:
@@ -96,9 +96,13 @@ def evaluate(pipe, recipe, ss: SampleSettings, **extra) -> dict:
             "class_acc_fp": r["class_acc_fp"], "weight_bytes": q_bytes}
 
 
-def part_allocation(pipe, figures: Path | None, ss: SampleSettings, n_random: int, budget: float = 5.0) -> None:
-    st = SensitivitySettings()
-    sens = candidates(pipe, st)
+def part_allocation(pipe, figures: Path | None, ss: SampleSettings, n_random: int, groups: int, measure_pareto: bool, w_bits, unit: str,
+                    sens_images: int, budget: float = 5.0) -> None:
+    st = SensitivitySettings(n_groups=groups, unit=unit, n_images=sens_images)
+    t0, c0 = time.perf_counter(), time.process_time()
+    sens = candidates(pipe, st, w_bits)
+    print(f"sensitivity of {sum(len(s.frame) for s in sens)} cells ({unit} units, {groups} groups, W{'/'.join(map(str, w_bits))}A8): "
+          f"{time.perf_counter() - t0:.0f} s wall, {time.process_time() - c0:.0f} s cpu", flush=True)
     alloc = allocation.solve(sens, budget, name=f"alloc-{budget:g}b")
     print(f"\nallocation at {budget} bits (decoupled metrics, split 1.0): average {alloc.avg_w_bits:.3f} bits, choices:")
     counts = alloc.frame.groupby(["kind", "w_bits"]).size().unstack(fill_value=0)
@@ -106,6 +110,7 @@ def part_allocation(pipe, figures: Path | None, ss: SampleSettings, n_random: in
     joint = allocation.solve(sens, budget, metric="sqnr", split=None, name=f"alloc-{budget:g}b-sqnr")
     rows = [evaluate(pipe, "w4a8-rtn", ss, avg_w_bits=4.0), evaluate(pipe, "w8a8-rtn", ss, avg_w_bits=8.0),
             evaluate(pipe, alloc.recipe, ss, avg_w_bits=alloc.avg_w_bits), evaluate(pipe, joint.recipe, ss, avg_w_bits=joint.avg_w_bits)]
+    print(md(rows), flush=True)
     table = allocation.damage_table(sens)
     params = dict(zip(table.unit, table.params))
     for seed in range(n_random):
@@ -118,15 +123,15 @@ def part_allocation(pipe, figures: Path | None, ss: SampleSettings, n_random: in
     best = rows[2]
     beats = all(best["class_acc"] >= r["class_acc"] and best["psnr"] > r["psnr"] for r in [rows[0], *randoms])
     print(f"\nallocated beats uniform W4 and all {len(randoms)} random allocations on class accuracy and PSNR: {beats}\n")
-    par = allocation.pareto(sens, [2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 7.0, 8.0])
-    measured = []
-    for a in par.allocations:
-        if a.budget_bits in (3.0, 5.0, 7.0):
+    par = allocation.pareto(sens, [b / 2 for b in range(4, 17)])
+    measured = [rows[2]]  # the 5-bit point measured above
+    for a in par.allocations if measure_pareto else []:
+        if a.budget_bits in (3.0, 7.0):
             measured.append(evaluate(pipe, a.recipe, ss, avg_w_bits=a.avg_w_bits))
     print(md(par.frame.to_dict(orient="records")))
     print(md(measured))
     if figures:
-        sensitivity_png(sens[1], figures / "sensitivity_w4a8.png")
+        sensitivity_png(sens[list(w_bits).index(4)] if 4 in w_bits else sens[0], figures / f"sensitivity_w4a8_{unit}_{groups}groups.png")
         pareto_png(par, measured, figures / "pareto.png")
 
 
@@ -227,6 +232,11 @@ def main() -> None:
     parser.add_argument("--n-per-label", type=int, default=10)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--random", type=int, default=6)
+    parser.add_argument("--groups", type=int, default=4, help="timestep groups of the allocation's sensitivity runs")
+    parser.add_argument("--sens-images", type=int, default=10, help="images of the allocation's sensitivity runs")
+    parser.add_argument("--w-bits", default="2,4,8", help="weight-bit candidates of the allocation")
+    parser.add_argument("--unit", choices=["layer", "group"], default="layer", help="sensitivity unit of the allocation")
+    parser.add_argument("--measure-pareto", action="store_true", help="also measure the 3- and 7-bit Pareto points")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
@@ -238,7 +248,8 @@ def main() -> None:
     if args.part in ("outliers", "all"):
         part_outliers(pipe, api.calibrate(pipe, progress=False), args.figures)
     if args.part in ("allocation", "all"):
-        part_allocation(pipe, args.figures, SampleSettings(n_per_label=args.n_per_label, steps=args.steps), args.random)
+        part_allocation(pipe, args.figures, SampleSettings(n_per_label=args.n_per_label, steps=args.steps), args.random, args.groups, args.measure_pareto,
+                        tuple(int(b) for b in args.w_bits.split(",")), args.unit, args.sens_images)
 
 
 if __name__ == "__main__":

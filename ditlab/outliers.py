@@ -140,17 +140,21 @@ def build_transform(name: str, linear: nn.Linear, stats, alpha: float = 0.5, see
         return builders[name](linear, cfg, stats)
 
 
-def output_error(x: torch.Tensor, w: torch.Tensor, transform: InputTransform, bits: int) -> float:
-    """‖X Wᵀ − (Q_a(X') + T(μ)) W'ᵀ‖_F / ‖X Wᵀ‖_F: the layer-output error of activation quantization alone
+def output_error(x: torch.Tensor, w: torch.Tensor, transform: InputTransform, bits=BITS) -> dict[int, float]:
+    """bits → ‖X Wᵀ − (Q_a(X') + T(μ)) W'ᵀ‖_F / ‖X Wᵀ‖_F: the layer-output error of activation quantization alone
     (weights in float; X', T(μ) = transform(X), W' = transform.fold_weight(W); the mean term is exact)."""
     xf = x.float()
     y = xf @ w.float().t()
-    xt, mu = transform(xf)
-    xq = fake_quantize_act(xt, bits)
-    if mu is not None:
-        xq = xq + mu  # HadaNorm's mean correction runs in full precision
-    y_hat = xq @ transform.fold_weight(w).t()
-    return float((y - y_hat).norm() / y.norm().clamp(min=1e-30))
+    with torch.no_grad():
+        xt, mu = transform(xf)
+        wt = transform.fold_weight(w).t()
+    out = {}
+    for b in bits:
+        xq = fake_quantize_act(xt, b)
+        if mu is not None:
+            xq = xq + mu  # HadaNorm's mean correction runs in full precision
+        out[b] = float((y - xq @ wt).norm() / y.norm().clamp(min=1e-30))
+    return out
 
 
 def branch_rows(x: torch.Tensor, branch: str, batch_size: int) -> torch.Tensor:
@@ -185,7 +189,7 @@ def analyse(x: torch.Tensor, linear: nn.Linear, stats, *, branch: str = "cond", 
         counts, edges = np.histogram(flat.numpy().reshape(-1), bins=HIST_BINS)
         views.append(TransformView(
             name, np.sort(chan.numpy())[::-1].copy(), heat.numpy(), counts, edges, kurtosis(flat), max_median_ratio(chan),
-            {b: rel_error(flat, b) for b in BITS}, {b: output_error(xb, w, it, b) for b in BITS}))
+            {b: rel_error(flat, b) for b in BITS}, output_error(xb, w, it)))
     return views
 
 
