@@ -376,10 +376,11 @@ def build() -> gr.Blocks:
         s_table.select(open_cell, [s_setting, source], [tabs, o_layer, o_t, s_msg], api_name=False).success(
             outliers, [o_layer, o_t, o_branch, source], [o_fig, o_table, o_map, o_msg], api_name=False, **HEAVY)
         a_event = a_run.click(allocate, [budget, source], recipe_views + [a_fig, p_fig, a_msg], api_name="allocate", **HEAVY)
+        a_slide = budget.release(allocate, [budget, source], recipe_views + [a_fig, p_fig, a_msg], api_name=False, **HEAVY)
         e_event = e_run.click(recipe_for_run, [table, recipe_json, source], recipe_json, api_name=False).success(
             export, [recipe_json, source], [e_zip, e_recipe, e_msg], api_name="export", **HEAVY)
         e_load.click(load_export, [e_upload, e_path], [source] + recipe_views + [e_msg], api_name="load_export")
-        jobs = [c_event, o_event, s_event, a_event, e_event]
+        jobs = [c_event, o_event, s_event, a_event, a_slide, e_event]
         for button, note in ((c_cancel, c_status), (o_cancel, o_msg), (s_cancel, s_msg), (e_cancel, e_msg)):
             button.click(cancel, None, note, cancels=jobs, api_name="cancel" if button is c_cancel else False, concurrency_limit=None)
         demo.unload(forget_session)
@@ -391,9 +392,10 @@ demo.queue(max_size=32, default_concurrency_limit=4)
 
 if __name__ == "__main__":
     threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
+    on_spaces = bool(os.environ.get("SPACE_ID"))  # Hugging Face Spaces serve 0.0.0.0:7860 (GRADIO_SERVER_NAME)
     demo.launch(
-        server_name=os.environ.get("DITLAB_HOST", "127.0.0.1"),
-        server_port=int(os.environ.get("DITLAB_PORT", "7860")),
+        server_name=os.environ.get("DITLAB_HOST") or os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_spaces else "127.0.0.1"),
+        server_port=int(os.environ.get("DITLAB_PORT") or os.environ.get("GRADIO_SERVER_PORT") or "7860"),
         share=False,
         footer_links=["api"],
     )

@@ -50,8 +50,10 @@ class Limits:
 
 
 def limits() -> Limits:
-    """The limits for this process (read from the environment on every call)."""
-    public = os.environ.get("DITLAB_PUBLIC", "") not in ("", "0", "false", "False")
+    """The limits for this process (read from the environment on every call). Public mode: DITLAB_PUBLIC=1, and by
+    default on a Hugging Face Space (SPACE_ID set) unless DITLAB_PUBLIC=0."""
+    flag = os.environ.get("DITLAB_PUBLIC", "1" if os.environ.get("SPACE_ID") else "")
+    public = flag not in ("", "0", "false", "False")
     if public:
         return Limits(max_images=16, max_steps=50, max_recipe_bytes=64_000, max_upload_bytes=200_000_000, public=True)
     return Limits(max_images=64, max_steps=200, max_recipe_bytes=1_000_000, max_upload_bytes=4_000_000_000, public=False)

@@ -136,6 +136,15 @@ def test_recipe_size_limit_and_public_mode(monkeypatch, tiny, tmp_path):
     assert wb.model_source("local folder", str(tmp_path)) == str(tmp_path.resolve())
 
 
+def test_public_mode_is_the_default_on_spaces(monkeypatch):
+    monkeypatch.delenv("DITLAB_PUBLIC", raising=False)
+    assert not wb.limits().public
+    monkeypatch.setenv("SPACE_ID", "someone/ditlab")
+    assert wb.limits().public
+    monkeypatch.setenv("DITLAB_PUBLIC", "0")
+    assert not wb.limits().public
+
+
 @pytest.mark.parametrize("n, steps, cfg, field", [(0, 10, 4.0, "images"), (4, 0, 4.0, "steps"), (4, 2.5, 4.0, "steps"),
                                                   (4, 10, float("nan"), "CFG scale"), (4, 10, 0.5, "CFG scale")])
 def test_check_request(n, steps, cfg, field):
