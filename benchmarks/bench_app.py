@@ -1,6 +1,7 @@
 """The app's two user-facing latencies, measured end to end over HTTP (gradio_client) against `python app.py`:
 
-1. time to first images: from starting the process until the first screen's FP grid (60 images, 25 steps) arrives;
+1. time to first images: from starting the process until the first screen's FP grid (app.FIRST_SCREEN: 10 classes ×
+   5 images, 25 steps) arrives;
 2. Compare with the w8a8-viditq preset on 8 images at 20 steps: cold (calibration + quantization + both samplings,
    with an empty calibration cache) and warm (the session's quantized copy cached; both samplings again).
 
@@ -61,7 +62,7 @@ def main() -> None:
     try:
         client = wait_for_client(f"http://127.0.0.1:{port}/", proc)
         t_up = time.perf_counter() - t0
-        first = dict(labels=list(range(10)), n_per_label=6, seed=0, steps=25, guidance=4.0)
+        first = dict(labels=list(range(10)), n_per_label=5, seed=0, steps=25, guidance=4.0)  # = app.FIRST_SCREEN
         _, status = client.predict(*first.values(), api_name="/generate")
         t_first = time.perf_counter() - t0
         recipe = PRESETS["w8a8-viditq"].to_json()
@@ -79,7 +80,7 @@ def main() -> None:
         proc.wait(timeout=30)
     print(f"# bench_app (torch threads {args.threads}, {'warm' if args.keep_cache else 'empty'} calibration cache)")
     print(f"server answering after launch      {t_up:7.1f} s")
-    print(f"first images (60 FP, 25 steps)     {t_first:7.1f} s after launch   [{status}]")
+    print(f"first images (50 FP, 25 steps)     {t_first:7.1f} s after launch   [{status}]")
     print("compare w8a8-viditq, 8 images, 20 steps:")
     print(f"  {'run':<5} {'total s':>8} {'FP s':>7} {'quant s':>8} {'PSNR dB':>8}")
     for label, seconds, s_fp, s_q, psnr in rows:
