@@ -62,7 +62,7 @@ def _grouped_codes(layer, codes: torch.Tensor):
     g = k // groups
     a = codes.reshape(m, groups, g).transpose(0, 1).contiguous()
     q = layer.codes().reshape(layer.out_features, groups, g).transpose(0, 1).contiguous()
-    z = None if layer.w_zero is None else layer.w_zero.t().contiguous()
+    z = None if layer.w_zero is None else layer.w_zero.t().to(torch.int32).contiguous()  # stored int8
     return a, q, z
 
 
@@ -93,7 +93,7 @@ def cpu_int_accumulators(layer, codes: torch.Tensor) -> torch.Tensor:
 
 def epilogue(layer, accs: Iterator[torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
     """out = s_a · Σ_g s_w,g · acc_g + b (M, N) float32, groups summed in order (every path uses this order)."""
-    w_scale = layer.w_scale.t().contiguous()  # (G, N)
+    w_scale = layer.w_scale.t().float().contiguous()  # (G, N) float32 (stored float16: the upcast is exact)
     out = None
     for gi, acc in enumerate(accs):
         # int32 → float32 is exact below 2^24; beyond, rounding only. Multiply then add as two roundings (no fused

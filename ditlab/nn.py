@@ -99,8 +99,14 @@ class InputTransform(nn.Module):
 
 
 class QuantLinear(nn.Module):
-    """A quantized ``Y = X Wᵀ + b``: codes (int8 (N, K), or uint8 (N, K/2) packed for ≤ 4 bits), scales (N, G),
-    zero points (N, G) int32 (asymmetric only), optional static activation scale (1, 1), optional low-rank branch."""
+    """A quantized ``Y = X Wᵀ + b``: codes (int8 (N, K), or uint8 (N, K/2) packed for ≤ 4 bits), scales (N, G)
+    float16, signed-shifted zero points (N, G) int8 (asymmetric only), optional static activation scale (1, 1)
+    float32, optional low-rank branch.
+
+    Stored bytes per layer: N·K (8-bit) or N·K/2 (≤ 4-bit) codes + 2·N·G scales + N·G zeros — e.g. W4 group 128:
+    0.5 + 3/128 bytes per weight = 0.262× fp16; W8 per channel: 0.5× fp16 + 3 bytes per row. The scales are
+    float16-exact by construction (``primitives.weight_qparams`` rounds Δ up to float16 before the codes are
+    computed), so storing them in float16 changes no number; every path upcasts them to float32 exactly."""
 
     is_quantized_linear = True
 
@@ -122,8 +128,8 @@ class QuantLinear(nn.Module):
         groups = k // g
         packed = self.w_bits <= 4
         self.register_buffer("qweight", torch.zeros(n, k // 2 if packed else k, dtype=torch.uint8 if packed else torch.int8))
-        self.register_buffer("w_scale", torch.ones(n, groups, dtype=torch.float32))
-        self.register_buffer("w_zero", None if self.w_symmetric else torch.zeros(n, groups, dtype=torch.int32))
+        self.register_buffer("w_scale", torch.ones(n, groups, dtype=torch.float16))  # (N, G)
+        self.register_buffer("w_zero", None if self.w_symmetric else torch.zeros(n, groups, dtype=torch.int8))  # (N, G)
         self.register_buffer("bias", torch.zeros(n, dtype=torch.float32) if bias else None)
         self.register_buffer("a_scale", torch.ones(1, 1, dtype=torch.float32) if a_static and self.a_bits < 16 else None)
         self.register_buffer("lr_down", torch.zeros(lr_rank, k, dtype=lr_dtype) if lr_rank else None)
@@ -174,7 +180,10 @@ class QuantLinear(nn.Module):
         return layer
 
     def set_weight(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
-        """Stores signed-shifted int8 codes (N, K) (packed when ≤ 4 bits), scales (N, G) and zero points (N, G)."""
+        """Stores signed-shifted int8 codes (N, K) (packed when ≤ 4 bits), scales (N, G) and zero points (N, G).
+
+        The scales must be exactly representable in float16 (as ``primitives.weight_qparams`` makes them): the codes
+        were rounded on that grid, and a silently rounded stored scale would dequantize them on another one."""
         n, k = self.out_features, self.in_features
         lo, hi = -(2 ** (self.w_bits - 1)), 2 ** (self.w_bits - 1) - 1
         if codes.shape != (n, k) or int(codes.min()) < lo or int(codes.max()) > hi:
@@ -183,11 +192,19 @@ class QuantLinear(nn.Module):
             raise ConfigError.invalid("w_scale", tuple(scale.shape), str(tuple(self.w_scale.shape)))
         if (zero is None) != self.w_symmetric:
             raise ConfigError.invalid("w_zero", None if zero is None else tuple(zero.shape), "absent for symmetric weights, (N, G) otherwise")
+        s32 = scale.float()
+        if not torch.equal(s32.half().float(), s32) or not torch.isfinite(s32).all() or (s32 <= 0).any():
+            raise ConfigError.invalid("w_scale", "values not exactly representable in float16",
+                                      "positive float16 values (round the grid with primitives.fp16_ceil before computing codes)")
+        if zero is not None:
+            lo_z, hi_z = -(2 ** (self.w_bits - 1)), 2 ** (self.w_bits - 1) - 1
+            if int(zero.min()) < lo_z or int(zero.max()) > hi_z:
+                raise ConfigError.invalid("w_zero", f"[{int(zero.min())}, {int(zero.max())}]", f"signed-shifted zero points in [{lo_z}, {hi_z}]")
         q = codes.to(torch.int8)
         self.qweight.copy_(primitives.pack_int4(q) if self.w_bits <= 4 else q)
-        self.w_scale.copy_(scale.float())
+        self.w_scale.copy_(s32)
         if zero is not None:
-            self.w_zero.copy_(zero.to(torch.int32))
+            self.w_zero.copy_(zero.to(torch.int8))
 
     def spec(self) -> dict:
         """JSON-able structure (no tensor values) from which ``from_spec`` rebuilds an empty module of this shape."""
@@ -217,7 +234,7 @@ class QuantLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """Ŵ = (q − z)·Δ (N, K) float32 — the weight the reference path multiplies by (excludes the low-rank part)."""
-        return primitives.dequantize_weight(self.codes(), self.w_scale, self.w_zero, self.w_group_size)
+        return primitives.dequantize_weight(self.codes(), self.w_scale.float(), self.w_zero, self.w_group_size)
 
     def weight_bytes(self) -> int:
         """Stored bytes of everything but the bias: codes + scales + zeros + static scale + low-rank + transform."""

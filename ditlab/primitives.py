@@ -10,6 +10,10 @@ Conventions (shared by the reference path, the CPU integer path and the Triton k
   ``q_s = q - 2^(b-1)``, ``z_s = z - 2^(b-1)``, so that ``x̂ = (q_s - z_s) Δ`` and both fit in int8 for b ≤ 8.
   An integer GEMM then computes ``Σ_k a_k (q_s,k - z_s) = Σ_k a_k q_s,k - z_s Σ_k a_k`` exactly in int32.
 * A zero range (all-zero row/group/token) gets ``Δ = 1`` so that nothing divides by zero; it dequantizes to 0.
+* Weight scales are stored as float16 and zero points as int8 (``QuantLinear``): ``weight_qparams`` rounds every Δ
+  *up* to the next float16 value (``fp16_ceil``) before the zero point and the codes are computed, so the stored
+  grid is the grid the codes were rounded on (storage is lossless) and the min–max range is still covered (Δ only
+  grows, by at most 2^-10 relative for normal float16 values). Activation scales stay float32 (computed online).
 * Weights ``W`` are (N, K) = (out_features, in_features). Per-channel = one (Δ, z) per row: scales (N, 1).
   Per-group with group size g: one (Δ, z) per g consecutive input channels of a row: scales (N, K/g).
 * int4 packing: two codes per byte along K; byte ``j`` of row ``n`` holds ``k = 2j`` in the low nibble and
@@ -47,8 +51,26 @@ def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return w.reshape(n, k // g, g)
 
 
+FP16_MAX = 65504.0
+
+
+def fp16_ceil(delta: torch.Tensor) -> torch.Tensor:
+    """float32 tensor → the smallest float16 value ≥ it (returned as float32; exact in float16).
+
+    Values above the float16 maximum are clamped to it (the codes then saturate); a positive value below the
+    smallest float16 subnormal becomes that subnormal (2^-24), never 0, so the scale stays a valid divisor.
+    """
+    d = delta.float().clamp(max=FP16_MAX)
+    h = d.half()
+    up = h.float() < d
+    if bool(up.any()):
+        h = torch.where(up, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+    return h.float()
+
+
 def weight_qparams(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True, clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scales (N, G) float32 and signed-shifted zero points (N, G) int32 (None if symmetric) for W (N, K).
+    """Scales (N, G) float32 (each exactly a float16 value, see ``fp16_ceil``) and signed-shifted zero points (N, G)
+    int32 in [-2^(b-1), 2^(b-1) - 1] (None if symmetric) for W (N, K).
 
     ``clip`` (scalar or (N, G)) shrinks the range before computing Δ (RTN's clipping search).
     """
@@ -59,10 +81,10 @@ def weight_qparams(w: torch.Tensor, bits: int, group_size: int | None = None, sy
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         absmax = wg.abs().amax(-1, keepdim=True) * clip_t
-        return _safe(absmax / qmax).squeeze(-1), None
+        return fp16_ceil(_safe(absmax / qmax)).squeeze(-1), None
     lo = wg.amin(-1, keepdim=True).clamp(max=0) * clip_t
     hi = wg.amax(-1, keepdim=True).clamp(min=0) * clip_t
-    delta = _safe((hi - lo) / (2**bits - 1))
+    delta = fp16_ceil(_safe((hi - lo) / (2**bits - 1)))
     zero = torch.round(-lo / delta).clamp(0, 2**bits - 1)
     return delta.squeeze(-1), (zero - 2 ** (bits - 1)).squeeze(-1).to(torch.int32)
 

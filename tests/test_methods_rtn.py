@@ -21,18 +21,29 @@ def _linear(n=64, k=128, seed=0):
     return lin
 
 
+def _fp16_up(delta):
+    """Δ rounded up to the next float16 value (the stored scale dtype), written with numpy's float16."""
+    import numpy as np
+
+    d = delta.double().numpy()
+    h = d.astype(np.float16)
+    h = np.where(h.astype(np.float64) < d, np.nextafter(h, np.float16(np.inf)), h)
+    return torch.from_numpy(h.astype(np.float32))
+
+
 def _plain_rtn(w, bits, group, symmetric, ratio=1.0):
-    """Textbook min–max RTN written out from METHODS.md (no ditlab helpers), float32: returns Ŵ (N, K)."""
+    """Textbook min–max RTN written out from METHODS.md (no ditlab helpers), float32, with Δ stored in float16
+    (rounded up, so the range stays covered): returns Ŵ (N, K)."""
     n, k = w.shape
     g = k if group is None else group
     wg = w.reshape(n, k // g, g).float()
     if symmetric:
-        delta = wg.abs().amax(-1, keepdim=True) * ratio / (2 ** (bits - 1) - 1)
+        delta = _fp16_up(wg.abs().amax(-1, keepdim=True) * ratio / (2 ** (bits - 1) - 1))
         q = torch.round(wg / delta).clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
         return (q * delta).reshape(n, k)
     lo = wg.amin(-1, keepdim=True).clamp(max=0) * ratio
     hi = wg.amax(-1, keepdim=True).clamp(min=0) * ratio
-    delta = (hi - lo) / (2**bits - 1)
+    delta = _fp16_up((hi - lo) / (2**bits - 1))
     z = torch.round(-lo / delta)
     q = (torch.round(wg / delta) + z).clamp(0, 2**bits - 1)
     return ((q - z) * delta).reshape(n, k)
@@ -108,3 +119,38 @@ def test_fp_passthrough_and_registry():
     assert info.value.field == "method" and "rtn" in str(info.value)
     with pytest.raises(ValueError, match="twice"):
         register("rtn")(lambda linear, cfg, stats: linear)
+
+
+# ---- weight_rounding="gptq": RTN's grid family, GPTQ's codes -----------------------------------------------------------
+def _correlated_acts(m=512, k=128, seed=0):
+    """X (M, K) with strongly correlated channels (a random mixing of 16 latent factors + small noise): the case
+    where GPTQ's error propagation pays off over independent rounding."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(m, 16, generator=g)
+    mix = torch.randn(16, k, generator=g)
+    return z @ mix + 0.1 * torch.randn(m, k, generator=g)
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (4, None, True), (3, 64, False)])
+def test_rtn_gptq_rounding_beats_nearest_and_equals_gptq(bits, group, sym):
+    from ditlab.methods.gptq import gptq_quantize, hessian_from_stats
+    from transform_cases import stats_from_acts
+
+    lin = _linear(n=64, k=128)
+    x = _correlated_acts()
+    stats = stats_from_acts(x)
+    base = dict(w_bits=bits, a_bits=16, w_group_size=group, w_symmetric=sym)
+    nearest = quantize_rtn(lin, LayerConfig(**base), stats)
+    rounded = quantize_rtn(lin, LayerConfig(**base, weight_rounding="gptq"), stats)
+    ref = x @ lin.weight.detach().t()
+    err = lambda layer: float((x @ layer.dequantized_weight().t() - ref).norm() / ref.norm())  # noqa: E731
+    assert err(rounded) < 0.8 * err(nearest), (err(rounded), err(nearest))
+    # exactly GPTQ: same codes and grid as calling the routine directly, and as the "gptq" method
+    codes, scale, zero = gptq_quantize(lin.weight.detach(), hessian_from_stats(stats), bits, group, sym, 0.01)
+    assert torch.equal(rounded.codes(), codes) and torch.equal(rounded.w_scale.float(), scale)
+    assert (zero is None and rounded.w_zero is None) or torch.equal(rounded.w_zero.int(), zero)
+    direct = get_handler("gptq")(lin, LayerConfig(method="gptq", **base), stats)
+    assert torch.equal(rounded.qweight, direct.qweight) and torch.equal(rounded.w_scale, direct.w_scale)
+    assert torch.equal(rounded(x), direct(x))
+    with pytest.raises(ConfigError, match="calibration statistics"):
+        quantize_rtn(lin, LayerConfig(**base, weight_rounding="gptq"), None)

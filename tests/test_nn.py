@@ -216,8 +216,8 @@ def test_weight_bytes_packed_sizes():
     fp16 = 2 * 96 * 192
     w8 = QuantLinear.from_float(lin, LayerConfig(w_bits=8, a_bits=8))
     w4 = QuantLinear.from_float(lin, LayerConfig(w_bits=4, a_bits=8, w_group_size=64, w_symmetric=True))
-    assert w8.weight_bytes() == 96 * 192 + 96 * 4 * 2  # codes + fp32 scale + int32 zero per row
-    assert w4.weight_bytes() == 96 * 96 + 96 * 3 * 4
+    assert w8.weight_bytes() == 96 * 192 + 96 * (2 + 1)  # codes + fp16 scale + int8 zero per row
+    assert w4.weight_bytes() == 96 * 96 + 96 * 3 * 2  # packed codes + one fp16 scale per group (symmetric: no zeros)
     assert w8.weight_bytes() / fp16 <= 0.55 and w4.weight_bytes() / fp16 <= 0.30
 
 

@@ -4,6 +4,11 @@ Weights: per-channel or per-group min–max (symmetric or asymmetric), static. O
 group pick the ratio r in CLIP_RATIOS (0.70 … 1.00) that minimises ‖W − Q_r(W)‖² (r = 1 is plain min–max, so the
 search never does worse than no clipping). Activations: per-token dynamic, or per-tensor static with
 ``Δ = max_j absmax_j / (2^(b−1) − 1)`` from calibration (``LayerStats.absmax``).
+
+``weight_rounding = "gptq"`` keeps RTN's grid family (per-channel / per-group min–max) but picks the codes with GPTQ
+(``gptq.quantize_folded`` with the identity transform, H = 2XᵀX from calibration): the result is exactly what the
+"gptq" method produces for the same LayerConfig fields. GPTQ fixes its own grid from the error-updated weights, so
+``clip_search`` does not apply then.
 """
 
 from __future__ import annotations
@@ -58,7 +63,15 @@ def rtn_weight_grid(w: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor | 
 
 @register("rtn")
 def quantize_rtn(linear: nn.Linear, cfg, stats=None) -> QuantLinear:
-    """RTN handler: min–max (optionally clipped) weights; per-token or static per-tensor activations."""
+    """RTN handler: min–max (optionally clipped) weights, or GPTQ-rounded ones when ``cfg.weight_rounding == "gptq"``
+    (needs calibration XᵀX); per-token or static per-tensor activations."""
+    if cfg.weight_rounding == "gptq":
+        from ..nn import InputTransform
+        from .gptq import quantize_folded  # gptq imports this module (rtn_weight_grid): import here, not at the top
+
+        require_stats(cfg, stats)
+        with torch.no_grad():
+            return quantize_folded(linear, cfg, stats, InputTransform(linear.in_features))
     act_scale = None
     if cfg.a_bits < 16 and cfg.a_granularity == "per-tensor":
         act_scale = static_act_scale(require_stats(cfg, stats).absmax, cfg.a_bits)
