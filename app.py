@@ -226,6 +226,8 @@ def export(recipe_json, source, request: gr.Request = None, progress=gr.Progress
 @guarded(6)
 def load_export(upload, path, request: gr.Request = None):
     """Loads an exported zip/folder back: its recipe fills the table and its quantized model is used by Compare."""
+    if not upload:
+        api.check_server_path("export path", path)  # public mode: uploads only, no server paths
     folder = api.unpack_qdir(upload or path, WORKDIR)
     q, source = api.load_qdir(folder)
     pipe = api.load(source)

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from . import backends, evaluation
+from . import backends, evaluation, public
 from .config import Recipe, load_recipe
 from .evaluation import SampleSettings, content_metrics, eval_labels, load_classifier, real_features  # noqa: F401 - re-exported
 from .models import LayerInfo, Pipeline, list_linears, load_pipeline
@@ -28,10 +28,14 @@ DEFAULT_GUIDANCE = 4.0
 DEFAULT_STEPS = 25
 
 
-@functools.lru_cache(maxsize=4)
 def load(source: str | None = None) -> Pipeline:
     """Loads (and caches per process) a pipeline — a diffusers folder, a hub id, "shipped", or a QDIR written by
-    ``save``. Treat the result as read-only."""
+    ``save``. Treat the result as read-only. In public mode only allowlisted sources load (``public.check_source``)."""
+    return _load(public.check_source(source))
+
+
+@functools.lru_cache(maxsize=4)
+def _load(source: str | None) -> Pipeline:
     from . import qdir
 
     if source and qdir.is_qdir(Path(str(source)).expanduser()):
@@ -101,6 +105,7 @@ def calibrate(pipe: Pipeline, *, n_samples: int = 8, steps: int = 10, progress: 
     """Calibration statistics of every linear (cached on disk by model and settings); see ``calibration.calibrate``."""
     from .calibration import calibrate as _calibrate
 
+    public.check_calibration(n_samples, steps)  # public mode bounds the cost
     return _calibrate(pipe, n_samples=n_samples, steps=steps, progress=progress, **kwargs)
 
 
@@ -121,6 +126,7 @@ def quantize(pipe: Pipeline, recipe: Recipe | str, *, calib=None, progress: bool
     from .quantize import quantize_pipeline
 
     recipe = load_recipe(recipe)
+    public.check_quantize_cost(pipe.transformer, recipe)  # public mode bounds VQ4DiT's calibration
     t_cal = 0.0
     if calib is None and needs_calibration(pipe, recipe):
         t0 = time.perf_counter()
@@ -316,4 +322,4 @@ def compare(pipe: Pipeline, quantized: Quantized, labels: Sequence[int], *, step
     return Comparison(fp.images, q.images, diff, metrics, divergence, [int(t) for t in sched.timesteps], used)
 
 
-from .workbench import (APP_CALIBRATION, BACKEND_NAMES, BRANCHES, BULK_TARGETS, MODEL_KINDS, PRESETS, Cancelled, Jobs, QuantCache, allocation_views, bulk_edit, calibration_timesteps, cell_target, check_request, compare_metrics, default_backend, divergence_figure, export_zip, grid_rows, layers_frame, limits, load_qdir, memory_frame, model_markdown, model_source, outlier_views, parse_recipe, recipe_table, safe_name, sensitivity_run, sensitivity_table, table_recipe, unpack_qdir, write_recipe)  # noqa: E402,F401 - the app's session logic
+from .workbench import (APP_CALIBRATION, BACKEND_NAMES, BRANCHES, BULK_TARGETS, MODEL_KINDS, PRESETS, Cancelled, Jobs, QuantCache, allocation_views, bulk_edit, calibration_timesteps, cell_target, check_request, check_server_path, compare_metrics, default_backend, divergence_figure, export_zip, grid_rows, layers_frame, limits, load_qdir, memory_frame, model_markdown, model_source, outlier_views, parse_recipe, recipe_table, safe_name, sensitivity_run, sensitivity_table, table_recipe, unpack_qdir, write_recipe)  # noqa: E402,F401 - the app's session logic

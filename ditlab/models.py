@@ -7,6 +7,7 @@ Weights are read from safetensors only; pickle checkpoints are refused; no remot
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -198,11 +199,91 @@ def _from_pretrained(cls, folder: Path, dtype: torch.dtype):
         raise ModelLoadError(f"{folder}: cannot load {cls.__name__} ({detail})") from None
 
 
+def _config_int(config: dict, defaults: dict, key: str, where: Path, *, minimum: int = 1, optional: bool = False) -> int:
+    value = config.get(key, defaults.get(key))
+    if value is None and optional:
+        return 0
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+        raise ModelLoadError(f"{where}: {key} = {value!r} is not allowed; allowed: an integer ≥ {minimum}")
+    return value
+
+
+def estimate_params(config: dict, family: str, where: Path = Path("config.json")) -> int:
+    """Parameters (and large buffers) of a DiT / PixArt transformer from its config alone — nothing is allocated.
+
+    h = heads × head_dim, L blocks, patch p, C classes, c in / o out channels, d cross-attention width. Per block:
+    DiT 19h² + (C + 274)h (attention 4h², MLP 8h², adaLN-zero 6h², its own timestep embedder h² + 256h, label
+    table (C+1)h); PixArt 14h² + 2dh + 19h (self- and cross-attention, MLP). Plus patch embedding, the sin-cos
+    position table ((S/p)² × h) and the output projections. Within 1 % of the built model for DiT-XL/2 and the tiny
+    test models (tests/test_model_sources.py).
+    """
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, _TRANSFORMER_CLASSES[family])
+    defaults = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items() if v.default is not inspect.Parameter.empty}
+    get = functools.partial(_config_int, config, defaults, where=where)
+    h = get("num_attention_heads") * get("attention_head_dim")
+    layers, p, c, size = get("num_layers"), get("patch_size"), get("in_channels"), get("sample_size")
+    o = get("out_channels", optional=True) or c
+    tokens = (size // p) ** 2
+    total = c * p * p * h + h + tokens * h + h * p * p * o + p * p * o  # patch embedding, position table, output
+    if family == "dit":
+        classes = get("num_embeds_ada_norm", minimum=0, optional=True)
+        return total + layers * (19 * h * h + (classes + 274) * h) + 2 * h * h + 2 * h
+    d = get("cross_attention_dim")
+    caption = get("caption_channels", optional=True) or d
+    return total + layers * (14 * h * h + 2 * d * h + 19 * h) + 7 * h * h + 266 * h + caption * h + h * h + 2 * h
+
+
+def available_memory() -> int | None:
+    """Bytes a model may take: $DITLAB_MAX_MODEL_BYTES if set, else the available RAM (psutil or /proc/meminfo)."""
+    override = os.environ.get("DITLAB_MAX_MODEL_BYTES", "").strip()
+    if override:
+        return int(float(override))
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - psutil missing or unsupported: fall back to /proc
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits_in_memory(folder: Path, family: str, dtype: torch.dtype) -> int:
+    """Estimated bytes of the pipeline (transformer from its config × dtype bytes, other components by file size);
+    raises ModelLoadError with the estimate if it exceeds ``available_memory()``. Runs before any weight is allocated."""
+    config_path = folder / "transformer" / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{folder}: missing transformer/config.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise ModelLoadError(f"{config_path}: not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{config_path}: not a JSON object")
+    size = torch.empty((), dtype=dtype).element_size()
+    estimate = estimate_params(config, family, config_path) * size
+    estimate += sum(f.stat().st_size for part in ("vae", "text_encoder") if (folder / part).is_dir() for f in (folder / part).glob("*.safetensors"))
+    limit = available_memory()
+    if limit is not None and estimate > limit:
+        raise ModelLoadError(f"{folder}: the model needs about {estimate:,} bytes ({estimate / 2**30:.1f} GiB at {str(dtype).replace('torch.', '')}), "
+                             f"more than the {limit:,} bytes available (DITLAB_MAX_MODEL_BYTES); refused before loading")
+    return estimate
+
+
 def load_pipeline(source: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> Pipeline:
     """Loads a DiT or PixArt pipeline from a local folder or a hub id (``None``/"shipped" → the shipped tiny DiT).
 
     Raises ``ModelLoadError`` with a one-line message for a missing folder, a non-DiT model, pickle weights,
-    or a hub id that cannot be reached.
+    a model too big for the available memory (estimated from its config before loading), or an unreachable hub id.
     """
     import diffusers
 
@@ -210,6 +291,7 @@ def load_pipeline(source: str | os.PathLike | None = None, dtype: torch.dtype = 
     index = read_model_index(folder)
     family = FAMILIES[index["_class_name"]]
     cls = getattr(diffusers, _TRANSFORMER_CLASSES[family])
+    check_fits_in_memory(folder, family, dtype)  # before any weight is allocated
     transformer = _from_pretrained(cls, folder / "transformer", dtype).eval().requires_grad_(False)
     sched_path = folder / "scheduler" / "scheduler_config.json"
     if not sched_path.is_file():
@@ -232,7 +314,7 @@ def _load_text_encoder(folder: Path, dtype: torch.dtype):
         raise ModelLoadError("PixArt pipelines need the 'transformers' package for their T5 text encoder: pip install transformers") from None
     encoder = _from_pretrained(transformers.T5EncoderModel, folder / "text_encoder", dtype).eval().requires_grad_(False)
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"{folder / 'tokenizer'}: cannot load the tokenizer ({type(exc).__name__})") from None
     return encoder, tokenizer

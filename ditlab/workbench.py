@@ -19,7 +19,6 @@ import threading
 import zipfile
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -27,47 +26,15 @@ import plotly.graph_objects as go
 
 from .config import METHOD_NAMES, PRESETS, Recipe, check_field, get_preset, load_recipe
 from .errors import ConfigError, DitlabError, ModelLoadError
-from .models import LAYER_KINDS, SHIPPED_MODEL, Pipeline, list_linears
+from .models import LAYER_KINDS, Pipeline, list_linears
 from .plan_table import frame_to_recipe, plan_to_frame
+from .public import Limits, allowed_dirs, check_request, check_server_path, check_source, limits, safe_name  # noqa: F401 - policy lives in ditlab.public
 
 TABLE_COLUMNS = ("name", "kind", "shape", "method", "w_bits", "a_bits", "w_group_size", "a_granularity")
 EDITABLE = ("method", "w_bits", "a_bits", "w_group_size", "a_granularity")
 MODEL_KINDS = ("shipped", "local folder", "hub id")
 BULK_TARGETS = ("all", "qkv", "out", "fc1", "fc2", "adaLN", "block 0")
 _SETTING_HELP = "tokens like 'W8', 'W4A8', 'A16', 'FP', a method name (rtn, hadanorm, viditq, …), 'g64', 'per-channel', 'per-tensor'"
-
-
-# ---------------------------------------------------------------- request limits
-@dataclass(frozen=True)
-class Limits:
-    """Per-request bounds (tighter in public mode, DITLAB_PUBLIC=1)."""
-
-    max_images: int
-    max_steps: int
-    max_recipe_bytes: int
-    max_upload_bytes: int
-    public: bool
-
-
-def limits() -> Limits:
-    """The limits for this process (read from the environment on every call). Public mode: DITLAB_PUBLIC=1, and by
-    default on a Hugging Face Space (SPACE_ID set) unless DITLAB_PUBLIC=0."""
-    flag = os.environ.get("DITLAB_PUBLIC", "1" if os.environ.get("SPACE_ID") else "")
-    public = flag not in ("", "0", "false", "False")
-    if public:
-        return Limits(max_images=16, max_steps=50, max_recipe_bytes=64_000, max_upload_bytes=200_000_000, public=True)
-    return Limits(max_images=64, max_steps=200, max_recipe_bytes=1_000_000, max_upload_bytes=4_000_000_000, public=False)
-
-
-def check_request(n_images: int, steps, guidance) -> None:
-    """Raises ConfigError naming the field if a sampling request is outside the limits."""
-    lim = limits()
-    if not 1 <= int(n_images) <= lim.max_images:
-        raise ConfigError.invalid("images", n_images, f"1 to {lim.max_images} images per request (pick fewer classes)")
-    if not isinstance(steps, (int, float)) or int(steps) != steps or not 1 <= int(steps) <= lim.max_steps:
-        raise ConfigError.invalid("steps", steps, f"an integer from 1 to {lim.max_steps}")
-    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or not 1.0 <= float(guidance) <= 20.0:
-        raise ConfigError.invalid("CFG scale", guidance, "a number from 1 to 20")
 
 
 # ---------------------------------------------------------------- models
@@ -81,19 +48,12 @@ def model_source(kind: str, text: str | None) -> str:
     if not text:
         raise ConfigError.invalid(kind, text, "a folder path" if kind == "local folder" else "a hub id such as facebook/DiT-XL-2-256")
     if kind == "local folder":
-        folder = Path(text).expanduser().resolve()
-        if limits().public and not any(folder.is_relative_to(a) for a in allowed_dirs()):
-            raise ConfigError.invalid("local folder", text, "a folder under " + ", ".join(map(str, allowed_dirs())) + " (public mode)")
+        checked = check_source(text, field=kind)  # public mode: only folders under the allowlist
+        folder = Path(checked).expanduser().resolve()
         if not folder.is_dir():
             raise ModelLoadError(f"local folder = {text!r} does not exist or is not a folder")
         return str(folder)
-    return text
-
-
-def allowed_dirs() -> list[Path]:
-    """Folders local models may be loaded from in public mode ($DITLAB_ALLOWED_DIRS, default: assets/)."""
-    raw = os.environ.get("DITLAB_ALLOWED_DIRS", "")
-    return [Path(p).expanduser().resolve() for p in raw.split(os.pathsep) if p] or [SHIPPED_MODEL.parent.resolve()]
+    return check_source(text, field=kind)  # public mode: only allowlisted hub ids
 
 
 def model_markdown(info: dict) -> str:
@@ -267,18 +227,11 @@ def parse_recipe(text, pipe: Pipeline | None = None) -> Recipe:
     return recipe
 
 
-def safe_name(name: str) -> str:
-    """A file-name-safe version of a recipe name (no path separators, no traversal)."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)).strip(".-")[:64]
-    return cleaned or "recipe"
-
-
 def write_recipe(recipe: Recipe, folder: str | os.PathLike) -> Path:
     """Writes ``recipe`` as ``<folder>/<name>.recipe.json`` for download; returns the path."""
     path = Path(folder) / f"{safe_name(recipe.name)}.recipe.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(recipe.to_json() + "\n")
-    return path
+    return _write_atomic(path, lambda tmp: Path(tmp).write_text(recipe.to_json() + "\n"))
 
 
 
@@ -423,10 +376,31 @@ BACKEND_NAMES = {"cpu-int": "CPU integer path (torch._int_mm int8×int8→int32)
 
 
 # ---------------------------------------------------------------- export / import of QDIRs
+def _write_atomic(target: Path, write) -> Path:
+    """Calls ``write(tmp)`` on a temporary file beside ``target`` (same name ending) and renames it onto ``target``: a
+    crash or a full disk never leaves a partial ``target``. A disk error becomes one line naming ``target``."""
+    from .qdir import WriteError
+
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + target.suffix, dir=target.parent)
+        os.close(fd)
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, DitlabError):
+            raise WriteError.of(target, exc) from exc
+        raise
+    return target
+
+
 def export_zip(qdir: str | os.PathLike) -> Path:
-    """Zips a QDIR folder as ``<qdir>.zip`` (files at the archive root); returns the zip path."""
+    """Zips a QDIR folder as ``<qdir>.zip`` (files at the archive root, written atomically); returns the zip path."""
     folder = Path(qdir)
-    return Path(shutil.make_archive(str(folder), "zip", root_dir=folder))
+    return _write_atomic(folder.parent / f"{folder.name}.zip",
+                         lambda tmp: shutil.make_archive(tmp.removesuffix(".zip"), "zip", root_dir=folder))
 
 
 def _safe_extract(archive: Path, dest: Path, max_bytes: int) -> None:
