@@ -149,3 +149,42 @@ def test_kmeans_fitted_on_a_sample_assigns_every_row_and_stays_close():
     assert abs(sampled.inertia - _inertia(x, sampled.codebook, sampled.assignments)) <= 1e-4 * sampled.inertia
     assert full.inertia <= sampled.inertia <= 1.05 * full.inertia
     assert not torch.equal(sampled.codebook, full.codebook)  # the sample really was used
+
+
+def test_keyed_argmin_is_torch_min_exactly_ties_and_negative_zero_included():
+    g = torch.Generator().manual_seed(11)
+    d2 = torch.rand(500, 256, generator=g)
+    d2[:50, 200] = d2[:50].amin(1) * (1 + 2e-6)  # within the key's truncation of the minimum: must be redone exactly
+    d2[50:60, 7] = d2[50:60, 3] = d2[50:60].amin(1) / 2  # exact ties: lowest index
+    d2[60, :] = 1.0
+    d2[61, 100:] = -0.0
+    d2[61, :100] = 0.5
+    bits = d2.view(torch.int32).clamp_min(0)  # what assign() feeds it: -0.0 → +0.0
+    idx, best = vq._argmin_nonneg(bits)
+    ref = bits.view(torch.float32).min(1)
+    assert torch.equal(idx, ref.indices) and torch.equal(best.view(torch.float32), ref.values)
+    assert idx[50:60].eq(3).all() and int(idx[60]) == 0 and int(idx[61]) == 100
+
+
+def test_pruned_lloyd_equals_full_lloyd():
+    """Hamerly's bounds only skip rows whose centre provably did not change: same centres and assignments as
+    Lloyd with a full assignment at every update, from the same start."""
+    x = torch.randn(4000, 4, generator=torch.Generator().manual_seed(5)) * torch.tensor([1.0, 0.3, 2.0, 0.7])
+    init = vq.kmeans_plusplus(x, 32, torch.Generator().manual_seed(2))
+    mine = vq.kmeans(x, 32, init=init, iters=25, tol=0.0)
+    centers, x64 = init.clone(), x.double()
+    idx, d2 = vq.assign(x, centers)
+    for _ in range(25):
+        centers = vq._update(x64, idx, d2, centers)
+        idx, d2 = vq.assign(x, centers)
+    assert torch.equal(mine.codebook, centers) and torch.equal(mine.assignments, idx)
+    assert mine.recomputed < 0.6 * 26 * 4000  # and the bounds did skip work
+
+
+def test_codebook_dtype_rounds_before_the_final_assignment():
+    x = torch.randn(3000, 2, generator=torch.Generator().manual_seed(3))
+    for max_points in (None, 500):
+        r = vq.kmeans(x, 16, seed=0, codebook_dtype=torch.float16, max_points=max_points)
+        assert torch.equal(r.codebook, r.codebook.half().float())  # representable in fp16
+        assert torch.equal(r.assignments, vq.assign(x, r.codebook)[0])  # optimal for the stored codebook
+        assert abs(r.inertia - _inertia(x, r.codebook, r.assignments)) <= 1e-6 * r.inertia

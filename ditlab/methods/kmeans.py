@@ -80,9 +80,11 @@ def layer_params(cfg, out_features: int, in_features: int, layer: str | None = N
 def kmeans_init(weight: torch.Tensor, p: VQLayerParams, desc: str = "k-means") -> tuple[torch.Tensor, torch.Tensor]:
     """Codebook (k, d) fp16 and nearest assignments (N, K/d) uint8 of W (N, K) (k-means++ then Lloyd, seeded)."""
     x = vq.subvectors(weight, p.d)  # (N·K/d, d)
-    result = vq.kmeans(x, p.k, iters=p.kmeans_iters, seed=p.seed, max_points=p.k * p.kmeans_fit or None, desc=desc)
-    codebook = result.codebook.to(torch.float16)  # what is stored; re-assign against it below
-    assignments = vq.encode(weight.detach().float(), codebook)
+    # the final assignment is made against the fp16-rounded codebook (what is stored), so it is optimal for it
+    result = vq.kmeans(x, p.k, iters=p.kmeans_iters, seed=p.seed, max_points=p.k * p.kmeans_fit or None,
+                       codebook_dtype=torch.float16, desc=desc)
+    codebook = result.codebook.to(torch.float16)  # exact: already rounded
+    assignments = result.assignments.to(torch.uint8).reshape(weight.shape[0], weight.shape[1] // p.d)
     return codebook, assignments
 
 
