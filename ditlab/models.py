@@ -167,30 +167,56 @@ def _hub_snapshot(repo_id: str) -> Path:
         raise ModelLoadError(f"{repo_id}: cannot fetch from the hub ({type(exc).__name__}); offline? use a local folder or the shipped model") from None
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON object from ``path``, or ModelLoadError naming the file (missing, not UTF-8, not JSON, not an object)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError) as exc:
+        raise ModelLoadError(f"{path}: not valid JSON ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: not a JSON object (got {type(data).__name__})")
+    return data
+
+
 def read_model_index(folder: Path) -> dict:
     index_path = folder / "model_index.json"
     if not index_path.is_file():
         raise ModelLoadError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
-    try:
-        index = json.loads(index_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{index_path}: not valid JSON ({exc.__class__.__name__})") from None
+    index = read_json_object(index_path)
     name = index.get("_class_name")
-    if name not in FAMILIES:
+    if not isinstance(name, str) or name not in FAMILIES:
         raise ModelLoadError(f"{folder}: {name!r} is not a supported DiT pipeline; supported: {', '.join(FAMILIES)}")
     return index
 
 
 def _load_labels(folder: Path, index: dict) -> dict[int, str]:
     labels_path = folder / "labels.json"
-    raw = json.loads(labels_path.read_text()).get("id2label", {}) if labels_path.is_file() else index.get("id2label") or {}
-    return {int(k): str(v).split(",")[0].strip() for k, v in raw.items()}
+    raw = read_json_object(labels_path).get("id2label", {}) if labels_path.is_file() else index.get("id2label") or {}
+    try:
+        return {int(k): str(v).split(",")[0].strip() for k, v in raw.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise ModelLoadError(f"{labels_path}: id2label must map class ids (integers) to names") from None
 
 
 def _from_pretrained(cls, folder: Path, dtype: torch.dtype):
+    """``cls.from_pretrained`` from safetensors only; a diffusers model must be of class ``cls`` and get every weight
+    from the checkpoint (diffusers would otherwise fill missing weights with random ones and only warn)."""
     _refuse_pickle(folder)
+    kwargs = dict(torch_dtype=dtype, use_safetensors=True, local_files_only=True)
     try:
-        return cls.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True, local_files_only=True)
+        if not cls.__module__.startswith("diffusers"):
+            return cls.from_pretrained(str(folder), **kwargs)
+        saved_as = read_json_object(folder / "config.json").get("_class_name")
+        if saved_as not in (None, cls.__name__):
+            raise ModelLoadError(f"{folder}: holds a {saved_as!r}, not a {cls.__name__}")
+        model, info = cls.from_pretrained(str(folder), output_loading_info=True, **kwargs)
+        missing = sorted(info.get("missing_keys") or []) + sorted(k for k, *_ in info.get("mismatched_keys") or [])
+        if missing:
+            raise ModelLoadError(f"{folder}: {len(missing)} weights of {cls.__name__} are missing from the checkpoint or have "
+                                 f"another shape (first: {missing[0]}); refused rather than filled with random values")
+        return model
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - corrupt or mismatched weights: one line, naming the folder
@@ -261,14 +287,7 @@ def check_fits_in_memory(folder: Path, family: str, dtype: torch.dtype) -> int:
     """Estimated bytes of the pipeline (transformer from its config × dtype bytes, other components by file size);
     raises ModelLoadError with the estimate if it exceeds ``available_memory()``. Runs before any weight is allocated."""
     config_path = folder / "transformer" / "config.json"
-    try:
-        config = json.loads(config_path.read_text())
-    except FileNotFoundError:
-        raise ModelLoadError(f"{folder}: missing transformer/config.json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-        raise ModelLoadError(f"{config_path}: not valid JSON ({type(exc).__name__})") from None
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{config_path}: not a JSON object")
+    config = read_json_object(config_path)
     size = torch.empty((), dtype=dtype).element_size()
     estimate = estimate_params(config, family, config_path) * size
     estimate += sum(f.stat().st_size for part in ("vae", "text_encoder") if (folder / part).is_dir() for f in (folder / part).glob("*.safetensors"))
@@ -296,7 +315,7 @@ def load_pipeline(source: str | os.PathLike | None = None, dtype: torch.dtype = 
     sched_path = folder / "scheduler" / "scheduler_config.json"
     if not sched_path.is_file():
         raise ModelLoadError(f"{folder}: missing scheduler/scheduler_config.json")
-    pipe = Pipeline(transformer=transformer, scheduler_config=json.loads(sched_path.read_text()), family=family, source=str(source or "shipped"))
+    pipe = Pipeline(transformer=transformer, scheduler_config=read_json_object(sched_path), family=family, source=str(source or "shipped"))
     if (index.get("vae") or [None])[0] is not None:
         pipe.vae = _from_pretrained(diffusers.AutoencoderKL, folder / "vae", dtype).eval().requires_grad_(False)
     if family == "dit":

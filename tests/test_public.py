@@ -177,7 +177,7 @@ def test_model_folders_cannot_run_their_own_code(tmp_path):
     index["transformer"] = ["evil_model", "EvilTransformer"]  # a custom component class: ignored, DiT's class is fixed
     (dit / "model_index.json").write_text(json.dumps(index))
     config = json.loads((dit / "transformer" / "config.json").read_text())
-    (dit / "transformer" / "config.json").write_text(json.dumps({**config, "_class_name": "EvilTransformer", "auto_map": {"AutoModel": "evil_model.EvilTransformer"}}))
+    (dit / "transformer" / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "evil_model.EvilTransformer"}}))
     assert load_pipeline(dit).transformer.__class__.__name__ == "DiTTransformer2DModel"
     pixart = tiny_pixart_pipeline(tmp_path / "pixart")
     shutil.copy(dit / "evil_model.py", pixart / "tokenizer" / "evil_tokenizer.py")
