@@ -5,7 +5,8 @@ For each token (row) m of X (M, K) the kernel computes, in float32 and in this o
     y   = x[m]                                  (loaded and widened to float32)
     y   = y − mean[m // T]                      optional: per-sample channel means (B, K), T = tokens_per_sample
     y   = y / sigma                             optional: per-channel scale (K,), a true (IEEE) division
-    y   = FWHT(y ⊙ signs) / √d                  optional: block Hadamard, see ``kernels.hadamard`` (d ≤ the tile)
+    y   = (FWHT(y) / √d) ⊙ signs                optional: block Hadamard y·Q, Q = blockdiag(H_d/√d)·diag(signs) as in
+                                                ``kernels.hadamard`` and ``ditlab.hadamard_ops.rotate`` (d ≤ the tile)
     Δ_m = max_k |y_k| / (2^(b−1) − 1)           (Δ = 1 for an all-zero row)  — or a given static scale
     q   = clamp(round_half_even(y / Δ_m), −2^(b−1), 2^(b−1) − 1)        int8 codes (b = 2…8; 4-bit codes in int8)
 
@@ -55,9 +56,9 @@ def _transformed(x_ptr, mean_ptr, sigma_ptr, signs_ptr, offs_m, offs_k, mask_m, 
     if HAS_SIGMA:
         y = tl.math.div_rn(y, tl.load(sigma_ptr + offs_k, mask=mask_k, other=1.0).to(tl.float32)[None, :])
     if LOG2_HAD >= 0:
-        if HAS_SIGNS:
-            y = y * tl.load(signs_ptr + offs_k, mask=mask_k, other=0).to(tl.float32)[None, :]
         y = fwht(y, BLOCK_M, BLOCK_K, LOG2_HAD) * had_scale
+        if HAS_SIGNS:  # Q = H·diag(s): signs on the transformed columns (exact)
+            y = y * tl.load(signs_ptr + offs_k, mask=mask_k, other=0).to(tl.float32)[None, :]
     return y
 
 

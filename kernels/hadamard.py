@@ -1,21 +1,23 @@
 """Block fast Walsh–Hadamard transform over the last dimension (the online rotation of QuaRot / ViDiT-Q / HadaNorm).
 
-Definition (ditlab/hadamard_ops.py uses the same one, so that weights rotated offline match activations rotated
-here): the last dimension K is split into K/d consecutive blocks of d = 2^L columns, and every block is mapped by
+Definition — the convention of METHODS.md ("randomised normalised Hadamard H·diag(±1)/√d") and of
+``ditlab.hadamard_ops.rotate``, so that weights rotated offline by the library match activations rotated here:
+the last dimension K is split into K/d consecutive blocks of d = 2^L columns, and every block is mapped by
 
-    x' = FWHT(x ⊙ s) / √d  =  x · diag(s) · H_d / √d ,      (as a column vector: x'ᵀ = H_d · diag(s) · xᵀ / √d)
+    x' = (FWHT(x) / √d) ⊙ s  =  x · (H_d / √d) · diag(s)       (rows times Q = blockdiag(H_d/√d) · diag(s))
 
-where s (K,) are optional random signs ±1 (the block's slice of them) and H_d is the Sylvester Hadamard matrix,
-H_d[i, j] = (−1)^popcount(i & j) (symmetric, H_d H_d = d·I). Q = diag(s) H_d / √d is orthogonal, so rotating both
-sides, X' = X Q and W' = W Q, leaves X Wᵀ unchanged.
+i.e. the signs s (K,) ±1 (optional; the block's slice of them) are applied to the *output* of the transform.
+H_d is the Sylvester Hadamard matrix, H_d[i, j] = (−1)^popcount(i & j) (symmetric, H_d H_d = d·I), so Q is
+orthogonal (Q Qᵀ = H_d diag(s)² H_d / d = I), and rotating both sides, X' = X Q and W' = W Q, leaves X Wᵀ unchanged.
 
 Inputs: x (M, K) float32/bfloat16/float16 with any strides (leading dimensions of an (…, K) input are flattened);
 signs (K,) any float or integer dtype holding ±1. Output: (…, K) in x's dtype (or ``out_dtype``).
 Each program owns a (BLOCK_M, BLOCK_K) tile holding whole Hadamard blocks (BLOCK_K a multiple of d), so the
 transform never leaves registers: log2(d) butterfly stages of adds and subtracts.
 Arithmetic is float32 whatever the input dtype: butterflies on bf16 would lose bits at every stage. The final
-1/√d is a single float32 multiply, so ``fwht_ref`` (same butterflies, same order) reproduces the kernel bit for
-bit; ``hadamard_ref`` is the dense block matmul of the definition (agrees within float rounding).
+1/√d is a single float32 multiply and the signs an exact one, so ``fwht_ref`` (same butterflies, same order) and
+``ditlab.hadamard_ops.rotate`` reproduce the kernel bit for bit; ``hadamard_ref`` is the dense block matmul of the
+definition (agrees within float rounding).
 """
 
 from __future__ import annotations
@@ -51,12 +53,12 @@ def _hadamard_kernel(
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
     x = x.to(tl.float32)  # (BM, BK)
-    if HAS_SIGNS:
-        s = tl.load(signs_ptr + offs_k, mask=offs_k < K, other=0).to(tl.float32)
-        x = x * s[None, :]
     # K is a multiple of the Hadamard block and BLOCK_K of K's blocks, so masked columns form whole (zero) blocks.
     x = fwht(x, BLOCK_M, BLOCK_K, LOG2_BLOCK)
     x = x * scale
+    if HAS_SIGNS:  # Q = H·diag(s): the signs act on the transformed columns (exact: a multiply by ±1)
+        s = tl.load(signs_ptr + offs_k, mask=offs_k < K, other=0).to(tl.float32)
+        x = x * s[None, :]
     if out_ptr.dtype.element_ty == tl.bfloat16:
         x = bf16_rne(x)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_k[None, :] * stride_ok,
@@ -84,7 +86,8 @@ def hadamard_scale(block: int) -> float:
 def hadamard_transform(x: torch.Tensor, block: int, signs: torch.Tensor | None = None, *,
                        out_dtype: torch.dtype | None = None, block_m: int | None = None,
                        block_k: int | None = None) -> torch.Tensor:
-    """Block Walsh–Hadamard transform of x (…, K): FWHT(x ⊙ signs)/√block per block of ``block`` columns."""
+    """Block Walsh–Hadamard transform of x (…, K) → (…, K): (FWHT(x)/√block) ⊙ signs, per block of ``block`` columns
+    (rows times Q = blockdiag(H/√block)·diag(signs), as ``ditlab.hadamard_ops.rotate``)."""
     k = _check(x, block, signs)
     x2 = x.reshape(-1, k)  # (M, K), a view when possible
     m = x2.shape[0]
@@ -119,14 +122,14 @@ def hadamard_matrix(d: int) -> torch.Tensor:
 
 def hadamard_ref(x: torch.Tensor, block: int, signs: torch.Tensor | None = None, *,
                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dense twin of ``hadamard_transform``: (x ⊙ s) @ blockdiag(H_d/√d), float32 math."""
+    """Dense twin of ``hadamard_transform``: x (…, K) @ blockdiag(H_d/√d) @ diag(s), float32 math."""
     k = _check(x, block, signs)
     y = x.reshape(-1, k).float()
+    q = hadamard_matrix(block).to(x.device) / math.sqrt(block)
+    y = (y.reshape(-1, k // block, block) @ q).reshape(-1, k)
     if signs is not None:
         y = y * signs.float()
-    q = hadamard_matrix(block).to(x.device) / math.sqrt(block)
-    y = (y.reshape(-1, k // block, block) @ q).reshape(*x.shape[:-1], k)
-    return y.to(out_dtype or x.dtype)
+    return y.reshape(*x.shape[:-1], k).to(out_dtype or x.dtype)
 
 
 def fwht_ref(x: torch.Tensor, block: int, signs: torch.Tensor | None = None, *,
@@ -135,8 +138,6 @@ def fwht_ref(x: torch.Tensor, block: int, signs: torch.Tensor | None = None, *,
     k = _check(x, block, signs)
     y = x.reshape(-1, k).float()
     m = y.shape[0]
-    if signs is not None:
-        y = y * signs.float()
     h = 1
     while h < block:
         v = y.reshape(m, k // (2 * h), 2, h)
@@ -144,6 +145,8 @@ def fwht_ref(x: torch.Tensor, block: int, signs: torch.Tensor | None = None, *,
         y = torch.stack((a + b, a - b), dim=2).reshape(m, k)
         h *= 2
     y = y * torch.tensor(hadamard_scale(block), dtype=torch.float32, device=y.device)
+    if signs is not None:
+        y = y * signs.float()
     return y.reshape(*x.shape[:-1], k).to(out_dtype or x.dtype)
 
 

@@ -214,13 +214,19 @@ def test_act_quant_fused_exact(shape, variant, blocks):
 
 
 @interpreted_only
-def test_act_quant_fusion_equals_ditlab_transform_then_quantize():
-    """HadaNorm order (x − μ) / σ then the unsigned Hadamard of ditlab.hadamard_ops, then quantize: same bits."""
+@pytest.mark.parametrize("signed", [False, True])
+def test_act_quant_fusion_equals_ditlab_transform_then_quantize(signed):
+    """HadaNorm order (x − μ) / σ, then ditlab.hadamard_ops.rotate (Q = H·diag(s)), then quantize: same bits."""
     kw = E["act_quant"].example_inputs((32, 384), fused=True)
+    signs = hadamard_ops.random_signs(384, 7) if signed else None
     y = (kw["x"] - kw["mean"].repeat_interleave(16, 0)) / kw["sigma"]
-    want = primitives.quantize_per_token(hadamard_ops.fwht(y, 128), 8)
-    got = kernels.act_quant(**kw, hadamard_block=128)
+    rotated = hadamard_ops.rotate(y, signs, 128) if signed else hadamard_ops.fwht(y, 128)
+    want = primitives.quantize_per_token(rotated, 8)
+    got = kernels.act_quant(**kw, hadamard_block=128, signs=signs)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    if signed:  # the convention matters: signs applied before the transform (diag(s)·H) give other codes
+        wrong = primitives.quantize_per_token(hadamard_ops.fwht(y * signs, 128), 8)
+        assert not torch.equal(got[0], wrong[0])
 
 
 @interpreted_only
@@ -238,14 +244,27 @@ def test_hadamard_exact_and_dense(shape, block, dtype, blocks):
 
 
 @interpreted_only
-def test_hadamard_definition():
-    """x' = FWHT(x ⊙ s)/√d: orthogonal (inverse = the transform then the signs) and equal to the unsigned
-    transform of ditlab.hadamard_ops applied to x ⊙ s."""
-    kw = E["hadamard"].example_inputs((8, 256), block=64)
-    x, s = kw["x"], kw["signs"]
-    y = kernels.hadamard_transform(**kw)
-    assert torch.equal(y, hadamard_ops.fwht(x * s, 64))
-    torch.testing.assert_close(kernels.hadamard_transform(y, 64) * s, x, rtol=0, atol=1e-5)
+@pytest.mark.parametrize("k,block", [(256, 64), (1152, 128)])
+def test_hadamard_is_ditlab_rotation(k, block):
+    """x' = (FWHT(x)/√d) ⊙ s = x·Q with Q = blockdiag(H/√d)·diag(s): the kernel equals ditlab.hadamard_ops.rotate
+    bit for bit, its matrix is hadamard_ops.q_matrix exactly, and rotate_inverse undoes it."""
+    signs = hadamard_ops.random_signs(k, 5)
+    x = torch.randn(9, k, generator=torch.Generator().manual_seed(6))
+    y = kernels.hadamard_transform(x, block, signs)
+    assert torch.equal(y, hadamard_ops.rotate(x, signs, block))
+    assert torch.equal(y, kernels.fwht_ref(x, block, signs))
+    torch.testing.assert_close(hadamard_ops.rotate_inverse(y, signs, block), x, rtol=0, atol=1e-5)
+    q = kernels.hadamard_transform(torch.eye(k), block, signs)  # rows of I times Q = Q
+    assert torch.equal(q.double(), hadamard_ops.q_matrix(k, 5, block).float().double())
+    assert not torch.equal(q, kernels.hadamard_transform(torch.eye(k) * signs.float()[:, None], block))  # not diag(s)·H
+
+
+@interpreted_only
+def test_hadamard_orthogonal_exactly():
+    """For d = 4^j the entries ±2^−j are exact, so Q Qᵀ = I exactly in float32 (and H H = d·I for the ±1 matrix)."""
+    signs = hadamard_ops.random_signs(256, 9)
+    q = kernels.hadamard_transform(torch.eye(256), 64, signs)  # (256, 256), entries 0 or ±1/8
+    assert torch.equal(q @ q.t(), torch.eye(256)) and torch.equal(q.t() @ q, torch.eye(256))
     h = kernels.hadamard_matrix(64)
     assert torch.equal(h @ h, 64 * torch.eye(64)) and torch.equal(h, hadamard_ops.hadamard_matrix(64, normalised=False))
 
