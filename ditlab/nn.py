@@ -12,6 +12,8 @@ Everything is built offline by a method handler (``QuantLinear.from_float``); no
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -282,3 +284,33 @@ def register_module_type(cls: type) -> type:
     name) and a ``from_spec(spec)`` classmethod returning an empty module that ``load_state_dict`` fills."""
     MODULE_TYPES[cls.__name__] = cls
     return cls
+
+
+@dataclass(frozen=True)
+class ModuleCodec:
+    """How QDIR saves and rebuilds a replacement module of a class ditlab does not own (e.g. bitsandbytes), whose
+    state is not plain parameters and buffers (quantization state objects, CPU-specific weight layouts).
+
+    spec(module) -> JSON-able dict (the layer's shape and options); tensors(module) -> {local name: tensor}, the
+    serialisable state (must not disturb the live module); build(spec, tensors) -> the finished module (CPU, eval,
+    bit-identical outputs); nbytes(module) -> stored weight bytes (codes + scales, no bias) for ``weight_bytes``.
+    """
+
+    spec: Callable[[nn.Module], dict]
+    tensors: Callable[[nn.Module], dict]
+    build: Callable[[dict, dict], nn.Module]
+    nbytes: Callable[[nn.Module], int]
+
+
+MODULE_CODECS: dict[str, ModuleCodec] = {}  # class name → codec
+
+
+def register_module_codec(type_name: str, codec: ModuleCodec) -> ModuleCodec:
+    """Registers the QDIR codec of modules whose ``type(module).__name__`` is ``type_name``."""
+    MODULE_CODECS[type_name] = codec
+    return codec
+
+
+def codec_for(module: nn.Module) -> ModuleCodec | None:
+    """The registered codec of ``module``'s class, or None."""
+    return MODULE_CODECS.get(type(module).__name__)

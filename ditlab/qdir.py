@@ -33,7 +33,7 @@ from . import __version__
 from .config import Recipe, load_recipe
 from .errors import DitlabError, ModelLoadError
 from .models import FAMILIES, SHIPPED_ALIASES, Pipeline, _from_pretrained, _load_labels, _load_text_encoder, read_model_index, resolve_source
-from .nn import MODULE_TYPES
+from .nn import MODULE_CODECS, MODULE_TYPES, codec_for
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,15 @@ def _sha256(path: Path) -> str:
 
 
 def _layer_specs(model: nn.Module) -> dict[str, dict]:
+    """Layer name → spec of every replacement module: ``spec()`` of a registered ditlab type, or the spec of a
+    module saved through its ``ModuleCodec`` (marked ``"codec": True``; e.g. bitsandbytes layers)."""
     specs = {}
     for name, module in model.named_modules():
         registered = type(module).__name__ in MODULE_TYPES and callable(getattr(module, "spec", None))
-        if registered:
+        codec = codec_for(module)
+        if codec is not None:
+            specs[name] = {**codec.spec(module), "type": type(module).__name__, "codec": True}
+        elif registered:
             specs[name] = module.spec()
         elif getattr(module, "is_quantized_linear", False) or type(module).__module__.startswith("bitsandbytes"):
             raise DitlabError(f"cannot save layer {name!r}: {type(module).__name__} is not a registered QDIR module type "
@@ -70,10 +75,19 @@ def _layer_specs(model: nn.Module) -> dict[str, dict]:
     return specs
 
 
-def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer (persistent or not), contiguous and owning its storage (safetensors' rule)."""
+def _tensors(model: nn.Module, specs: dict[str, dict] | None = None) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer (persistent or not), contiguous and owning its storage (safetensors' rule); a
+    codec layer's tensors are its codec's ``tensors()`` under the layer's prefix instead of its raw attributes."""
     out, seen = {}, set()
+    coded = [n for n, s in (specs or {}).items() if s.get("codec")]
+    for layer in coded:
+        module = model.get_submodule(layer)
+        for key, t in codec_for(module).tensors(module).items():
+            out[f"{layer}.{key}"] = t.detach().contiguous().clone()
+    prefixes = tuple(f"{n}." for n in coded)
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if prefixes and name.startswith(prefixes):
+            continue
         t = t.detach().contiguous()
         key = (t.untyped_storage().data_ptr(), t.storage_offset())
         out[name] = t.clone() if key in seen or t.numel() == 0 else t
@@ -155,7 +169,7 @@ def save_quantized(model: nn.Module, recipe: Recipe | str | None, source, out_di
         family, _ = _write_components(source, tmp)
         (tmp / "transformer").mkdir()
         model.save_config(tmp / "transformer")
-        save_file(_tensors(model), str(tmp / WEIGHTS), metadata={"format": "pt", "producer": f"ditlab {__version__}"})
+        save_file(_tensors(model, specs), str(tmp / WEIGHTS), metadata={"format": "pt", "producer": f"ditlab {__version__}"})
         (tmp / "recipe.json").write_text(recipe.to_json() + "\n")
         manifest = {"format": FORMAT, "version": QDIR_VERSION, "ditlab_version": __version__, "family": family,
                     "transformer_class": cls_name, "recipe": recipe.name, "layers": specs, "weights": WEIGHTS,
@@ -217,13 +231,21 @@ def load_quantized_transformer(folder: str | os.PathLike, verify: bool = True) -
     config = json.loads((folder / "transformer" / "config.json").read_text())
     with torch.device("meta"):  # no allocation, no random init: every tensor is assigned from the file below
         model = cls.from_config(config)
+    tensors = load_file(str(weights))
     for name, spec in manifest["layers"].items():  # skeletons on CPU (placeholders, overwritten below)
         kind = spec.get("type")
+        parent, _, leaf = name.rpartition(".")
+        if spec.get("codec"):  # built whole by its codec from its own tensors (e.g. bitsandbytes layers)
+            if kind not in MODULE_CODECS:
+                raise ModelLoadError(f"{folder}: layer {name!r} has module type {kind!r}; known codecs: {', '.join(MODULE_CODECS)}")
+            prefix = f"{name}."
+            own = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
+            setattr(model.get_submodule(parent) if parent else model, leaf, MODULE_CODECS[kind].build(spec, own))
+            continue
         if kind not in MODULE_TYPES:
             raise ModelLoadError(f"{folder}: layer {name!r} has module type {kind!r}; known: {', '.join(MODULE_TYPES)}")
-        parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, MODULE_TYPES[kind].from_spec(spec))
-    for name, tensor in load_file(str(weights)).items():
+    for name, tensor in tensors.items():
         _assign(model, name, tensor)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:

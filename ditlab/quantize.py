@@ -22,6 +22,7 @@ from .config import LayerConfig, Recipe, load_recipe
 from .errors import ConfigError, DitlabError
 from .methods import get_handler
 from .models import layer_kind, list_linears
+from .nn import codec_for
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,9 @@ def weight_bytes(module: nn.Module) -> int:
     own = getattr(module, "weight_bytes", None)
     if callable(own):
         return int(own())
+    codec = codec_for(module)  # modules of other libraries (bitsandbytes) count through their registered codec
+    if codec is not None:
+        return int(codec.nbytes(module))
     if type(module) is nn.Linear:
         return module.weight.numel() * module.weight.element_size()
     total = 0

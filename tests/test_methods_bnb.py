@@ -115,3 +115,59 @@ def test_quantize_model_with_bnb_preset(tmp_path):
     kwargs = dict(timestep=torch.tensor([500, 500]), class_labels=torch.tensor([1, 10]), return_dict=False)
     ref = pipe.transformer(x, **kwargs)[0]
     assert _rel(model(x, **kwargs)[0], ref) < 0.15
+
+
+# ---- QDIR save → load, and byte counts through api.weight_bytes ---------------------------------------------------------
+def test_codec_rebuild_bit_identical_without_requantizing():
+    from ditlab.methods.bnb import bnb_build, bnb_spec, bnb_tensors
+
+    # N = 48: bitsandbytes' portable 4-bit path; N = 64 with N(0, 0.05²) weights: its CPU layout, whose bfloat16 block
+    # absmax does not survive bitsandbytes' own state_dict round trip (the codec saves it: this case caught that)
+    for n, std in ((48, None), (64, 0.05)):
+        linear = _layer(192, n)
+        if std is not None:
+            torch.nn.init.normal_(linear.weight, std=std)
+        x = torch.randn(2, 9, 192)
+        for method in MAX_REL_ERR:
+            q = _quantize(linear, method)
+            y = q(x)
+            clone = bnb_build(bnb_spec(q), bnb_tensors(q))
+            assert type(clone) is type(q) and torch.equal(clone(x), y), (n, method)
+            assert torch.equal(q(x), y)  # taking the tensors did not disturb the live module
+            assert getattr(clone, "is_quantized_linear", False) and bnb_weight_bytes(clone) == bnb_weight_bytes(q)
+
+
+@pytest.mark.parametrize("preset", ["bnb-int8", "bnb-nf4", "bnb-fp4"])
+def test_qdir_save_load_identical_and_weight_bytes(preset, tmp_path):
+    """A bitsandbytes-quantized tiny DiT (one layer overridden to a ditlab QuantLinear, so both kinds share one
+    QDIR) saves, loads standalone and gives identical outputs; api.weight_bytes counts the bitsandbytes layers with
+    their stored bytes (codes + block scales), not as fp16."""
+    import dataclasses
+
+    from ditlab import api, qdir
+    from ditlab.config import get_preset
+    from ditlab.models import load_pipeline
+    from ditlab.quantize import quantize_
+    from ditlab.testing import tiny_dit_pipeline
+
+    pipe = load_pipeline(tiny_dit_pipeline(tmp_path / "dit"))
+    recipe = dataclasses.replace(get_preset(preset), overrides=(("transformer_blocks.0.attn1.to_q", {"method": "rtn", "w_bits": 4, "a_bits": 8, "w_group_size": 32}),))
+    model, report = quantize_(pipe.transformer, recipe, progress=False)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(timestep=torch.tensor([500, 20]), class_labels=torch.tensor([1, 7]), return_dict=False)
+    with torch.no_grad():
+        ref = model(x, **kwargs)[0]
+    path = qdir.save_quantized(model, recipe, pipe, tmp_path / "q")
+    loaded, loaded_recipe = qdir.load_quantized(path)
+    kinds = {type(m).__name__ for m in loaded.transformer.modules()}
+    assert {"QuantLinear", "Linear8bitLt" if preset == "bnb-int8" else "Linear4bit"} <= kinds
+    with torch.no_grad():
+        assert torch.equal(loaded.transformer(x, **kwargs)[0], ref)
+    # byte counts: api.weight_bytes = Σ of the per-layer stored bytes the quantize report measured
+    from dataclasses import replace as dc_replace
+
+    packed, fp16 = api.weight_bytes(dc_replace(pipe, transformer=model))
+    assert packed == sum(r.bytes_packed for r in report.layers) and fp16 == sum(r.bytes_fp16 for r in report.layers)
+    assert api.weight_bytes(loaded) == (packed, fp16)
+    ratio = packed / fp16
+    assert (0.5 < ratio < 0.55) if preset == "bnb-int8" else (0.25 < ratio < 0.35), ratio

@@ -17,6 +17,11 @@ CPU layout; Linear8bitLt moves its codes into its state): the constructors here 
 returned module is final — no lazy initialisation racing between sessions that share a quantized model.
 bitsandbytes is imported lazily (importing it costs seconds) and its warning about the optional ``kernels``
 package (which would fetch code from a hub at run time and is never installed) is filtered out.
+
+The built modules carry ``is_quantized_linear = True`` (like ``QuantLinear``), and a ``ModuleCodec`` per class
+(``ditlab.nn.register_module_codec``) lets QDIR save them (their serialised ``state_dict``: codes, scales, the
+4-bit quant state) and rebuild them bit-identically, and lets ``quantize.weight_bytes`` count them with
+``bnb_weight_bytes``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..nn import ModuleCodec, register_module_codec
 from . import register
 
 log = logging.getLogger(__name__)
@@ -71,6 +77,7 @@ def _float_copies(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]
 def _finish(module: nn.Module) -> nn.Module:
     """eval mode, no gradients, and one forward on a zero row so bitsandbytes' first-call set-up is done now."""
     module = module.eval().requires_grad_(False)
+    module.is_quantized_linear = True  # a replacement layer: counted and saved as quantized, never re-quantized
     if hasattr(module, "support_avx512bf16_for_cpu") and module.out_features % CPU_PACK_BLOCK_N:
         # bitsandbytes 0.50's CPU repacking asserts out_features % 32 == 0 (e.g. the tiny DiT's proj_out_2 has 48):
         # such layers take its generic path (dequantize, then a float matmul).
@@ -143,3 +150,68 @@ def bnb_weight_bytes(module: nn.Module) -> int:
             continue
         total += tensor.numel() * tensor.element_size()
     return total
+
+
+# ---- QDIR codec: save / rebuild / count ------------------------------------------------------------------------------
+def bnb_spec(module: nn.Module) -> dict:
+    """JSON-able shape and options of a bitsandbytes layer (what ``bnb_build`` needs besides the tensors)."""
+    spec = {"in_features": int(module.in_features), "out_features": int(module.out_features), "bias": module.bias is not None}
+    if type(module).__name__ == "Linear8bitLt":
+        return {**spec, "method": "bnb-int8", "threshold": float(module.state.threshold)}
+    qtype = module.weight.quant_state.quant_type
+    return {**spec, "method": f"bnb-{qtype}", "quant_type": qtype, "compute_dtype": str(module.compute_dtype).replace("torch.", "")}
+
+
+CPU_ABSMAX_KEY = "ditlab_cpu_absmax"  # not under "weight.": bitsandbytes' from_prequantized must not see it
+
+
+def _cpu_packed(module: nn.Module) -> bool:
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def bnb_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The serialised state of a bitsandbytes layer (int8: weight (N, K) int8, SCB (N,), weight_format; 4-bit: weight
+    (N·K/2, 1) uint8 in bitsandbytes' portable layout, block absmax, code tables, packed quant-state JSON; bias).
+    Taken on a copy: bitsandbytes' state_dict un-does its CPU weight layout in place.
+
+    A 4-bit layer in bitsandbytes' CPU layout keeps its block absmax as bfloat16 (1, N·K/64), and the portable form
+    re-quantizes those (8-bit nested statistics), which does not round-trip: so that a reload is bit-identical the
+    in-memory bfloat16 absmax is saved too (``CPU_ABSMAX_KEY``) and restored by ``bnb_build``."""
+    out = {k: v.detach().contiguous().clone() for k, v in copy.deepcopy(module).state_dict().items()}
+    if _cpu_packed(module):
+        out[CPU_ABSMAX_KEY] = module.weight.quant_state.absmax.detach().contiguous().clone()
+    return out
+
+
+def bnb_build(spec: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """Rebuilds the finished bitsandbytes layer from ``bnb_spec`` + ``bnb_tensors`` (no re-quantization: the stored
+    codes and scales are used as they are, so outputs are bit-identical to the saved layer's)."""
+    bnb = _bnb()
+    k, n, bias = int(spec["in_features"]), int(spec["out_features"]), bool(spec["bias"])
+    if spec["method"] == "bnb-int8":
+        module = bnb.nn.Linear8bitLt(k, n, bias=bias, has_fp16_weights=False, threshold=float(spec["threshold"]))
+        module.weight = bnb.nn.Int8Params(torch.zeros(n, k), requires_grad=False, has_fp16_weights=False)
+        module = module.to("cpu")  # creates the int8 state (of zeros) that load_state_dict then overwrites
+        module.load_state_dict(tensors, strict=True)
+        return _finish(module)
+    if spec["method"] not in ("bnb-nf4", "bnb-fp4"):
+        raise ConfigError.invalid("method", spec["method"], "bnb-int8, bnb-nf4, bnb-fp4 (a saved bitsandbytes layer)")
+    dtype = getattr(torch, spec.get("compute_dtype", "float32"))
+    module = bnb.nn.Linear4bit(k, n, bias=bias, compute_dtype=dtype, quant_type=spec["quant_type"])
+    stats = {key[len("weight."):]: t for key, t in tensors.items() if key.startswith("weight.")}
+    module.weight = bnb.nn.Params4bit.from_prequantized(tensors["weight"], stats, requires_grad=False, device="cpu", module=module)
+    if bias:
+        module.bias = nn.Parameter(tensors["bias"].float(), requires_grad=False)
+    module = _finish(module)  # its first forward converts to the CPU layout where this CPU supports it
+    cpu_absmax = tensors.get(CPU_ABSMAX_KEY)
+    if cpu_absmax is not None and _cpu_packed(module):
+        state = module.weight.quant_state
+        if state.absmax.shape != cpu_absmax.shape:
+            raise ConfigError.invalid(CPU_ABSMAX_KEY, tuple(cpu_absmax.shape), str(tuple(state.absmax.shape)))
+        state.absmax = cpu_absmax.to(state.absmax.dtype).clone()
+    return module
+
+
+for _cls in ("Linear8bitLt", "Linear4bit"):
+    register_module_codec(_cls, ModuleCodec(spec=bnb_spec, tensors=bnb_tensors, build=bnb_build, nbytes=bnb_weight_bytes))
