@@ -195,10 +195,13 @@ def _cmd_calibrate(args) -> int:
 
 def _add_bench(sub) -> None:
     from .bench import BENCHMARKS
+    from .results import PARTS
+    from .results.cli import add_arguments
 
-    p = sub.add_parser("bench", help="run a benchmark and print a markdown table")
-    p.add_argument("part", choices=sorted([*BENCHMARKS, "kernels"]), help="what to measure")
+    p = sub.add_parser("bench", help="run a benchmark and print a markdown table; `bench all` regenerates docs/RESULTS.md")
+    p.add_argument("part", choices=sorted([*BENCHMARKS, "kernels", *PARTS]), help="what to measure (all/quality/claims/…: docs/RESULTS.md parts)")
     p.add_argument("--out", default=None, help="also append the table to this markdown file")
+    add_arguments(p)
 
 
 def _repo_script(relative: str):
@@ -217,7 +220,12 @@ def _repo_script(relative: str):
 
 def _cmd_bench(args) -> int:
     from .bench import BENCHMARKS, markdown_table
+    from .results import PARTS
 
+    if args.part in PARTS:
+        from .results.cli import main
+
+        return main(args)
     if args.part == "kernels":
         return _repo_script("benchmarks/bench_kernels.py").main([])
     table = markdown_table(BENCHMARKS[args.part](), "python -m ditlab bench " + args.part)
