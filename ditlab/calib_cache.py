@@ -7,7 +7,8 @@ stale entry.
 Crash safety: each file is written to a temporary name in the same directory and moved into place with
 ``os.replace`` (atomic on POSIX). The sidecar is written *last* and carries the SHA-256 of the tensor file, so an
 entry is only ever read back when both files are complete and agree: a crash between the two renames leaves an
-orphaned tensor file (a miss), a torn or edited file fails the checksum (a miss, logged, recomputed).
+orphaned tensor file (a miss), a torn or edited file fails the checksum (a miss, logged, recomputed). Temporary
+files carry the writer's pid; the next ``save`` removes those of writers that no longer run (killed mid-write).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _sha256(path: Path) -> str:
 
 def _atomic_write(path: Path, write) -> None:
     """Calls ``write(tmp_path)`` then renames onto ``path``; the temporary file is removed on any failure."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -58,6 +59,20 @@ def _atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _remove_stale(folder: Path) -> None:
+    """Deletes temporary files of writers that were killed mid-write (their pid no longer runs)."""
+    for path in folder.glob(".*.tmp"):
+        pid = path.name[: -len(".tmp")].rsplit(".", 1)[-1].split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def flatten(layers: dict[str, dict]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
@@ -96,6 +111,7 @@ def save(cache_dir: str | os.PathLike, key: str, layers: dict[str, dict], meta: 
     tensor_path, json_path = entry_paths(cache_dir, key)
     try:
         tensor_path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(tensor_path.parent)
         tensors, n_rows = flatten(layers)
         _atomic_write(tensor_path, lambda tmp: save_file(tensors, tmp))
         sidecar = {"format": CACHE_FORMAT, "key": key, "sha256": _sha256(tensor_path), "n_rows": n_rows,

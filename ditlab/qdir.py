@@ -13,11 +13,16 @@ Layout::
          vae/, text_encoder/, tokenizer/     copied from the source when the pipeline has them
 
 Writes are atomic: everything goes to a temporary folder beside ``out_dir`` that is renamed into place with
-``os.replace`` once complete, so a crash never leaves a half-written QDIR (at worst a stray ``.name.tmp-*``).
+``os.replace`` once complete (an existing QDIR is swapped out in one step on Linux: ``renameat2(RENAME_EXCHANGE)``),
+so a crash never leaves a half-written QDIR: ``out_dir`` is the old QDIR, the new one, or (no old one) absent. A killed
+writer's stray ``.name.tmp-PID-*`` folder is removed by the next save to the same ``out_dir``. A disk error (full,
+read-only) raises ``WriteError``: one line naming the output, e.g. "cannot write …: no space left on device".
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import logging
@@ -43,6 +48,19 @@ QDIR_VERSION = 1
 WEIGHTS = "transformer/quantized.safetensors"
 _TRANSFORMERS = {"DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart"}
 _PIPELINES = {"dit": "DiTPipeline", "pixart": "PixArtAlphaPipeline"}
+
+
+class WriteError(DitlabError, OSError):
+    """An output could not be written (disk full, read-only, no permission): one line naming the output."""
+
+    @classmethod
+    def of(cls, path: str | os.PathLike, exc: OSError) -> "WriteError":
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        hint = " (free some space or choose another output folder)" if exc.errno == errno.ENOSPC else ""
+        return cls(exc.errno, f"cannot write {path}: {reason}{hint}")
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 def is_qdir(path: str | os.PathLike) -> bool:
@@ -127,6 +145,40 @@ def _write_components(source, folder: Path) -> tuple[str, dict]:
     return family, index
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(out: Path) -> None:
+    """Removes the temporary folders that killed writers left beside ``out`` (their process no longer runs)."""
+    for path in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = path.name.rsplit(".tmp-", 1)[1].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("removed %s, left by a writer that was killed", path)
+
+
 def _place(tmp: Path, out: Path, overwrite: bool) -> None:
     """Atomically moves the finished ``tmp`` folder to ``out`` (replacing an existing QDIR only if allowed)."""
     if not out.exists():
@@ -140,6 +192,9 @@ def _place(tmp: Path, out: Path, overwrite: bool) -> None:
         raise DitlabError(f"{out}: exists and is not a QDIR; refusing to overwrite it (choose another --out)")
     if not overwrite:
         raise DitlabError(f"{out}: a QDIR already exists there; pass overwrite=True (CLI: --force) to replace it")
+    if _exchange(tmp, out):  # out is the new QDIR, tmp the old one: there is never a moment without a QDIR at out
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
     os.replace(out, old)  # a crash between these two renames leaves the old QDIR intact under `old`
     os.replace(tmp, out)
@@ -161,10 +216,11 @@ def save_quantized(model: nn.Module, recipe: Recipe | str | None, source, out_di
     if cls_name not in _TRANSFORMERS:
         raise DitlabError(f"cannot save a {cls_name}: QDIR supports {', '.join(_TRANSFORMERS)}")
     out = Path(out_dir).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(out)
+        tmp.mkdir()
         specs = _layer_specs(model)
         family, _ = _write_components(source, tmp)
         (tmp / "transformer").mkdir()
@@ -177,8 +233,10 @@ def save_quantized(model: nn.Module, recipe: Recipe | str | None, source, out_di
                     "extra": extra or {}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: its presence marks a complete QDIR
         _place(tmp, out, overwrite)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and not isinstance(exc, DitlabError):
+            raise WriteError.of(out, exc) from exc
         raise
     log.info("saved QDIR %s (%d quantized layers, recipe %s)", out, len(specs), recipe.name)
     return out
