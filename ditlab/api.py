@@ -193,10 +193,12 @@ def evaluate(pipe: Pipeline, recipe: Recipe | str = "fp", *, settings: SampleSet
     class_agreement, weight_bytes, weight_bytes_fp16, backend, seconds_calibrate, seconds_quantize, seconds_sample,
     seconds_sample_fp, n_images, plus the settings. ``quantized`` reuses an existing quantized copy.
     """
+    recipe = load_recipe(recipe)
+    if quantized is None:
+        recipe.resolve(list_linears(pipe.transformer))  # a bad recipe fails now, not after minutes of FP sampling
     evaluation.check_scorable(pipe)
     labels = eval_labels(pipe.num_classes, settings.n_per_label)
     fp_images, fp_content, fp_seconds = _fp_run(pipe, settings)
-    recipe = load_recipe(recipe)
     q = quantized or (None if recipe.name == "fp" and not recipe.overrides else quantize(pipe, recipe, progress=progress))
     if q is None:
         images, content, seconds = fp_images, fp_content, fp_seconds

@@ -48,7 +48,7 @@ def _json_able(v) -> bool:
     try:
         json.dumps(v, allow_nan=False)
         return isinstance(v, dict) and all(isinstance(k, str) for k in v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return False
 
 
@@ -205,7 +205,7 @@ class Recipe:
     name: str = "custom"
 
     def __post_init__(self):
-        if self.version != RECIPE_VERSION:
+        if not _is_int(self.version) or self.version != RECIPE_VERSION:
             raise ConfigError.invalid("version", self.version, f"{RECIPE_VERSION}")
         if not isinstance(self.default, LayerConfig):
             raise ConfigError.invalid("default", self.default, "a LayerConfig")
@@ -277,6 +277,12 @@ class Recipe:
                 raise ConfigError.invalid("recipe key", k, ", ".join(known))
         if "version" not in data:
             raise ConfigError.invalid("version", None, f"{RECIPE_VERSION} (every recipe file carries a version)")
+        if not isinstance(data.get("overrides", []), (list, tuple)):
+            raise ConfigError.invalid("overrides", data["overrides"], 'a list of {"pattern": glob, "set": {field: value}} objects')
+        if not isinstance(data.get("skip", []), (list, tuple)) or not all(isinstance(p, str) for p in data.get("skip", [])):
+            raise ConfigError.invalid("skip", data["skip"], "a list of glob patterns (strings)")
+        if not isinstance(data.get("default", {}), Mapping):
+            raise ConfigError.invalid("default", data["default"], "a JSON object of LayerConfig fields")
         overrides = []
         for item in data.get("overrides", []):
             if not isinstance(item, Mapping) or set(item) != {"pattern", "set"}:
@@ -287,11 +293,19 @@ class Recipe:
                    skip=tuple(data.get("skip", DEFAULT_SKIP)), name=str(data.get("name", "custom")))
 
     @classmethod
-    def from_json(cls, text: str) -> "Recipe":
+    def from_json(cls, text: "str | bytes") -> "Recipe":
+        """From JSON text (or UTF-8 bytes); malformed, non-UTF-8 or too deeply nested input is a ConfigError."""
+        if isinstance(text, (bytes, bytearray)):
+            try:
+                text = bytes(text).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ConfigError.invalid("recipe JSON", f"non-UTF-8 byte at offset {exc.start}", "UTF-8 text") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError.invalid("recipe JSON", f"line {exc.lineno} col {exc.colno}", "valid JSON") from None
+        except RecursionError:
+            raise ConfigError.invalid("recipe JSON", "nested too deeply", "a recipe object {version, name, default, overrides, skip}") from None
         return cls.from_dict(data)
 
 
@@ -354,7 +368,11 @@ def load_recipe(spec: "str | Path | Recipe | Mapping") -> Recipe:
     if path.suffix == ".json" or path.exists():
         if not path.is_file():
             raise ConfigError.invalid("recipe", text, "an existing recipe .json file or a preset name (" + ", ".join(PRESETS) + ")")
-        return Recipe.from_json(path.read_text())
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError.invalid("recipe", text, f"a readable recipe .json file ({exc.strerror or type(exc).__name__})") from None
+        return Recipe.from_json(data)
     return get_preset(text)
 
 

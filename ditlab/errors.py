@@ -20,8 +20,17 @@ class ConfigError(DitlabError, ValueError):
 
     @classmethod
     def invalid(cls, field: str, value, allowed: str, layer: str | None = None) -> "ConfigError":
-        where = f"layer {layer!r}: " if layer else ""
-        return cls(f"{where}{field} = {value!r} is not allowed; allowed: {allowed}", layer=layer, field=field, value=value, allowed=allowed)
+        where = f"layer {_clip(layer)}: " if layer else ""
+        return cls(f"{where}{field} = {_clip(value)} is not allowed; allowed: {allowed}", layer=layer, field=field, value=value, allowed=allowed)
+
+
+def _clip(value, limit: int = 160) -> str:
+    """repr(value) on one line, shortened to about ``limit`` characters (a 1 MB value must not make a 1 MB message)."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - e.g. a recursive structure or a huge int
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 class CalibrationError(DitlabError):

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 
-from .config import FP, LayerConfig, Recipe, _FIELD_RULES
+from .config import FP, LayerConfig, Recipe, _FIELD_RULES, check_field
 from .errors import ConfigError
 
 INFO_COLUMNS = ("name", "kind", "shape", "n_weights", "skipped")
@@ -87,6 +87,8 @@ def _coerce(field: str, value, layer: str):
 def row_config(row: dict, layer: str) -> LayerConfig:
     """The LayerConfig of one table row (method 'fp', or w_bits = a_bits = 16, means full precision)."""
     fields = {f: _coerce(f, row[f], layer) for f in CONFIG_COLUMNS if f in row}
+    for f, v in fields.items():  # also on full-precision rows: w_bits 99 is a mistake even where bits are unused
+        check_field(f, v, layer)
     if fields.get("method") == "fp" or (fields.get("w_bits") == 16 and fields.get("a_bits") == 16):
         return FP
     return LayerConfig.from_dict(fields, layer=layer)
