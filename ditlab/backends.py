@@ -231,7 +231,7 @@ def vq_linear(layer, x: torch.Tensor) -> torch.Tensor:
     if current() in ("triton", "triton-interpret"):
         import kernels
 
-        return kernels.vq_gemm(x, layer.assignments, layer.codebook, layer.bias)
+        return kernels.vq_gemm(x, layer.assignments, layer.codebook, layer.bias, index_bits=layer.index_bits)
     out = x @ layer.dequantized_weight().t()
     return out if layer.bias is None else out + layer.bias
 

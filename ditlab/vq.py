@@ -12,8 +12,10 @@ centre may have changed are recomputed — ~20–30 % of them per update on DiT-
 accumulated in float64 (millions of float32 additions would drift). Everything is deterministic for a given seed:
 the only randomness is the k-means++ draws from a seeded generator.
 
-``VQLinear`` stores exactly the layout of the fused Triton kernel (``kernels/vq_gemm.py``): assignments uint8
-(N, K/d) and an fp16 codebook (k, d), plus a float32 bias.
+``VQLinear`` stores exactly the layout of the fused Triton kernel (``kernels/vq_gemm.py``): an fp16 codebook (k, d),
+a float32 bias, and the assignments either one uint8 per index (N, K/d) (k > 64, e.g. 2 bits: k = 256, d = 4) or,
+for k ≤ 64 (3 bits: k = 64, d = 2), packed at 6 bits — four indices in three bytes, (N, 3·⌈(K/d)/4⌉) uint8
+(``pack_index6``: indices a0…a3 of a group form the 24-bit little-endian word a0 | a1 << 6 | a2 << 12 | a3 << 18).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 SUBVECTOR_LENGTHS = (1, 2, 4, 8)  # what the fused kernel decodes
 MAX_CODES = 256  # one uint8 index per sub-vector
+PACKED_CODES = 64  # k ≤ 64: indices stored at 6 bits, four in three bytes
 CHUNK_ELEMS = 1 << 18  # rows × k of one distance block: 256 K floats = 1 MB stays in L2 (measured 2× faster than 8 MB)
 
 
@@ -323,6 +326,42 @@ def encode(w: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return idx.to(torch.uint8).reshape(w.shape[0], w.shape[1] // d)
 
 
+def index_bits_for(num_codes: int) -> int:
+    """Stored bits per index: 6 (packed, four in three bytes) for k ≤ 64, else 8 (one uint8)."""
+    return 6 if num_codes <= PACKED_CODES else 8
+
+
+def packed_columns(j: int, index_bits: int) -> int:
+    """Bytes per row of J indices stored at ``index_bits`` (6: 3·⌈J/4⌉, the last group zero-padded; 8: J)."""
+    return 3 * (-(-j // 4)) if index_bits == 6 else j
+
+
+def pack_index6(a: torch.Tensor) -> torch.Tensor:
+    """Indices (N, J) (integers in [0, 64)) → (N, 3·⌈J/4⌉) uint8, four indices in three bytes.
+
+    Group g holds indices 4g … 4g+3 (zeros past J) as the 24-bit word w = a0 | a1 << 6 | a2 << 12 | a3 << 18, stored
+    little-endian: bytes 3g, 3g+1, 3g+2 = w & 255, (w >> 8) & 255, w >> 16.
+    """
+    n, j = a.shape
+    if a.numel() and (int(a.min()) < 0 or int(a.max()) >= 64):
+        raise ConfigError.invalid("assignments", f"range [{int(a.min())}, {int(a.max())}]", "indices in [0, 64) for 6-bit packing")
+    g = -(-j // 4)
+    q = torch.zeros(n, 4 * g, dtype=torch.int32)
+    q[:, :j] = a.to(torch.int32)
+    q = q.reshape(n, g, 4)
+    word = q[..., 0] | (q[..., 1] << 6) | (q[..., 2] << 12) | (q[..., 3] << 18)  # (N, G) 24-bit
+    return torch.stack([word & 255, (word >> 8) & 255, word >> 16], dim=-1).reshape(n, 3 * g).to(torch.uint8)
+
+
+def unpack_index6(p: torch.Tensor, j: int) -> torch.Tensor:
+    """Inverse of ``pack_index6``: (N, 3·⌈J/4⌉) uint8 → indices (N, J) uint8."""
+    n = p.shape[0]
+    b = p.to(torch.int32).reshape(n, -1, 3)  # (N, G, 3)
+    word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)  # (N, G)
+    q = torch.stack([(word >> s) & 63 for s in (0, 6, 12, 18)], dim=-1).reshape(n, -1)  # (N, 4G)
+    return q[:, :j].to(torch.uint8)
+
+
 def decode(assignments: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Ŵ (N, K) float32 = C[A] for assignments (N, K/d) (any integer dtype) and a codebook (k, d) of any float dtype."""
     n, j = assignments.shape
@@ -332,20 +371,26 @@ def decode(assignments: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 # ---- the module ------------------------------------------------------------------------------------------------------
 @register_module_type
 class VQLinear(nn.Module):
-    """A vector-quantized ``Y = X Ŵᵀ + b``: assignments uint8 (N, K/d), codebook fp16 (k, d), bias float32 (N,)."""
+    """A vector-quantized ``Y = X Ŵᵀ + b``: assignments (N, K/d) uint8 or 6-bit packed (N, 3·⌈K/4d⌉) uint8 (k ≤ 64),
+    codebook fp16 (k, d), bias float32 (N,)."""
 
     is_quantized_linear = True
     a_bits = 16  # weight-only: activations stay in float
 
-    def __init__(self, in_features: int, out_features: int, *, num_codes: int, d: int, bias: bool = True, method: str = "kmeans"):
+    def __init__(self, in_features: int, out_features: int, *, num_codes: int, d: int, bias: bool = True, method: str = "kmeans",
+                 index_bits: int | None = None):
         super().__init__()
         k, n = int(in_features), int(out_features)
         if d not in SUBVECTOR_LENGTHS or k % d:
             raise ConfigError.invalid("params.d", d, f"one of {SUBVECTOR_LENGTHS} dividing in_features={k}")
         if not 1 <= num_codes <= MAX_CODES:
             raise ConfigError.invalid("params.k", num_codes, f"1 to {MAX_CODES} (uint8 assignments)")
+        bits = index_bits_for(num_codes) if index_bits is None else int(index_bits)
+        if bits not in (6, 8) or (bits == 6 and num_codes > PACKED_CODES):
+            raise ConfigError.invalid("index_bits", bits, f"8, or 6 when k ≤ {PACKED_CODES}")
         self.in_features, self.out_features, self.d, self.num_codes, self.method = k, n, int(d), int(num_codes), method
-        self.register_buffer("assignments", torch.zeros(n, k // d, dtype=torch.uint8))
+        self.index_bits = bits
+        self.register_buffer("assignments", torch.zeros(n, packed_columns(k // d, bits), dtype=torch.uint8))
         self.register_buffer("codebook", torch.zeros(num_codes, d, dtype=torch.float16))
         self.register_buffer("bias", torch.zeros(n, dtype=torch.float32) if bias else None)
 
@@ -357,7 +402,7 @@ class VQLinear(nn.Module):
         if int(assignments.min()) < 0 or int(assignments.max()) >= k:
             raise ConfigError.invalid("assignments", f"range [{int(assignments.min())}, {int(assignments.max())}]", f"indices in [0, {k})")
         layer = cls(j * d, n, num_codes=k, d=d, bias=bias is not None, method=method)
-        layer.assignments.copy_(assignments.to(torch.uint8))
+        layer.assignments.copy_(pack_index6(assignments) if layer.index_bits == 6 else assignments.to(torch.uint8))
         layer.codebook.copy_(codebook.detach().to(torch.float16))
         if bias is not None:
             layer.bias.copy_(bias.detach().float())
@@ -368,24 +413,31 @@ class VQLinear(nn.Module):
         """Index bits per weight, log2(k)/d (the codebook is extra; see ``weight_bytes``)."""
         return math.log2(self.num_codes) / self.d
 
+    def indices(self) -> torch.Tensor:
+        """The codeword index of every sub-vector, (N, K/d) uint8 (unpacked if stored at 6 bits)."""
+        j = self.in_features // self.d
+        return unpack_index6(self.assignments, j) if self.index_bits == 6 else self.assignments
+
     def dequantized_weight(self) -> torch.Tensor:
         """Ŵ = C[A] (N, K) float32 — what every path multiplies by."""
-        return decode(self.assignments, self.codebook)
+        return decode(self.indices(), self.codebook)
 
     def weight_bytes(self) -> int:
-        """Stored bytes of the weight: assignments (1 byte per sub-vector) + fp16 codebook; the bias is not counted
-        (the same convention as ``QuantLinear.weight_bytes`` and the fp16 reference 2·N·K)."""
+        """Stored bytes of the weight: assignments (1 byte per sub-vector, or 3 bytes per 4 when packed at 6 bits) +
+        fp16 codebook; the bias is not counted (the same convention as ``QuantLinear.weight_bytes`` and the fp16
+        reference 2·N·K)."""
         return self.assignments.numel() * self.assignments.element_size() + self.codebook.numel() * self.codebook.element_size()
 
     def spec(self) -> dict:
         """JSON-able structure from which ``from_spec`` rebuilds an empty module of this shape (QDIR)."""
         return {"type": "VQLinear", "in_features": self.in_features, "out_features": self.out_features, "num_codes": self.num_codes,
-                "d": self.d, "bias": self.bias is not None, "method": self.method}
+                "d": self.d, "bias": self.bias is not None, "method": self.method, "index_bits": self.index_bits}
 
     @classmethod
     def from_spec(cls, spec: dict) -> "VQLinear":
+        """An empty module of the spec's shape (a spec without ``index_bits``, written before packing existed: 8)."""
         return cls(int(spec["in_features"]), int(spec["out_features"]), num_codes=int(spec["num_codes"]), d=int(spec["d"]),
-                   bias=bool(spec["bias"]), method=spec.get("method", "kmeans"))
+                   bias=bool(spec["bias"]), method=spec.get("method", "kmeans"), index_bits=int(spec.get("index_bits", 8)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from . import backends  # the one module that may route to the fused Triton VQ kernel
@@ -397,4 +449,4 @@ class VQLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, {self.method}, k={self.num_codes}, d={self.d} "
-                f"({self.bits_per_weight:g} bits/weight + codebook)")
+                f"({self.bits_per_weight:g} bits/weight + codebook, {self.index_bits}-bit indices)")

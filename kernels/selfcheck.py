@@ -37,7 +37,7 @@ CHECKS: list[tuple[str, tuple, dict, dict]] = [
     ("w4a16_gemm", (40, 48, 192), {"group_size": 64, "dtype": "float16"}, {}),
     ("vq_gemm", (64, 64, 128), {"d": 4}, {}),
     ("vq_gemm", (50, 70, 200), {"d": 8, "dtype": "bfloat16"}, {"block_m": 32, "block_n": 32, "block_k": 64}),
-    ("vq_gemm", (40, 48, 192), {"d": 2, "codes": 64, "dtype": "float16", "codebook_dtype": "float32"}, {}),
+    ("vq_gemm", (40, 48, 192), {"d": 2, "codes": 64, "dtype": "float16", "codebook_dtype": "float32", "index_bits": 6}, {}),
     ("act_quant", (64, 1152), {"fused": True, "hadamard_block": 128}, {}),
     ("act_quant", (37, 200), {"bits": 4, "fused": True, "dtype": "bfloat16"}, {"block_m": 16, "block_k": 64}),
     ("act_quant", (30, 96), {"static": True}, {}),

@@ -180,6 +180,9 @@ def test_w4a16_is_the_dequantized_weight():
     ((50, 70, 200), {"d": 8, "dtype": torch.bfloat16}, RAGGED),
     ((40, 48, 192), {"d": 2, "codes": 64, "dtype": torch.float16, "codebook_dtype": torch.float32}, {}),
     ((20, 24, 64), {"d": 1, "codes": 16, "bias": False}, {}),
+    ((50, 70, 200), {"d": 2, "codes": 64, "index_bits": 6}, RAGGED),  # 3-bit: 100 indices a row → 75 packed bytes
+    ((33, 40, 96), {"d": 4, "codes": 64, "index_bits": 6, "dtype": torch.bfloat16}, {}),  # J = 24
+    ((16, 16, 48), {"d": 8, "codes": 64, "index_bits": 6}, {}),  # J = 6: the last group is half padding
 ])
 def test_vq(shape, variant, blocks):
     kw = E["vq_gemm"].example_inputs(shape, **variant)
@@ -312,15 +315,33 @@ def test_static_activation_scale_is_primitives_quantize_act():
 
 
 @interpreted_only
-def test_vqlinear_on_kernel():
+@pytest.mark.parametrize("codes,d", [(256, 4), (64, 2)])  # 2-bit uint8 indices, 3-bit 6-bit packed indices
+def test_vqlinear_on_kernel(codes, d):
     from ditlab.vq import VQLinear
 
     g = torch.Generator().manual_seed(4)
-    layer = VQLinear.from_parts(torch.randint(0, 256, (48, 32), generator=g), torch.randn(256, 4, generator=g),
+    layer = VQLinear.from_parts(torch.randint(0, codes, (48, 128 // d), generator=g), torch.randn(codes, d, generator=g),
                                 torch.randn(48, generator=g))
+    assert layer.index_bits == (6 if codes == 64 else 8)
     x = torch.randn(20, 128, generator=g)
-    got = kernels.vq_gemm(x, layer.assignments, layer.codebook, layer.bias)
+    got = kernels.vq_gemm(x, layer.assignments, layer.codebook, layer.bias, index_bits=layer.index_bits)
     torch.testing.assert_close(got, x @ layer.dequantized_weight().t() + layer.bias, rtol=1e-5, atol=1e-5)
+
+
+@interpreted_only
+def test_vq_index6_layout_is_ditlab_pack_index6():
+    """The kernel twin's unpacking is ditlab.vq's packing inverted, and the kernel decodes every index at every slot:
+    with x = I (one-hot rows) and d = 1, y = Wᵀ is the decoded codebook column itself."""
+    from ditlab import vq
+
+    unpack_index6_ref = importlib.import_module("kernels.vq_gemm").unpack_index6_ref
+    a = torch.randint(0, 64, (16, 20), generator=torch.Generator().manual_seed(8))
+    a[0, :16] = torch.arange(16) * 4 + 3  # high values at every slot
+    p = vq.pack_index6(a)
+    assert torch.equal(unpack_index6_ref(p, 20), a.long())
+    codebook = torch.arange(64, dtype=torch.float32)[:, None]  # C[i] = i: the output is the index itself
+    got = kernels.vq_gemm(torch.eye(20), p, codebook, index_bits=6)
+    assert torch.equal(got, a.t().float())
 
 
 # ---------------------------------------------------------------------------------------------- input checks
@@ -341,6 +362,10 @@ def test_wrappers_reject_bad_inputs():
         kernels.act_quant(torch.zeros(4, 96), hadamard_block=64)
     with pytest.raises(ValueError, match="codebook"):
         kernels.vq_gemm(torch.zeros(4, 96), torch.zeros(4, 32, dtype=torch.uint8), torch.zeros(16, 3))
+    with pytest.raises(ValueError, match="6-bit assignments"):  # 48 indices a row pack to 36 bytes, not 48
+        kernels.vq_gemm(torch.zeros(4, 96), torch.zeros(4, 48, dtype=torch.uint8), torch.zeros(64, 2), index_bits=6)
+    with pytest.raises(ValueError, match="codebook"):  # 6-bit indices address at most 64 codewords
+        kernels.vq_gemm(torch.zeros(4, 96), torch.zeros(4, 36, dtype=torch.uint8), torch.zeros(128, 2), index_bits=6)
 
 
 @interpreted_only

@@ -158,3 +158,27 @@ def test_calibration_lowers_block_output_loss_and_round_trips_through_qdir(tiny,
     loaded = load_quantized_transformer(save_quantized(model, None, tiny, tmp_path / "q"))
     with torch.no_grad():
         assert torch.equal(loaded(x, **kw)[0], ref)
+
+
+def test_3bit_kmeans_is_packed_and_round_trips_through_qdir(tiny, tmp_path):
+    """3 bits (k = 64, d = 2): indices stored at 6 bits (four in three bytes); save → load gives identical outputs."""
+    from ditlab.qdir import load_quantized_transformer, save_quantized
+    from ditlab.quantize import quantize_
+
+    recipe = Recipe(default=LayerConfig(method="kmeans", w_bits=3, a_bits=16, params={"kmeans_iters": 5}), name="w3-kmeans")
+    model, report = quantize_(tiny.transformer, recipe, progress=False)
+    layers = [m for m in model.modules() if isinstance(m, vq.VQLinear)]
+    assert layers and all(m.index_bits == 6 and m.d == 2 and m.num_codes <= 64 for m in layers)
+    for m in layers:
+        assert m.assignments.shape == (m.out_features, 3 * m.in_features // 8)  # K/2 indices → 3K/8 bytes
+    fp16_bytes = sum(2 * m.in_features * m.out_features for m in layers)
+    assert report.bytes_packed == sum(m.weight_bytes() for m in layers) < 0.19 * fp16_bytes + sum(m.codebook.numel() * 2 for m in layers) + 1
+    x = torch.randn(2, 3, 16, 16)
+    kw = dict(timestep=torch.tensor([500, 20]), class_labels=torch.tensor([1, 10]), return_dict=False)
+    with torch.no_grad():
+        ref = model(x, **kw)[0]
+    loaded = load_quantized_transformer(save_quantized(model, None, tiny, tmp_path / "q3"))
+    again = [m for m in loaded.modules() if isinstance(m, vq.VQLinear)]
+    assert all(a.index_bits == 6 and torch.equal(a.assignments, b.assignments) for a, b in zip(again, layers))
+    with torch.no_grad():
+        assert torch.equal(loaded(x, **kw)[0], ref)

@@ -111,7 +111,7 @@ def test_vqlinear_forward_equals_dense_matmul_on_decoded_weight():
     layer = _layer()
     assert layer.assignments.dtype == torch.uint8 and layer.codebook.dtype == torch.float16
     x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
-    w = vq.decode(layer.assignments, layer.codebook)
+    w = vq.decode(layer.indices(), layer.codebook)
     ref = (x.reshape(-1, 16) @ w.t() + layer.bias).reshape(2, 5, 12)
     assert torch.equal(layer(x), ref)
     torch.testing.assert_close(layer(x), F.linear(x, w, layer.bias))
@@ -122,14 +122,18 @@ def test_vqlinear_matches_the_kernel_twin():
     pytest.importorskip("triton")
     from kernels.vq_gemm import vq_gemm_ref
 
-    layer = _layer(n=20, k=32, codes=64, d=2)
-    x = torch.randn(7, 32, generator=torch.Generator().manual_seed(2))
-    assert torch.equal(layer(x), vq_gemm_ref(x, layer.assignments, layer.codebook, layer.bias))
+    for codes, d in ((64, 2), (256, 4)):  # 6-bit packed and uint8 indices
+        layer = _layer(n=20, k=32, codes=codes, d=d)
+        x = torch.randn(7, 32, generator=torch.Generator().manual_seed(2))
+        assert layer.index_bits == (6 if codes == 64 else 8)
+        assert torch.equal(layer(x), vq_gemm_ref(x, layer.assignments, layer.codebook, layer.bias, index_bits=layer.index_bits))
 
 
 def test_vqlinear_bytes_spec_and_validation():
     layer = _layer(n=12, k=16, codes=32, d=4)
-    assert layer.weight_bytes() == 12 * 4 * 1 + 32 * 4 * 2  # uint8 assignments + fp16 codebook; bias not counted
+    assert layer.weight_bytes() == 12 * 3 * 1 + 32 * 4 * 2  # 4 six-bit indices in 3 bytes + fp16 codebook; bias not counted
+    layer256 = _layer(n=12, k=16, codes=256, d=4)
+    assert layer256.index_bits == 8 and layer256.weight_bytes() == 12 * 4 * 1 + 256 * 4 * 2  # uint8 indices
     assert layer.bits_per_weight == 5 / 4
     empty = vq.VQLinear.from_spec(layer.spec())
     empty.load_state_dict(layer.state_dict())
@@ -188,3 +192,50 @@ def test_codebook_dtype_rounds_before_the_final_assignment():
         assert torch.equal(r.codebook, r.codebook.half().float())  # representable in fp16
         assert torch.equal(r.assignments, vq.assign(x, r.codebook)[0])  # optimal for the stored codebook
         assert abs(r.inertia - _inertia(x, r.codebook, r.assignments)) <= 1e-6 * r.inertia
+
+
+@pytest.mark.parametrize("j", [1, 2, 3, 4, 5, 7, 8, 288])
+def test_pack_index6_round_trip_is_exact(j):
+    g = torch.Generator().manual_seed(j)
+    a = torch.randint(0, 64, (33, j), generator=g, dtype=torch.uint8)
+    a[0] = 63  # all bits set
+    a[1] = 0
+    p = vq.pack_index6(a)
+    assert p.dtype == torch.uint8 and p.shape == (33, 3 * ((j + 3) // 4)) == (33, vq.packed_columns(j, 6))
+    assert torch.equal(vq.unpack_index6(p, j), a)
+    assert torch.equal(vq.pack_index6(vq.unpack_index6(p, j)), p)  # padding bits are zero, so packing is canonical
+
+
+def test_pack_index6_layout():
+    """Four indices a0..a3 → the little-endian bytes of a0 | a1 << 6 | a2 << 12 | a3 << 18, every value at every slot."""
+    v = torch.arange(64, dtype=torch.uint8)
+    for slot in range(4):
+        a = torch.zeros(64, 4, dtype=torch.uint8)
+        a[:, slot] = v
+        word = v.int() << (6 * slot)
+        want = torch.stack([word & 255, (word >> 8) & 255, word >> 16], 1).to(torch.uint8)
+        assert torch.equal(vq.pack_index6(a), want)
+    with pytest.raises(ConfigError, match="assignments"):
+        vq.pack_index6(torch.full((1, 4), 64))
+
+
+def test_3bit_vqlinear_is_packed_and_round_trips():
+    layer = _layer(n=12, k=40, codes=64, d=2)  # J = 20 indices per row → 15 bytes
+    assert layer.index_bits == 6 and layer.assignments.shape == (12, 15)
+    assert layer.weight_bytes() == 12 * 15 + 64 * 2 * 2
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 64, (12, 20), generator=g)
+    cb = torch.randn(64, 2, generator=g)
+    layer = vq.VQLinear.from_parts(a, cb, None)
+    assert torch.equal(layer.indices(), a.to(torch.uint8))
+    assert torch.equal(layer.dequantized_weight(), vq.decode(a, cb.half()))
+    empty = vq.VQLinear.from_spec(layer.spec())
+    empty.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 40)
+    assert layer.spec()["index_bits"] == 6 and torch.equal(empty(x), layer(x))
+    # a spec written before packing existed (no index_bits) keeps one byte per index
+    old = {k: v for k, v in layer.spec().items() if k != "index_bits"}
+    assert vq.VQLinear.from_spec(old).assignments.shape == (12, 20)
+    # 3-bit on a DiT-XL/2 layer shape: index bytes are 3/8 of fp16's 2 bytes per weight... i.e. 0.1875× plus the codebook
+    big = vq.VQLinear(1152, 1152, num_codes=64, d=2)
+    assert big.weight_bytes() / (2 * 1152 * 1152) == pytest.approx(0.1875 + 256 / (2 * 1152 * 1152))

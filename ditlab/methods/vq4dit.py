@@ -170,7 +170,8 @@ class SoftVQLinear(nn.Module):
         return count
 
     def to_vqlinear(self) -> vq.VQLinear:
-        """Hardens everything and returns the stored form (assignments uint8 (N, K/d), fp16 codebook, bias)."""
+        """Hardens everything and returns the stored form (indices (N, K/d): uint8, or packed at 6 bits when k ≤ 64;
+        fp16 codebook; bias)."""
         self.harden(force=True)
         assignments = self.hard_index().reshape(self.out_features, self.in_features // self.d)
         return vq.VQLinear.from_parts(assignments, self.codebook.detach(), None if self.bias is None else self.bias.detach(), method="vq4dit")
