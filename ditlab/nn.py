@@ -7,6 +7,15 @@ forward(X (…, K)):
     out += (X' lr_downᵀ) lr_upᵀ              # optional low-rank branch (SVD), full precision
     out += T(μ) (Ŵ + lr_up lr_down)ᵀ          # HadaNorm mean correction, (B, 1, N) broadcast over tokens
 Everything is built offline by a method handler (``QuantLinear.from_float``); nothing is initialised in forward.
+
+MixDQ's BOS-aware text quantization (``bos_tokens`` = n > 0, set from ``LayerConfig.params["bos_tokens"]``, meant
+for the cross-attention K/V projections of text-conditioned models, e.g. ``*.attn2.to_k`` / ``*.attn2.to_v``): the
+first n tokens of every sample of a (B, T, K) input skip activation quantization — their rows are X' Ŵᵀ (+ the
+low-rank and mean terms) in float32 — and the static activation range is calibrated without them
+(``gptq.static_act_scale``), so their outliers neither clip nor widen the grid of the other tokens. MixDQ also keeps
+the weight in full precision for those rows by precomputing them once, which relies on the first token being the
+same for every prompt (CLIP's BOS); PixArt's T5 has no BOS and its first token depends on the prompt, so the rows
+are computed on every call, with the stored (quantized) weight.
 """
 
 from __future__ import annotations
@@ -114,7 +123,7 @@ class QuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, *, w_bits: int, w_group_size: int | None = None, w_symmetric: bool = True,
                  a_bits: int = 16, a_static: bool = False, bias: bool = True, transform: InputTransform | None = None,
-                 lr_rank: int = 0, lr_dtype: torch.dtype = torch.float16, method: str = "rtn"):
+                 lr_rank: int = 0, lr_dtype: torch.dtype = torch.float16, method: str = "rtn", bos_tokens: int = 0):
         super().__init__()
         k, n = int(in_features), int(out_features)
         if not 2 <= w_bits <= 8:
@@ -127,6 +136,9 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features, self.method = k, n, method
         self.w_bits, self.w_group_size, self.w_symmetric = int(w_bits), (None if w_group_size is None else g), bool(w_symmetric)
         self.a_bits = int(a_bits)
+        if not (isinstance(bos_tokens, int) and bos_tokens >= 0):
+            raise ConfigError.invalid("bos_tokens", bos_tokens, "a non-negative integer (MixDQ: 1 = the first text token)")
+        self.bos_tokens = int(bos_tokens)  # leading tokens per sample kept out of activation quantization
         groups = k // g
         packed = self.w_bits <= 4
         self.register_buffer("qweight", torch.zeros(n, k // 2 if packed else k, dtype=torch.uint8 if packed else torch.int8))
@@ -158,7 +170,8 @@ class QuantLinear(nn.Module):
             raise ConfigError.invalid("a_granularity", "per-tensor", "per-token, or per-tensor with a static scale from calibration statistics")
         rank = 0 if lr_down is None else int(lr_down.shape[0])
         layer = cls(k, n, w_bits=cfg.w_bits, w_group_size=cfg.w_group_size, w_symmetric=cfg.w_symmetric, a_bits=cfg.a_bits,
-                    a_static=static, bias=linear.bias is not None, transform=transform, lr_rank=rank, lr_dtype=lr_dtype, method=cfg.method)
+                    a_static=static, bias=linear.bias is not None, transform=transform, lr_rank=rank, lr_dtype=lr_dtype, method=cfg.method,
+                    bos_tokens=bos_tokens(cfg) if cfg.a_bits < 16 else 0)
         w = (linear.weight if weight is None else weight).detach().float()
         if w.shape != (n, k):
             raise ConfigError.invalid("weight", tuple(w.shape), f"({n}, {k})")
@@ -215,14 +228,15 @@ class QuantLinear(nn.Module):
                 "a_static": self.a_scale is not None, "bias": self.bias is not None,
                 "lr_rank": 0 if self.lr_down is None else int(self.lr_down.shape[0]),
                 "lr_dtype": None if self.lr_down is None else str(self.lr_down.dtype).replace("torch.", ""),
-                "transform": self.transform.spec()}
+                "bos_tokens": self.bos_tokens, "transform": self.transform.spec()}
 
     @classmethod
     def from_spec(cls, spec: dict) -> "QuantLinear":
         k = int(spec["in_features"])
         return cls(k, int(spec["out_features"]), w_bits=spec["w_bits"], w_group_size=spec["w_group_size"], w_symmetric=spec["w_symmetric"],
                    a_bits=spec["a_bits"], a_static=spec["a_static"], bias=spec["bias"], transform=InputTransform.from_spec(k, spec["transform"]),
-                   lr_rank=spec["lr_rank"], lr_dtype=getattr(torch, spec["lr_dtype"] or "float16"), method=spec.get("method", "rtn"))
+                   lr_rank=spec["lr_rank"], lr_dtype=getattr(torch, spec["lr_dtype"] or "float16"), method=spec.get("method", "rtn"),
+                   bos_tokens=int(spec.get("bos_tokens", 0)))
 
     # ---- views of the stored weight -----------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
@@ -249,14 +263,24 @@ class QuantLinear(nn.Module):
 
         shape = x.shape
         xt, mu = self.transform(x)
-        x2 = xt.reshape(-1, self.in_features)  # (M, K)
-        out = backends.linear(self, x2)  # (M, N) float32, bias included
-        if self.lr_down is not None:
-            out = out + (x2 @ self.lr_down.float().t()) @ self.lr_up.float().t()  # full-precision low-rank branch
-        out = out.reshape(*shape[:-1], self.out_features)
+        n_bos = min(self.bos_tokens, shape[-2]) if x.dim() >= 3 else 0
+        if n_bos:  # MixDQ: the first tokens of each sample (B, :n, K) in float, the rest (B, n:, K) quantized
+            head = self._matmul(xt[..., :n_bos, :].reshape(-1, self.in_features), backends.weight_only_linear)
+            rest = self._matmul(xt[..., n_bos:, :].reshape(-1, self.in_features), backends.linear)
+            out = torch.cat([head.reshape(*shape[:-2], n_bos, self.out_features),
+                             rest.reshape(*shape[:-2], shape[-2] - n_bos, self.out_features)], dim=-2)  # (…, T, N)
+        else:
+            out = self._matmul(xt.reshape(-1, self.in_features), backends.linear).reshape(*shape[:-1], self.out_features)
         if mu is not None:
             out = out + self.mean_correction(mu)
         return out.to(x.dtype)
+
+    def _matmul(self, x2: torch.Tensor, linear_fn) -> torch.Tensor:
+        """X' (M, K) → (M, N) float32 through ``linear_fn`` (a ``backends`` path, bias included) + the low-rank branch."""
+        out = linear_fn(self, x2)
+        if self.lr_down is not None:
+            out = out + (x2 @ self.lr_down.float().t()) @ self.lr_up.float().t()  # full-precision low-rank branch
+        return out
 
     def mean_correction(self, t_mu: torch.Tensor) -> torch.Tensor:
         """T(μ) (…, 1, K) · (Ŵ + lr_up lr_down)ᵀ → (…, 1, N) in float32 (no FP copy of W is stored)."""
@@ -271,9 +295,19 @@ class QuantLinear(nn.Module):
         parts = [f"in={self.in_features}", f"out={self.out_features}", self.method, f"w{self.w_bits} {gran} {'sym' if self.w_symmetric else 'asym'}", act]
         if self.lr_down is not None:
             parts.append(f"rank {self.lr_down.shape[0]}")
+        if self.bos_tokens:
+            parts.append(f"bos {self.bos_tokens} in float")
         if not self.transform.identity:
             parts.append("transform " + ",".join(k for k, v in self.transform.spec().items() if v))
         return ", ".join(parts)
+
+
+def bos_tokens(cfg) -> int:
+    """MixDQ's number of leading tokens kept out of activation quantization: ``cfg.params["bos_tokens"]`` (default 0)."""
+    n = (getattr(cfg, "params", None) or {}).get("bos_tokens", 0)
+    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
+        raise ConfigError.invalid("params.bos_tokens", n, "a non-negative integer (MixDQ: 1 = the first text token)")
+    return n
 
 
 MODULE_TYPES: dict[str, type] = {"QuantLinear": QuantLinear}

@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import primitives, transforms
 from ..errors import ConfigError
-from ..nn import InputTransform, QuantLinear
+from ..nn import InputTransform, QuantLinear, bos_tokens
 from . import register, require_stats
 from .rtn import rtn_weight_grid
 
@@ -134,7 +134,18 @@ def transformed_hessian(stats, transform: InputTransform) -> torch.Tensor:
     return transforms.transform_hessian(hessian_from_stats(stats), transform.smooth, transform.sigma, rotate)
 
 
-def static_act_scale(stats, transform: InputTransform, bits: int) -> torch.Tensor:
+def _rows_after_bos(stats, skip_tokens: int) -> torch.Tensor:
+    """Reservoir rows (R', K) whose token index is ≥ ``skip_tokens`` (MixDQ: the range without the BOS token)."""
+    rows, info = getattr(stats, "rows", None), getattr(stats, "row_info", None)
+    if rows is None or info is None or rows.shape[0] == 0:
+        raise ConfigError.invalid("params.bos_tokens", skip_tokens, "0 here: a BOS-free static range needs calibration reservoir rows with token indices")
+    keep = info[:, 2] >= skip_tokens
+    if not bool(keep.any()):
+        raise ConfigError.invalid("params.bos_tokens", skip_tokens, f"fewer leading tokens: no calibration row has a token index ≥ {skip_tokens}")
+    return rows[keep]
+
+
+def static_act_scale(stats, transform: InputTransform, bits: int, skip_tokens: int = 0) -> torch.Tensor:
     """Per-tensor symmetric activation scale (1, 1) of the *transformed* input, from calibration statistics.
 
     Without a rotation the per-channel maxima transform exactly: max|X'_j| = absmax_j / smooth_j / sigma_j (the
@@ -142,8 +153,22 @@ def static_act_scale(stats, transform: InputTransform, bits: int) -> torch.Tenso
     reservoir rows pushed through the transform (centred with the global calibration mean, an approximation of the
     per-sample mean), capped by the exact bound max_k |(x Q)_k| ≤ Σ_{j ∈ block(k)} max|x_j| / √b, which is also the
     fallback when no rows were kept. The reservoir (≤ 512 rows) can miss the rarest peaks: those tokens clip.
+
+    ``skip_tokens`` = n > 0 (MixDQ's BOS-aware range; those tokens are not quantized, see ``QuantLinear``): the maximum
+    over the reservoir rows of token index ≥ n only, pushed through the transform — the per-channel statistics
+    include the BOS outliers and cannot be used, so this estimate is a sample maximum (it can clip the rarest peaks).
     """
     qmax = 2 ** (bits - 1) - 1
+    if skip_tokens:
+        xr = _rows_after_bos(stats, skip_tokens).float()  # (R', K)
+        if transform.smooth is not None:
+            xr = xr / transform.smooth
+        if transform.center:
+            xr = xr - stats.mean.float() / (1.0 if transform.smooth is None else transform.smooth)
+        if transform.sigma is not None:
+            xr = xr / transform.sigma
+        top = float(transform.rotate(xr).abs().max())
+        return torch.tensor([[top / qmax if top > 0 else 1.0]], dtype=torch.float32)
     k = stats.absmax.shape[0]
     one = torch.ones(k)
     smooth = one if transform.smooth is None else transform.smooth
@@ -185,7 +210,7 @@ def quantize_folded(linear: nn.Linear, cfg, stats, transform: InputTransform, ra
         scale, zero = rtn_weight_grid(w_t, cfg)
     act_scale = None
     if cfg.a_bits < 16 and cfg.a_granularity == "per-tensor":
-        act_scale = static_act_scale(require_stats(cfg, stats, layer), transform, cfg.a_bits)
+        act_scale = static_act_scale(require_stats(cfg, stats, layer), transform, cfg.a_bits, skip_tokens=bos_tokens(cfg))
     return QuantLinear.from_float(linear, cfg, weight=w_t, transform=transform, scale=scale, zero=zero, codes=codes,
                                   act_scale=act_scale, lr_down=lr_down, lr_up=lr_up)
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .. import primitives
-from ..nn import QuantLinear
+from ..nn import InputTransform, QuantLinear, bos_tokens
 from . import register, require_stats
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,8 @@ def rtn_weight_grid(w: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor | 
 def quantize_rtn(linear: nn.Linear, cfg, stats=None) -> QuantLinear:
     """RTN handler: min–max (optionally clipped) weights, or GPTQ-rounded ones when ``cfg.weight_rounding == "gptq"``
     (needs calibration XᵀX); per-token or static per-tensor activations."""
-    if cfg.weight_rounding == "gptq":
-        from ..nn import InputTransform
+    static = cfg.a_bits < 16 and cfg.a_granularity == "per-tensor"
+    if cfg.weight_rounding == "gptq" or (static and bos_tokens(cfg)):  # GPTQ codes, or MixDQ's BOS-free static range
         from .gptq import quantize_folded  # gptq imports this module (rtn_weight_grid): import here, not at the top
 
         require_stats(cfg, stats)
