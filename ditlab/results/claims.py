@@ -113,7 +113,12 @@ def hadanorm_verdicts(medians: dict | None, quality_rows: list[dict] | None = No
     cells = 2 * len(present)
     status = HOLDS if wins == cells else (FAILS if wins == 0 else PARTLY)
     ev = f"HadaNorm is lowest in {wins} of {cells} (component, bits) cells (medians over the layers of each component)"
-    out = [Verdict(c1, status, ev + ("." if not losses else "; not in: " + "; ".join(losses) + "."))]
+    ev += "." if not losses else "; not in: " + "; ".join(losses) + "."
+    paid = _paid_in_weights(medians, present)
+    if paid:
+        ev += (" Where a channel-rescaling method wins on activation error alone, the whole layer at W8A4 (which also charges the "
+               "rescaled weights) tells: " + "; ".join(paid) + ".")
+    out = [Verdict(c1, status, ev)]
     allm = medians.get("all")
     if allm:
         h, d, r = (allm[m]["A4"] for m in ("hadanorm", "hadamard", "rtn"))
@@ -133,6 +138,18 @@ def hadanorm_verdicts(medians: dict | None, quality_rows: list[dict] | None = No
         out.append(Verdict(c3, HOLDS if (h or 0) > (r or 0) else FAILS, f"PSNR {fmt(h, '.2f')} vs {fmt(r, '.2f')} dB."))
     else:
         out.append(Verdict(c3, MISSING, "needs the quality rows of both presets."))
+    return out
+
+
+def _paid_in_weights(medians: dict, kinds) -> list[str]:
+    """For components where SmoothQuant or ViDiT-Q SDCB beat HadaNorm at A4: whether they still do for the whole W8A4 layer."""
+    out = []
+    for k in kinds:
+        errs = {m: v for m, v in medians[k].items() if not m.startswith("_")}
+        best = min(errs, key=lambda m: errs[m]["A4"])
+        if best in ("smoothquant", "viditq") and "W8A4" in errs[best]:
+            b, h = errs[best]["W8A4"], errs["hadanorm"]["W8A4"]
+            out.append(f"{k}: {best} {b:.4f} vs hadanorm {h:.4f} — " + ("the advantage holds" if b < h else "HadaNorm is better once the weights are quantized too"))
     return out
 
 
@@ -189,7 +206,15 @@ def mixed_verdicts(rows: list[dict] | None, budget_bits: float | None = None) ->
     clear = [r for r in beaten if r["class_acc"] is not None and alloc["class_acc"] is not None and acc_diff_clear(alloc["class_acc"], r["class_acc"], _n(alloc))]
     if alloc["class_acc"] is not None and beaten:
         ev += f". The accuracy margin exceeds 2 standard errors against {len(clear)} of the {len(beaten)} beaten rivals"
-    return [Verdict(claim, status, ev + ".")]
+    ev += "."
+    ranked = [r for r in rows if r.get("predicted_damage") is not None and r["psnr"] is not None]
+    pairs = [(a, b) for i, a in enumerate(ranked) for b in ranked[i + 1:] if a["predicted_damage"] != b["predicted_damage"]]
+    if pairs:
+        good = sum((a["predicted_damage"] < b["predicted_damage"]) == (a["psnr"] > b["psnr"]) for a, b in pairs)
+        ev += (f" The summed per-layer sensitivity (predicted damage) orders {good} of {len(pairs)} pairs of measured allocations "
+               "the same way as their PSNR" + (": the per-layer proxy (each layer quantized alone, others FP) predicts the joint effect "
+                                               "poorly here." if good <= len(pairs) / 2 else "."))
+    return [Verdict(claim, status, ev)]
 
 
 # ---- the issues' "Done when" criteria ------------------------------------------------------------------------------

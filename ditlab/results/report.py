@@ -29,7 +29,7 @@ def claim_a(docs: dict) -> str:
     if q:
         rows = claims.by_recipe(_rows(q))
         pick = [rows[n] for n in ("fp", "w8a8-viditq", "w8a8-rtn", "w8a8-smoothquant", "w8a8-rtn-static") if n in rows]
-        text += (f"Rows of the quality table (section 1; {caption(q).split(' — Machine')[0]}). `w8a8-rtn`: per-token dynamic RTN, "
+        text += (f"{caption(q)}\n\nRows of the quality table (section 1). `w8a8-rtn`: per-token dynamic RTN, "
                  "`w8a8-rtn-static`: one static scale per tensor from calibration absmax (symmetric weights).\n\n")
         text += md_table(["recipe", "PSNR (dB)", "SSIM", "class acc", "FD"],
                          [[f"`{r['recipe']}`", "∞" if r["recipe"] == "fp" else fmt(r["psnr"], ".2f"), fmt(r["ssim"], ".4f"), pct(r["class_acc"]), fmt(r["fd"], ".2f")] for r in pick]) + "\n\n"
@@ -109,8 +109,11 @@ def summary(docs: dict) -> str:
     q = claims.by_recipe(_rows(docs["quality"]))
     fp = q.get("fp")
     if fp:
-        lines.append(f"FP model: class acc {pct(fp['class_acc'])}, FD {fmt(fp['fd'], '.2f')} ({fp['n_images']} images). Headline rows "
-                     "(section 1):\n")
+        lines.append(f"{caption(docs['quality'])}\n\nFP model: class acc {pct(fp['class_acc'])}, FD {fmt(fp['fd'], '.2f')} "
+                     f"({fp['n_images']} images). Headline rows of section 1:\n")
+        if fp["class_acc"] is not None and fp["class_acc"] < 0.5:
+            lines.append(f"**Caveat:** the FP model itself reaches only {pct(fp['class_acc'])} class accuracy, so accuracy-based verdicts "
+                         "below compare weak models and are provisional.\n")
         heads = [n for n in ("w8a8-viditq", "w8a8-rtn-static", "w4a8-hadanorm", "w4a8-rtn", "w4a16-gptq", "w4a4-hadanorm", "w2-vq4dit", "w3-vq4dit") if n in q]
         lines.append(md_table(["recipe", "PSNR (dB)", "class acc", "FD", "× fp16"],
                               [[f"`{n}`", fmt(q[n]["psnr"], ".2f"), pct(q[n]["class_acc"]), fmt(q[n]["fd"], ".2f"), fmt(q[n]["ratio_fp16"], ".3f")] for n in heads]) + "\n")
