@@ -1,9 +1,11 @@
 """Vector-quantization benchmarks; each prints a markdown table.
 
-  python benchmarks/bench_vq.py kmeans-xl [--bits 2] [--limit N]
+  python benchmarks/bench_vq.py kmeans-xl [--bits 2] [--limit N] [--storage-only]
       k-means initialisation (k-means++ + ≤ 100 Lloyd updates) of every nn.Linear of DiT-XL/2 (random weights,
       N(0, 0.02²), shapes from ditlab.testing.dit_xl_2_config() built on the meta device), one layer at a time:
-      seconds per layer kind, total, and peak resident memory of the process. Goal: ≤ 15 minutes on 2 cores.
+      seconds per layer kind, total, peak resident memory of the process, and the stored bytes (indices, packed at
+      6 bits when k ≤ 64, + fp16 codebooks) over fp16 bytes. Goal: ≤ 15 minutes on 2 cores.
+      --storage-only: only the bytes table (no k-means; the storage layout does not depend on the weights).
   python benchmarks/bench_vq.py quality [--n-per-label 10] [--steps 25] [--seed 0] [--out docs/VQ4DIT.md]
       the shipped tiny DiT: FP vs 2-bit RTN (group 64) vs k-means vs VQ4DiT at 2 and 3 bits; class accuracy and
       Fréchet distance of the shipped classifier, PSNR vs FP, packed bytes / fp16 bytes, quantize and calibration time.
@@ -35,8 +37,17 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def kmeans_xl(bits: int, limit: int | None) -> str:
-    """Markdown table of the k-means initialisation time of all DiT-XL/2 linears."""
+def _machine() -> str:
+    import os
+    import platform
+
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"load average {load}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+
+
+def kmeans_xl(bits: int, limit: int | None, storage_only: bool = False) -> str:
+    """Markdown table of the k-means initialisation time of all DiT-XL/2 linears, with memory and stored bytes."""
     from diffusers import DiTTransformer2DModel
 
     from ditlab.models import list_linears
@@ -46,25 +57,40 @@ def kmeans_xl(bits: int, limit: int | None) -> str:
         model = DiTTransformer2DModel(**dit_xl_2_config())
     layers = list_linears(model)[:limit]
     cfg = LayerConfig(method="kmeans", w_bits=bits, a_bits=16)
+    start = _machine()
     base = _peak_rss_mb()
     rows: dict[str, list] = {}
+    stored = fp16 = 0
     t_all = time.perf_counter()
-    for i, info in enumerate(tqdm(layers, desc="k-means DiT-XL/2")):
-        w = torch.randn(info.out_features, info.in_features, generator=torch.Generator().manual_seed(i)) * 0.02
+    for i, info in enumerate(tqdm(layers, desc="k-means DiT-XL/2", disable=storage_only)):
         p = layer_params(cfg, info.out_features, info.in_features)
-        t0 = time.perf_counter()
-        codebook, assignments = kmeans_init(w, p, desc=info.name)
-        sec = time.perf_counter() - t0
-        r = rows.setdefault(f"{info.kind} {info.out_features}×{info.in_features}", [0, 0.0, p.k, p.d])
+        sec = 0.0
+        if storage_only:  # the layout is fixed by the shape and (k, d)
+            layer = vq.VQLinear(info.in_features, info.out_features, num_codes=p.k, d=p.d, bias=False)
+        else:
+            w = torch.randn(info.out_features, info.in_features, generator=torch.Generator().manual_seed(i)) * 0.02
+            t0 = time.perf_counter()
+            codebook, assignments = kmeans_init(w, p, desc=info.name)
+            sec = time.perf_counter() - t0
+            layer = vq.VQLinear.from_parts(assignments, codebook, None)
+            del w, codebook, assignments
+        stored += layer.weight_bytes()
+        fp16 += 2 * info.out_features * info.in_features
+        r = rows.setdefault(f"{info.kind} {info.out_features}×{info.in_features}", [0, 0.0, p.k, p.d, layer.index_bits])
         r[0] += 1
         r[1] += sec
-        del w, codebook, assignments
     total = time.perf_counter() - t_all
-    lines = [f"k-means init, DiT-XL/2 random weights, {bits}-bit (k, d from w_bits, capped), {len(layers)} linears, "
-             f"{torch.get_num_threads()} threads", "", "| layers | count | k | d | seconds (sum) | s / layer |", "|---|---|---|---|---|---|"]
-    for name, (count, sec, k, d) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
-        lines.append(f"| {name} | {count} | {k} | {d} | {sec:.1f} | {sec / count:.2f} |")
-    lines += ["", f"total {total:.0f} s ({total / 60:.1f} min); peak RSS {_peak_rss_mb():.0f} MB (before k-means {base:.0f} MB)"]
+    lines = [f"k-means init, DiT-XL/2 random weights, {bits}-bit (k, d from w_bits, capped), {len(layers)} linears", "",
+             f"machine at start: {start}", f"machine at end:   {_machine()}", "",
+             "| layers | count | k | d | index bits | seconds (sum) | s / layer |", "|---|---|---|---|---|---|---|"]
+    if storage_only:
+        lines[-2:] = ["| layers | count | k | d | index bits |", "|---|---|---|---|---|"]
+    for name, (count, sec, k, d, ib) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
+        timing = "" if storage_only else f" {sec:.1f} | {sec / count:.2f} |"
+        lines.append(f"| {name} | {count} | {k} | {d} | {ib} |{timing}")
+    lines += ["", f"stored {stored / 2**20:.1f} MiB vs fp16 {fp16 / 2**20:.1f} MiB: {stored / fp16:.4f}× (indices + fp16 codebooks)"]
+    if not storage_only:
+        lines += [f"total {total:.0f} s ({total / 60:.1f} min); peak RSS {_peak_rss_mb():.0f} MB (before k-means {base:.0f} MB)"]
     return "\n".join(lines)
 
 
@@ -113,6 +139,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("kmeans-xl")
     p.add_argument("--bits", type=int, default=2)
     p.add_argument("--limit", type=int, default=None, help="only the first N linears (a quick look)")
+    p.add_argument("--storage-only", action="store_true", help="only the stored-bytes table (no k-means)")
     q = sub.add_parser("quality")
     q.add_argument("--n-per-label", type=int, default=10)
     q.add_argument("--steps", type=int, default=25)
@@ -126,7 +153,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     if args.cmd == "kmeans-xl":
-        table = kmeans_xl(args.bits, args.limit)
+        table = kmeans_xl(args.bits, args.limit, args.storage_only)
     else:
         table = quality(args.n_per_label, args.steps, args.seed, args.recipes, args.params)
         if args.out:
