@@ -28,13 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, is_interpreted, launch
-from ._qgemm import FLOAT_OUT, check_epilogue, epilogue_ref, gemm_blocks, groups_of, int_gemm_ref
+from ._qgemm import (IntGemm, example_kwargs, example_kwargs_int32, gemm_ref, int_gemm, int_gemm_int32,
+                     int_gemm_ref)
 from ._tiles import bf16_rne
 
-# Configs: as w8a8 (see _qgemm.gemm_blocks); the packed weight tile is half as many bytes.
-GROUP_M = 8
-NUM_STAGES = 3
+# Configs: as w8a8 (see _qgemm); the packed weight tile is half as many bytes.
 
 
 @triton.jit
@@ -114,26 +112,7 @@ def _check_codes(a: torch.Tensor, w_packed: torch.Tensor) -> tuple[int, int, int
     return a.shape[0], w_packed.shape[0], a.shape[1]
 
 
-def _run(a, w, a_scale, w_scale, w_zero, bias, mean_corr, tokens_per_sample, num_groups, out, blocks):
-    m, n, k = _check_codes(a, w)
-    group_size = groups_of(k, num_groups)
-    bm, bn, bk, warps = gemm_blocks(m, n, k, group_size, is_interpreted(_w4a8_kernel), *blocks)
-    raw = out.dtype == torch.int32  # raw accumulators: out is (M, G, N)
-    # Σ_k a per token and group for the zero-point term: one cheap torch pass over A
-    a_sum = a.reshape(m, num_groups, group_size).sum(-1, dtype=torch.int32).contiguous() if w_zero is not None else None
-    params = dict(
-        a_ptr=a, w_ptr=w, out_ptr=out, a_scale_ptr=a_scale, w_scale_ptr=w_scale, w_zero_ptr=w_zero,
-        a_sum_ptr=a_sum, bias_ptr=bias, corr_ptr=mean_corr,
-        M=m, N=n, K=k, GROUP_SIZE=group_size, NUM_GROUPS=num_groups, tokens_per_sample=tokens_per_sample or 1,
-        stride_am=a.stride(0), stride_ak=a.stride(1), stride_wn=w.stride(0), stride_wj=w.stride(1),
-        stride_sn=num_groups, stride_sg=1,  # w_scale / w_zero are contiguous (N, G)
-        stride_cb=mean_corr.stride(0) if mean_corr is not None else 0,
-        stride_cn=mean_corr.stride(1) if mean_corr is not None else 0,
-        stride_og=out.stride(1) if raw else 0, stride_om=out.stride(0), stride_on=out.stride(-1),
-        HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None, HAS_CORR=mean_corr is not None, RAW_INT32=raw,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
-    )
-    launch(_w4a8_kernel, (cdiv(m, bm) * cdiv(n, bn),), params, num_warps=warps, num_stages=NUM_STAGES)
+_GEMM = IntGemm(_w4a8_kernel, _check_codes, "stride_wj")
 
 
 def w4a8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
@@ -142,28 +121,15 @@ def w4a8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w_packed: torch.Tensor, w_
               out_dtype: torch.dtype = torch.float32, block_m: int | None = None, block_n: int | None = None,
               block_k: int | None = None) -> torch.Tensor:
     """y (M, N) = dequantized GEMM of int8 a (M, K) with packed int4 w (N, K/2), epilogue as in the docstring."""
-    m, n, k = _check_codes(a, w_packed)
-    if out_dtype not in FLOAT_OUT:
-        raise TypeError(f"out_dtype must be one of {FLOAT_OUT}, got {out_dtype}")
-    num_groups = w_scale.shape[-1] if w_scale.dim() == 2 else 1
-    a_scale, w_scale, w_zero, bias, mean_corr = check_epilogue(
-        m, n, num_groups, a_scale, w_scale.reshape(n, num_groups), w_zero, bias, mean_corr, tokens_per_sample,
-        a.device)
-    out = torch.empty(m, n, dtype=out_dtype, device=a.device)
-    _run(a, w_packed, a_scale, w_scale, w_zero, bias, mean_corr, tokens_per_sample, num_groups, out,
-         (block_m, block_n, block_k))
-    return out
+    return int_gemm(_GEMM, a, a_scale, w_packed, w_scale, w_zero, bias, mean_corr, tokens_per_sample, out_dtype,
+                    (block_m, block_n, block_k))
 
 
 def w4a8_gemm_int32(a: torch.Tensor, w_packed: torch.Tensor, w_zero: torch.Tensor | None = None, *,
                     num_groups: int = 1, block_m: int | None = None, block_n: int | None = None,
                     block_k: int | None = None) -> torch.Tensor:
     """Exact accumulators acc[m, g, n] = Σ_{k in g} a·(w − z): (M, G, N) int32 (G = 1 for per-channel weights)."""
-    m, n, k = _check_codes(a, w_packed)
-    _, _, w_zero, _, _ = check_epilogue(m, n, num_groups, None, None, w_zero, None, None, None, a.device)
-    out = torch.empty(m, num_groups, n, dtype=torch.int32, device=a.device)
-    _run(a, w_packed, None, None, w_zero, None, None, None, num_groups, out, (block_m, block_n, block_k))
-    return out
+    return int_gemm_int32(_GEMM, a, w_packed, w_zero, num_groups, (block_m, block_n, block_k))
 
 
 # ---------------------------------------------------------------------------------------------- torch twins
@@ -180,10 +146,7 @@ def unpack_int4_ref(p: torch.Tensor) -> torch.Tensor:
 def w4a8_gemm_ref(a, a_scale, w_packed, w_scale, w_zero=None, bias=None, mean_corr=None, tokens_per_sample=None, *,
                   out_dtype=torch.float32):
     """Twin of ``w4a8_gemm``: unpack, int64 accumulation per group, the kernel's float32 epilogue in its order."""
-    n = w_packed.shape[0]
-    num_groups = w_scale.shape[-1] if w_scale.dim() == 2 else 1
-    acc = int_gemm_ref(a, unpack_int4_ref(w_packed), w_zero, num_groups)
-    return epilogue_ref(acc, a_scale, w_scale.reshape(n, num_groups), bias, mean_corr, tokens_per_sample, out_dtype)
+    return gemm_ref(a, a_scale, unpack_int4_ref(w_packed), w_scale, w_zero, bias, mean_corr, tokens_per_sample, out_dtype)
 
 
 def w4a8_gemm_int32_ref(a, w_packed, w_zero=None, *, num_groups=1):
@@ -195,27 +158,14 @@ def example_inputs(shape: tuple[int, int, int], *, seed: int = 0, device: str = 
                    zero: bool = True, bias: bool = True, samples: int | None = 2,
                    out_dtype: torch.dtype = torch.float32) -> dict:
     """Keyword arguments of ``w4a8_gemm`` / ``w4a8_gemm_ref`` for (M, N, K): random bytes cover every nibble."""
-    g = torch.Generator().manual_seed(seed)
-    m, n, k = shape
-    groups = 1 if group_size is None else k // group_size
-    kw = {
-        "a": torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8),
-        "a_scale": torch.rand(m, 1, generator=g) * 0.02 + 1e-3,
-        "w_packed": torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8),
-        "w_scale": torch.rand(n, groups, generator=g) * 0.1 + 1e-3,
-        "w_zero": torch.randint(-8, 8, (n, groups), generator=g, dtype=torch.int32) if zero else None,
-        "bias": torch.randn(n, generator=g) if bias else None,
-        "out_dtype": out_dtype,
-    }
-    if samples:
-        samples = samples if m % samples == 0 else 1  # tokens split evenly between samples
-        kw["mean_corr"] = torch.randn(samples, n, generator=g)
-        kw["tokens_per_sample"] = m // samples
-    return {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in kw.items()}
+    return example_kwargs(shape, w_name="w_packed", make_w=lambda g, n, k: torch.randint(0, 256, (n, k // 2), generator=g,
+                                                                                         dtype=torch.uint8),
+                          w_scale_affine=(0.1, 1e-3), zero_range=(-8, 8), seed=seed, device=device,
+                          group_size=group_size, zero=zero, bias=bias, samples=samples, out_dtype=out_dtype)
 
 
 def example_inputs_int32(shape: tuple[int, int, int], *, seed: int = 0, device: str = "cpu",
                          group_size: int | None = None, zero: bool = True) -> dict:
     """Keyword arguments of the ``*_int32`` wrapper / twin for (M, N, K)."""
     kw = example_inputs(shape, seed=seed, device=device, group_size=group_size, zero=zero, samples=None)
-    return {"a": kw["a"], "w_packed": kw["w_packed"], "w_zero": kw["w_zero"], "num_groups": kw["w_scale"].shape[1]}
+    return example_kwargs_int32(kw, "w_packed")

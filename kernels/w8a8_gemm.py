@@ -28,14 +28,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, is_interpreted, launch
-from ._qgemm import FLOAT_OUT, check_epilogue, epilogue_ref, gemm_blocks, groups_of, int_gemm_ref
+from ._qgemm import (IntGemm, example_kwargs, example_kwargs_int32, gemm_ref, int_gemm, int_gemm_int32,
+                     int_gemm_ref)
 from ._tiles import bf16_rne
 
-# Configs: see _qgemm.gemm_blocks (128×128×64 tiles on GPU, shrunk for small M/N); GROUP_M tiles of M share a
-# band of weight columns in L2 (tutorial 03's swizzle); 3 software-pipeline stages of 16 KB each.
-GROUP_M = 8
-NUM_STAGES = 3
+# Configs: see _qgemm (gemm_blocks: 128×128×64 tiles on GPU, shrunk for small M/N; GROUP_M = 8 tiles of M share a
+# band of weight columns in L2, tutorial 03's swizzle; 3 software-pipeline stages of 16 KB each).
 
 
 @triton.jit
@@ -111,26 +109,7 @@ def _check_codes(a: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int]:
     return a.shape[0], w.shape[0], a.shape[1]
 
 
-def _run(a, w, a_scale, w_scale, w_zero, bias, mean_corr, tokens_per_sample, num_groups, out, blocks):
-    m, n, k = _check_codes(a, w)
-    group_size = groups_of(k, num_groups)
-    bm, bn, bk, warps = gemm_blocks(m, n, k, group_size, is_interpreted(_w8a8_kernel), *blocks)
-    raw = out.dtype == torch.int32  # raw accumulators: out is (M, G, N)
-    # Σ_k a per token and group for the zero-point term: one cheap torch pass over A
-    a_sum = a.reshape(m, num_groups, group_size).sum(-1, dtype=torch.int32).contiguous() if w_zero is not None else None
-    params = dict(
-        a_ptr=a, w_ptr=w, out_ptr=out, a_scale_ptr=a_scale, w_scale_ptr=w_scale, w_zero_ptr=w_zero,
-        a_sum_ptr=a_sum, bias_ptr=bias, corr_ptr=mean_corr,
-        M=m, N=n, K=k, GROUP_SIZE=group_size, NUM_GROUPS=num_groups, tokens_per_sample=tokens_per_sample or 1,
-        stride_am=a.stride(0), stride_ak=a.stride(1), stride_wn=w.stride(0), stride_wk=w.stride(1),
-        stride_sn=num_groups, stride_sg=1,  # w_scale / w_zero are contiguous (N, G)
-        stride_cb=mean_corr.stride(0) if mean_corr is not None else 0,
-        stride_cn=mean_corr.stride(1) if mean_corr is not None else 0,
-        stride_og=out.stride(1) if raw else 0, stride_om=out.stride(0), stride_on=out.stride(-1),
-        HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None, HAS_CORR=mean_corr is not None, RAW_INT32=raw,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
-    )
-    launch(_w8a8_kernel, (cdiv(m, bm) * cdiv(n, bn),), params, num_warps=warps, num_stages=NUM_STAGES)
+_GEMM = IntGemm(_w8a8_kernel, _check_codes, "stride_wk")
 
 
 def w8a8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
@@ -139,28 +118,15 @@ def w8a8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
               out_dtype: torch.dtype = torch.float32, block_m: int | None = None, block_n: int | None = None,
               block_k: int | None = None) -> torch.Tensor:
     """y (M, N) = dequantized int8 GEMM a (M, K) × w (N, K)ᵀ with the epilogue of the module docstring."""
-    m, n, k = _check_codes(a, w)
-    if out_dtype not in FLOAT_OUT:
-        raise TypeError(f"out_dtype must be one of {FLOAT_OUT}, got {out_dtype}")
-    num_groups = w_scale.shape[-1] if w_scale.dim() == 2 else 1
-    a_scale, w_scale, w_zero, bias, mean_corr = check_epilogue(
-        m, n, num_groups, a_scale, w_scale.reshape(n, num_groups), w_zero, bias, mean_corr, tokens_per_sample,
-        a.device)
-    out = torch.empty(m, n, dtype=out_dtype, device=a.device)
-    _run(a, w, a_scale, w_scale, w_zero, bias, mean_corr, tokens_per_sample, num_groups, out,
-         (block_m, block_n, block_k))
-    return out
+    return int_gemm(_GEMM, a, a_scale, w, w_scale, w_zero, bias, mean_corr, tokens_per_sample, out_dtype,
+                    (block_m, block_n, block_k))
 
 
 def w8a8_gemm_int32(a: torch.Tensor, w: torch.Tensor, w_zero: torch.Tensor | None = None, *,
                     num_groups: int = 1, block_m: int | None = None, block_n: int | None = None,
                     block_k: int | None = None) -> torch.Tensor:
     """Exact accumulators acc[m, g, n] = Σ_{k in g} a·(w − z): (M, G, N) int32 (G = 1 for per-channel weights)."""
-    m, n, k = _check_codes(a, w)
-    _, _, w_zero, _, _ = check_epilogue(m, n, num_groups, None, None, w_zero, None, None, None, a.device)
-    out = torch.empty(m, num_groups, n, dtype=torch.int32, device=a.device)
-    _run(a, w, None, None, w_zero, None, None, None, num_groups, out, (block_m, block_n, block_k))
-    return out
+    return int_gemm_int32(_GEMM, a, w, w_zero, num_groups, (block_m, block_n, block_k))
 
 
 # ---------------------------------------------------------------------------------------------- torch twins
@@ -169,10 +135,7 @@ def w8a8_gemm_int32(a: torch.Tensor, w: torch.Tensor, w_zero: torch.Tensor | Non
 def w8a8_gemm_ref(a, a_scale, w, w_scale, w_zero=None, bias=None, mean_corr=None, tokens_per_sample=None, *,
                   out_dtype=torch.float32):
     """Twin of ``w8a8_gemm``: int64 accumulation per group, then the kernel's float32 epilogue in its order."""
-    n = w.shape[0]
-    num_groups = w_scale.shape[-1] if w_scale.dim() == 2 else 1
-    acc = int_gemm_ref(a, w, w_zero, num_groups)
-    return epilogue_ref(acc, a_scale, w_scale.reshape(n, num_groups), bias, mean_corr, tokens_per_sample, out_dtype)
+    return gemm_ref(a, a_scale, w, w_scale, w_zero, bias, mean_corr, tokens_per_sample, out_dtype)
 
 
 def w8a8_gemm_int32_ref(a, w, w_zero=None, *, num_groups=1):
@@ -187,27 +150,14 @@ def example_inputs(shape: tuple[int, int, int], *, seed: int = 0, device: str = 
 
     ``samples`` > 0 adds a mean-correction row per sample (one sample if M is not a multiple of it).
     """
-    g = torch.Generator().manual_seed(seed)
-    m, n, k = shape
-    groups = 1 if group_size is None else k // group_size
-    kw = {
-        "a": torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8),
-        "a_scale": torch.rand(m, 1, generator=g) * 0.02 + 1e-3,
-        "w": torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8),
-        "w_scale": torch.rand(n, groups, generator=g) * 0.01 + 1e-4,
-        "w_zero": torch.randint(-128, 128, (n, groups), generator=g, dtype=torch.int32) if zero else None,
-        "bias": torch.randn(n, generator=g) if bias else None,
-        "out_dtype": out_dtype,
-    }
-    if samples:
-        samples = samples if m % samples == 0 else 1  # tokens split evenly between samples
-        kw["mean_corr"] = torch.randn(samples, n, generator=g)
-        kw["tokens_per_sample"] = m // samples
-    return {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in kw.items()}
+    return example_kwargs(shape, w_name="w", make_w=lambda g, n, k: torch.randint(-128, 128, (n, k), generator=g,
+                                                                                  dtype=torch.int8),
+                          w_scale_affine=(0.01, 1e-4), zero_range=(-128, 128), seed=seed, device=device,
+                          group_size=group_size, zero=zero, bias=bias, samples=samples, out_dtype=out_dtype)
 
 
 def example_inputs_int32(shape: tuple[int, int, int], *, seed: int = 0, device: str = "cpu",
                          group_size: int | None = None, zero: bool = True) -> dict:
     """Keyword arguments of the ``*_int32`` wrapper / twin for (M, N, K)."""
     kw = example_inputs(shape, seed=seed, device=device, group_size=group_size, zero=zero, samples=None)
-    return {"a": kw["a"], "w": kw["w"], "w_zero": kw["w_zero"], "num_groups": kw["w_scale"].shape[1]}
+    return example_kwargs_int32(kw, "w")
