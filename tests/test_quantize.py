@@ -65,8 +65,8 @@ def test_w4a8_groups_and_report_frame(tiny):
     assert sqnr(ref, _run(qmodel, inputs)) > 15
     df = report.to_frame()
     assert list(df.name) == [r.name for r in report.layers] and {"method", "w_bits", "a_bits", "bytes_packed", "bytes_fp16", "seconds"} <= set(df.columns)
-    # packed bytes: 0.5 byte per weight + fp32 scale + int32 zero per group of 64 → (0.5 + 8/64) / 2 = 0.3125 of fp16
-    assert report.ratio == pytest.approx(0.3125) and report.bytes_fp16 == sum(2 * r.out_features * r.in_features for r in report.layers)
+    # packed bytes: 0.5 byte per weight + fp16 scale + int8 zero per group of 64 → (0.5 + 3/64) / 2 = 0.2734 of fp16
+    assert report.ratio == pytest.approx(0.2734375) and report.bytes_fp16 == sum(2 * r.out_features * r.in_features for r in report.layers)
     assert all(r.bytes_packed == weight_bytes(qmodel.get_submodule(r.name)) for r in report.layers)
     totals = report.totals()
     assert totals["n_quantized"] == len(report.layers) and totals["bytes_packed"] == report.bytes_packed
