@@ -14,7 +14,7 @@ from ditlab.results import claims, pareto, report
 from ditlab.results.common import ResultsSettings, command_for, machine_info, now_utc, write_doc
 
 TINY = ResultsSettings(n_per_label=1, steps=2, presets=("fp", "w8a8-rtn", "w8a8-rtn-static", "w8a8-viditq", "w4a8-rtn", "w4a8-hadanorm"),
-                       calib_samples=2, calib_steps=2, vq_params=(("iterations", 1), ("samples", 2), ("steps", 2)), act_steps=4,
+                       calib_samples=2, calib_steps=2, vq_params=(("iterations", 1), ("kmeans_iters", 3), ("samples", 2), ("steps", 2)), act_steps=4,
                        sens_images=2, sens_steps=2, sens_groups=2, n_random=1, pareto_measure=(3.0,), kernel_m=16, kernel_repeats=1, xl=False)
 
 

@@ -132,15 +132,27 @@ def model_provenance(source: str) -> dict:
     return out
 
 
+_SAMPLING = ("model", "n_per_label", "steps", "guidance", "seed", "calib_samples", "calib_steps")
+PART_FIELDS = {  # the settings each part depends on (its command line shows only these)
+    "quality": (*_SAMPLING, "presets", "vq_params"),
+    "act": ("model", "calib_samples", "calib_steps", "act_steps"),
+    "vq": (*_SAMPLING, "vq_params"),
+    "mixed": (*_SAMPLING, "sens_images", "sens_steps", "sens_groups", "budget_bits", "n_random", "pareto_measure"),
+    "speed": ("kernel_m", "kernel_repeats", "xl", "xl_args"),
+}
+
+
 def command_for(part: str, settings: ResultsSettings) -> str:
-    """The command line that reproduces ``part`` with ``settings`` (flags only for values that differ from defaults)."""
+    """The command line that reproduces ``part`` with ``settings`` (flags only for the part's settings that differ
+    from the defaults; groups such as ``all`` show every setting)."""
     base = ResultsSettings()
     if settings.full:
         base = full_settings(base)
     flags = ["--full"] if settings.full else []
+    relevant = PART_FIELDS.get(part)
     for f in dataclasses.fields(ResultsSettings):
         v, d = getattr(settings, f.name), getattr(base, f.name)
-        if f.name == "full" or v == d:
+        if f.name == "full" or v == d or (relevant is not None and f.name not in relevant):
             continue
         flag = "--" + f.name.replace("_", "-")
         if isinstance(v, bool):
@@ -242,12 +254,16 @@ def _fp_images(pipe, ss):
 
 
 def with_vq_params(recipe, vq_params: dict):
-    """``recipe`` with ``vq_params`` merged into the params of its vq4dit default (other recipes unchanged)."""
+    """``recipe`` with ``vq_params`` merged into the params of its vq4dit default, and their k-means keys (k, d, seed,
+    kmeans_iters, kmeans_fit) into a kmeans default, so both start from the same k-means (other recipes unchanged)."""
     from ..config import load_recipe
+    from ..methods.kmeans import KMEANS_KEYS
 
     recipe = load_recipe(recipe)
-    if vq_params and recipe.default.method == "vq4dit":
-        recipe = recipe.replace(default=recipe.default.replace(params={**recipe.default.params, **vq_params}))
+    method = recipe.default.method
+    extra = vq_params if method == "vq4dit" else {k: v for k, v in vq_params.items() if k in KMEANS_KEYS} if method == "kmeans" else {}
+    if extra:
+        recipe = recipe.replace(default=recipe.default.replace(params={**recipe.default.params, **extra}))
     return recipe
 
 
@@ -271,7 +287,9 @@ def evaluate_row(pipe, recipe, settings: ResultsSettings) -> dict:
             out = api.generate(q.pipe, api.eval_labels(pipe.num_classes, ss.n_per_label), steps=ss.steps, guidance=ss.guidance, seed=ss.seed,
                                scheduler=ss.scheduler, progress=False)
             images, seconds, (packed, fp16) = out.images, out.seconds, api.weight_bytes(q.pipe)
-        r = {"recipe": recipe.name, **evaluation.fidelity(fp.images, images), "class_acc": None, "class_acc_fp": None, "fd": None, "fd_fp": None,
+        from .. import backends
+
+        r = {"recipe": recipe.name, **evaluation.fidelity(fp.images, images), "backend": backends.current(), "class_acc": None, "class_acc_fp": None, "fd": None, "fd_fp": None,
              "weight_bytes": packed, "weight_bytes_fp16": fp16, "seconds_calibrate": q.seconds_calibrate if q else 0.0,
              "seconds_quantize": q.seconds_quantize if q else 0.0, "seconds_sample": seconds, "n_images": len(images)}
     calib = getattr(q.pipe.transformer, "ditlab_calibration", None) if q else None

@@ -43,6 +43,9 @@ def render(quality: dict | None, vq: dict | None, mixed: dict | None, figure: st
         text += f"![quality vs size]({figure})\n\n"
     for metric, label, f in (("psnr", "PSNR vs FP (dB)", lambda v: fmt(v, ".2f")), ("class_acc", "class acc", pct)):
         front = frontier(pts, metric)
+        if not front:
+            text += f"No {label} measured (the shipped classifier scores Shapes-10 models only).\n\n"
+            continue
         text += f"Pareto-optimal on {label} ({len(front)} of {len(pts)} points):\n\n"
         text += md_table(["recipe", "kind", "× fp16", label], [[f"`{p['recipe']}`", p["group"], f"{p['ratio_fp16']:.3f}", f(p[metric])] for p in front], "llrr") + "\n\n"
     return text

@@ -49,8 +49,7 @@ def render(doc: dict | None) -> str:
     n = s["n_per_label"] * 10
     text = (f"{caption(doc)}\n\n{n} images ({s['n_per_label']} per class, class-major), {s['steps']} DDIM steps, CFG {s['guidance']:g}, "
             f"seed {s['seed']}; the quantized model samples the same labels and initial noise as FP. PSNR/SSIM: final uint8 images vs "
-            f"FP. Class acc: the shipped classifier on the intended labels (binomial standard error ≈ ±{_se_points(doc)} points at "
-            f"this n). FD: Fréchet distance of classifier features to 2000 real Shapes-10 images. Packed bytes: stored weights "
+            f"FP. Class acc: the shipped classifier on the intended labels{_se_points(doc)}. FD: Fréchet distance of classifier features to 2000 real Shapes-10 images. Packed bytes: stored weights "
             f"(codes + scales + codebooks, no bias) of the quantizable linears; embedders and the final layer stay FP. Calibration "
             f"(when a method needs statistics): {s['calib_samples']} images × {s['calib_steps']} steps, cached on disk, so "
             f"'calibrate s' is 0 after the first recipe that needed it. Quantize s includes VQ4DiT's zero-data calibration. "
@@ -64,8 +63,8 @@ def _se_points(doc: dict) -> str:
     rows = doc["data"]["rows"]
     fp = next((r for r in rows if r["recipe"] == "fp"), None)
     if not fp or fp["class_acc"] is None:
-        return "?"
-    return f"{100 * acc_se(fp['class_acc'], fp['n_images']):.0f}"
+        return " (not scored: the shipped classifier scores Shapes-10 models only)"
+    return f" (binomial standard error ≈ ±{100 * acc_se(fp['class_acc'], fp['n_images']):.0f} points at this n)"
 
 
 def _backends(doc: dict) -> str:

@@ -36,6 +36,43 @@ def run_xl(settings: ResultsSettings, say: Say) -> dict:
     return out
 
 
+BLOCK_PRESETS = ("w8a8-rtn", "w8a8-rtn-static", "w8a8-smoothquant", "w8a8-viditq", "w4a8-rtn", "w4a8-hadamard", "w4a8-hadanorm",
+                 "w4a8-viditq", "w4a16-gptq", "w4a4-svd", "bnb-int8", "bnb-nf4", "w2-kmeans", "w3-kmeans")
+
+
+def method_times(presets=BLOCK_PRESETS, say: Say = print) -> dict:
+    """Quantize time per preset for ONE DiT-XL/2 block (hidden 1152, random weights, seed 0): its 7 linears
+    (q, k, v, out, fc1, fc2, adaLN). Statistics (for the methods that need them) from one FP forward of the CFG pair
+    (``calibrate(n_samples=1, steps=1)``, timed apart). ×28 extrapolates to the 28 blocks of DiT-XL/2 (what
+    ``bench_dit_xl.py`` measures in full for w8a8-rtn and w4a8-hadanorm). ``w2-vq4dit`` = ``w2-kmeans`` + its
+    zero-data calibration (sampling with the model), which is not timed here."""
+    from diffusers import DiTTransformer2DModel
+
+    from ..calibration import calibrate
+    from ..models import Pipeline
+    from ..quantize import layers_needing_stats, quantize_
+    from ..testing import dit_xl_2_config
+
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(**{**dit_xl_2_config(), "num_layers": 1}).eval().requires_grad_(False)
+    sched = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001,
+             "beta_end": 0.02, "clip_sample": False}
+    pipe = Pipeline(transformer=model, scheduler_config=sched, family="dit", source="DiT-XL/2 one block (random weights)")
+    t0 = time.perf_counter()
+    calib = calibrate(pipe, labels=[207], n_samples=1, steps=1, progress=False, use_cache=False)
+    t_cal = time.perf_counter() - t0
+    rows = []
+    for name in presets:
+        t0 = time.perf_counter()
+        _, report = quantize_(model, name, calib if layers_needing_stats(model, name) else None, progress=False)
+        sec = time.perf_counter() - t0
+        block = [r for r in report.layers if r.name.startswith("transformer_blocks.0.")]
+        rows.append({"recipe": name, "block linears": len(block), "seconds (1 block)": sec, "× 28 blocks (s)": 28 * sec,
+                     "packed / fp16": report.ratio})
+        say(f"[speed] DiT-XL/2 block, {name}: {sec:.2f} s")
+    return {"rows": rows, "calibration_s": t_cal, "params": sum(p.numel() for p in model.parameters())}
+
+
 def run(settings: ResultsSettings, results_dir: Path, say: Say) -> dict:
     part = Part("speed", settings, results_dir)
     kernels = repo_script("benchmarks/bench_kernels.py")
@@ -44,6 +81,8 @@ def run(settings: ResultsSettings, results_dir: Path, say: Say) -> dict:
         part.save()
     else:
         part.data["dit_xl"] = {"status": "skipped", "script": XL_SCRIPT}
+    part.data["block_times"] = method_times(say=say)
+    part.save()
     if kernels is None:
         part.data["kernels_cpu"] = None
     else:
@@ -74,7 +113,7 @@ def render(doc: dict | None) -> str:
     xl = d.get("dit_xl") or {}
     parts.append("### DiT-XL/2 (random weights): quantization time per method, one forward (cpu-int vs fp32 / bf16), peak memory\n")
     if xl.get("status") == "ok":
-        parts.append(f"Command: `{xl['command']}` (run by the command above in its own process, {xl['seconds']:.0f} s)\n\n{xl['markdown']}\n")
+        parts.append(f"`{xl['command']}`, run by the command above as a child process ({xl['seconds']:.0f} s); its output:\n\n{xl['markdown']}\n")
     elif xl.get("status") == "failed":
         tail = "\n".join(xl.get("stderr_tail", []))
         parts.append(f"**Failed** (`{xl['command']}`, exit {xl['returncode']}); last lines of its stderr:\n\n```\n{tail}\n```\n")
@@ -83,6 +122,12 @@ def render(doc: dict | None) -> str:
     else:
         parts.append(md_table(["row", "status"], [["DiT-XL/2 quantize time per method, forward cpu-int vs fp32/bf16, peak memory",
                                                   f"**TODO**: `{XL_SCRIPT}` was not in the checkout when this ran; `python -m ditlab bench speed` fills it when present"]], "ll") + "\n")
+    bt = d.get("block_times")
+    if bt:
+        parts.append("### Quantization time per method, one DiT-XL/2 block (random weights)\n")
+        parts.append("`ditlab.results.speed.method_times`: `quantize_` of the 7 linears of one block (hidden 1152, MLP 4608, adaLN 6912; "
+                     f"statistics from one FP forward, {bt['calibration_s']:.1f} s, not counted). The last column ×28 estimates all "
+                     "blocks; the full-model rows above are measured.\n\n" + _rows_table(bt["rows"]) + "\n")
     parts.append(f"### GEMM throughput on DiT-XL/2 layer shapes, CPU (GOP/s; ratios = speed-up of the integer path)\n")
     if d.get("kernels_cpu"):
         parts.append(f"Measured by `benchmarks/bench_kernels.py` (`bench_cpu(m={doc['settings']['kernel_m']}, repeats={doc['settings']['kernel_repeats']})`),"
