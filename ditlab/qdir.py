@@ -37,7 +37,7 @@ from torch import nn
 from . import __version__
 from .config import Recipe, load_recipe
 from .errors import DitlabError, ModelLoadError
-from .models import FAMILIES, SHIPPED_ALIASES, Pipeline, _from_pretrained, _load_labels, _load_text_encoder, read_model_index, resolve_source
+from .models import FAMILIES, SHIPPED_ALIASES, Pipeline, _from_pretrained, check_fits_in_memory, _load_labels, _load_text_encoder, read_model_index, resolve_source
 from .nn import MODULE_CODECS, MODULE_TYPES, codec_for
 
 log = logging.getLogger(__name__)
@@ -286,6 +286,7 @@ def load_quantized_transformer(folder: str | os.PathLike, verify: bool = True) -
     if verify and _sha256(weights) != manifest.get("sha256"):
         raise ModelLoadError(f"{weights}: checksum mismatch (the file is corrupt or was modified)")
     cls = getattr(diffusers, manifest["transformer_class"])
+    check_fits_in_memory(folder, _TRANSFORMERS[manifest["transformer_class"]], torch.float32)  # an uploaded config may claim anything
     config = json.loads((folder / "transformer" / "config.json").read_text())
     with torch.device("meta"):  # no allocation, no random init: every tensor is assigned from the file below
         model = cls.from_config(config)

@@ -232,23 +232,39 @@ def test_handler_limits_name_the_field_and_the_limit(public_mode, app):
     assert "recipe JSON" in out[-1] and str(lim.max_recipe_bytes) in out[-1] and _untouched(out)
 
 
-def test_an_export_zip_cannot_smuggle_a_model_source(public_mode, app, tiny, tmp_path):
-    public_mode.setenv("DITLAB_PUBLIC", "0")
-    pipe = api.load(str(tiny))
-    folder = api.save(api.quantize(pipe, "w8a8-rtn", progress=False), pipe, tmp_path / "q")
-    manifest = json.loads((folder / "ditlab_qdir.json").read_text())
-    assert manifest["source"] == str(tiny)  # a folder outside the allowlist
-    archive = api.export_zip(folder)
-    public_mode.setenv("DITLAB_PUBLIC", "1")
-    out = app.load_export(str(archive), "")
-    assert "model source" in out[-1] and "public mode" in out[-1] and _untouched(out)
-    hub = tmp_path / "hub.zip"  # the same export claiming a hub model
-    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(hub, "w") as dst:
+@pytest.fixture(scope="module")
+def archive(tiny, tmp_path_factory):
+    """An export (QDIR zip) of the tiny DiT, made in local mode; its manifest names the tiny DiT's folder."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DITLAB_PUBLIC", "0")
+        pipe = api.load(str(tiny))
+        folder = api.save(api.quantize(pipe, "w8a8-rtn", progress=False), pipe, tmp_path_factory.mktemp("export") / "q")
+    return api.export_zip(folder)
+
+
+def _rezip(archive, out, name, change):
+    """A copy of ``archive`` with the JSON file ``name`` passed through ``change``."""
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(out, "w") as dst:
         for item in src.infolist():
             data = src.read(item)
-            dst.writestr(item, json.dumps({**manifest, "source": "someone/big-model"}) if item.filename == "ditlab_qdir.json" else data)
+            dst.writestr(item, json.dumps(change(json.loads(data))) if item.filename == name else data)
+    return out
+
+
+def test_an_export_zip_cannot_smuggle_a_model_source(public_mode, app, tiny, archive, tmp_path):
+    with zipfile.ZipFile(archive) as zf:
+        assert json.loads(zf.read("ditlab_qdir.json"))["source"] == str(tiny)  # a folder outside the allowlist
+    out = app.load_export(str(archive), "")
+    assert "model source" in out[-1] and "public mode" in out[-1] and _untouched(out)
+    hub = _rezip(archive, tmp_path / "hub.zip", "ditlab_qdir.json", lambda m: {**m, "source": "someone/big-model"})
     out = app.load_export(str(hub), "")
     assert "model source" in out[-1] and "someone/big-model" in out[-1]
+
+
+def test_an_export_claiming_a_huge_model_is_refused_before_building_it(public_mode, app, archive, tmp_path):
+    huge = _rezip(archive, tmp_path / "huge.zip", "transformer/config.json", lambda c: {**c, "num_layers": 10**7, "num_attention_heads": 64})
+    out = app.load_export(str(huge), "")
+    assert "refused before loading" in out[-1] and "bytes" in out[-1] and _untouched(out)
 
 
 def test_export_names_stay_inside_the_work_folder(public_mode, app, tiny):

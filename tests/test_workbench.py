@@ -98,7 +98,7 @@ def test_parse_setting():
     ('{"version": 1, "default": ', "recipe JSON"),  # truncated
     (json.dumps({"version": 1, "default": {"method": "rtn", "w_bits": 8, "a_bits": 3}}), "a_bits"),
     (json.dumps({"version": 1, "overrides": [{"pattern": "nothing.*", "set": {"w_bits": 4}}]}), "override pattern"),
-    (json.dumps({"version": 1, "overrides": 5}), "recipe JSON"),
+    (json.dumps({"version": 1, "overrides": 5}), "overrides"),
     (json.dumps({"default": {}}), "version"),
     (b"\xff\xfe{", "recipe JSON"),
     ("[" * 100_000 + "]" * 100_000, "recipe JSON"),
