@@ -43,7 +43,8 @@ from .errors import ConfigError
 from .methods import get_handler
 from .models import Pipeline, list_linears
 from .quantize import weight_bytes
-from .sampling import SCHEDULERS, StepContext, sample
+from .sampling import SCHEDULERS, sample
+from .step_switch import PerGroup, Replay, Switch, set_module
 
 log = logging.getLogger(__name__)
 
@@ -140,56 +141,6 @@ def setting_recipe(setting: "str | LayerConfig | Recipe") -> Recipe:
     return load_recipe(setting)
 
 
-# ---- the sampler-side machinery ----------------------------------------------------------------------------------
-class _Switch(nn.Module):
-    """Calls the FP or the quantized module (``active``); set per step by ``_Replay.before``."""
-
-    def __init__(self, fp: nn.Module, q: nn.Module):
-        super().__init__()
-        self.fp, self.q, self.active = fp, q, False
-
-    def forward(self, x):
-        return self.q(x) if self.active else self.fp(x)
-
-
-class _Replay(nn.Module):
-    """Wraps the transformer and is the run's StepHook: records the raw output of every step (FP run), or replays
-    the recorded outputs for the steps before ``start``; switches the quantized modules on during ``active`` steps
-    and keeps the guided ε of those steps."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model, self.step, self.record, self.start = model, 0, False, 0
-        self.outputs: dict[int, torch.Tensor] = {}
-        self.switches: list[_Switch] = []
-        self.active: set[int] = set()
-        self.eps: dict[int, torch.Tensor] = {}
-
-    def forward(self, *args, **kwargs):
-        if self.step < self.start:
-            return (self.outputs[self.step].clone(),)  # the identical tensor → the identical scheduler update
-        out = self.model(*args, **kwargs)
-        if self.record:
-            self.outputs[self.step] = out[0].detach().clone()
-        return out
-
-    def watch(self, switches: Sequence[_Switch], active: Sequence[int], record: bool = False) -> dict[int, torch.Tensor]:
-        """Arms the next sampling run; returns the dict that will receive ε (step → (B, C, H, W))."""
-        self.switches, self.active, self.record = list(switches), set(active), record
-        self.start = 0 if record or not self.active else min(self.active)
-        self.eps = {}
-        return self.eps
-
-    def before(self, ctx: StepContext) -> None:
-        self.step = ctx.index
-        for sw in self.switches:
-            sw.active = ctx.index in self.active
-
-    def after(self, ctx: StepContext, latents: torch.Tensor, model_output: torch.Tensor) -> None:
-        if ctx.index in self.active or self.record:
-            self.eps[ctx.index] = model_output.detach().clone()
-
-
 def pooled_sqnr(ref: Sequence[torch.Tensor], approx: Sequence[torch.Tensor]) -> float:
     """10·log10(Σ‖y‖² / Σ‖ŷ − y‖²) over several tensors (inf if identical)."""
     return metrics.sqnr(torch.cat([r.reshape(-1) for r in ref]), torch.cat([a.reshape(-1) for a in approx]))
@@ -201,11 +152,6 @@ def default_classifier(images: torch.Tensor) -> torch.Tensor:
     from .classifier import classify
 
     return classify(load_classifier(), images)[0]
-
-
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
 # ---- cache -------------------------------------------------------------------------------------------------------
@@ -283,7 +229,7 @@ def run_sensitivity(pipe: Pipeline, setting: "str | LayerConfig | Recipe" = "w4a
 
 def _compute(pipe, st, labels, groups, plan, calib, todo, cells, classify_fn, progress, save) -> None:
     """Fills ``cells`` for the (unit, group) pairs in ``todo``; calls ``save()`` after every unit."""
-    wrapper = _Replay(copy.deepcopy(pipe.transformer))  # private copy: the shared FP model is never touched
+    wrapper = Replay(copy.deepcopy(pipe.transformer))  # private copy: the shared FP model is never touched
     run = dict(guidance=st.guidance, steps=st.steps, scheduler=st.scheduler, seed=st.seed, progress=False)
     fp_eps = wrapper.watch([], [], record=True)
     fp = sample(pipe, labels, transformer=wrapper, hooks=[wrapper], **run)
@@ -306,8 +252,8 @@ def _compute(pipe, st, labels, groups, plan, calib, todo, cells, classify_fn, pr
                     qmod = get_handler(plan[name].method, layer=name)(linear, plan[name], stats)
                 nbytes += weight_bytes(qmod)
                 originals[name] = linear
-                switches.append(_Switch(linear, qmod))
-                _set_module(wrapper.model, name, switches[-1])
+                switches.append(Switch(linear, qmod))
+                set_module(wrapper.model, name, switches[-1])
             for g in gs:
                 t_cell = time.perf_counter()
                 eps = wrapper.watch(switches, groups[g])
@@ -325,31 +271,12 @@ def _compute(pipe, st, labels, groups, plan, calib, todo, cells, classify_fn, pr
         finally:
             wrapper.watch([], [])
             for name, linear in originals.items():
-                _set_module(wrapper.model, name, linear)
+                set_module(wrapper.model, name, linear)
         save()
     bar.close()
 
 
 # ---- measured check of a recipe (or of one recipe per timestep group) --------------------------------------------
-class _PerGroup(nn.Module):
-    """Dispatches every step to the model of its timestep group (a per-step precision switch)."""
-
-    def __init__(self, models: Sequence[nn.Module], groups: list[list[int]]):
-        super().__init__()
-        self.models = nn.ModuleList(models)
-        self.group_of = {s: g for g, steps in enumerate(groups) for s in steps}
-        self.step = 0
-
-    def forward(self, *args, **kwargs):
-        return self.models[self.group_of[self.step]](*args, **kwargs)
-
-    def before(self, ctx: StepContext) -> None:  # StepHook
-        self.step = ctx.index
-
-    def after(self, ctx: StepContext, latents, model_output) -> None:
-        pass
-
-
 def measure(pipe: Pipeline, recipe: "str | Recipe | Sequence[Recipe]", *, settings: SensitivitySettings | None = None, calib=None,
             classifier: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
     """Quantizes with ``recipe`` (or one recipe per timestep group of ``settings``), samples, compares with FP.
@@ -369,7 +296,7 @@ def measure(pipe: Pipeline, recipe: "str | Recipe | Sequence[Recipe]", *, settin
     if len(groups) != len(recipes):
         raise ConfigError.invalid("recipes", len(recipes), f"one recipe, or one per timestep group (at most {st.steps})")
     quantized = [quantize_(pipe.transformer, r, calib, progress=False) for r in recipes]
-    model = quantized[0][0] if len(recipes) == 1 else _PerGroup([q for q, _ in quantized], groups)
+    model = quantized[0][0] if len(recipes) == 1 else PerGroup([q for q, _ in quantized], groups)
     hooks = [] if len(recipes) == 1 else [model]
     out = sample(pipe, labels, transformer=model, hooks=hooks, **run)
     fp = sample(pipe, labels, **run)
