@@ -168,8 +168,10 @@ def quantize_(model: nn.Module, recipe: Recipe | str, calib=None, progress: bool
     t_start = time.perf_counter()
     # Deep copy everything except the weights of layers about to be replaced: those tensors are shared with the
     # (read-only) FP model until the handler has read them and the new module takes the layer's place. This avoids
-    # copying ~all of the model's bytes (DiT-XL/2: 2.9 GB) just to throw them away.
-    memo = {}
+    # copying ~all of the model's bytes (DiT-XL/2: 2.9 GB) just to throw them away. The copy starts without forward
+    # pre-hooks: those on the shared FP model belong to another session's running calibration or outlier capture (they
+    # would keep its statistics alive in this copy), and their dicts change while that session ends.
+    memo = {id(m._forward_pre_hooks): type(m._forward_pre_hooks)() for m in model.modules()}
     for name, _ in todo:
         linear = model.get_submodule(name)
         for t in (linear.weight, linear.bias):

@@ -316,3 +316,34 @@ def _wait(condition, what: str, limit: float = 600) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"never reached: {what}"
         time.sleep(0.2)
+
+
+def test_a_copy_made_while_another_session_calibrates_carries_none_of_its_hooks(tiny, monkeypatch):
+    """Session A calibrates (forward hooks on the shared FP model, collecting A's statistics) while session B quantizes
+    (a deep copy of that model): B's copy must not inherit A's hooks — they would keep A's accumulators alive in B's
+    cached copy and feed them B's activations whenever A's thread runs B's model — and the FP model ends with none."""
+    from ditlab import calibration
+
+    pipe = app.api.load(tiny)
+    inside, release = threading.Event(), threading.Event()
+    real_sample = calibration.sample
+
+    def paused_sample(*args, **kwargs):  # A stops here with its hooks installed
+        inside.set()
+        assert release.wait(600), "never released"
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, "sample", paused_sample)
+    session_a = threading.Thread(target=lambda: app.api.calibrate(pipe, n_samples=1, steps=2, use_cache=False, progress=False))
+    session_a.start()
+    try:
+        assert inside.wait(600), "calibration never started"
+        hooked = sum(len(m._forward_pre_hooks) for m in pipe.transformer.modules())
+        assert hooked > 0  # A's hooks are on the shared model now
+        q = app.api.quantize(pipe, "w8a8-rtn", calib_settings=None, progress=False)  # session B
+    finally:
+        release.set()
+        session_a.join()
+    foreign = [n for n, m in q.pipe.transformer.named_modules() if m._forward_pre_hooks]
+    assert foreign == [], f"{len(foreign)} modules of the quantized copy carry another session's hooks, e.g. {foreign[:3]}"
+    assert sum(len(m._forward_pre_hooks) for m in pipe.transformer.modules()) == 0
