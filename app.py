@@ -89,7 +89,7 @@ def _quantized(source: str, recipe, request):
 def generate(labels, n_per_label, seed, steps, guidance, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
     """A grid with one row per chosen class (FP model)."""
     if labels:  # no labels: generate_grid names the field
-        api.check_request(len(labels) * int(n_per_label), steps, guidance)
+        api.check_request(len(labels) * int(n_per_label), steps, guidance, seed)
     with GRID_LOCK, JOBS.run(_session(request)):
         grid, info = api.generate_grid(PIPE, labels, int(n_per_label), steps=int(steps), guidance=float(guidance), seed=int(seed))
     return grid, f"{info['n_images']} images · seed {info['seed']} · {info['seconds']} s · {info['path']}"
@@ -162,7 +162,7 @@ def compare(recipe_json, labels, n_per_label, seed, steps, guidance, backend, so
     pipe = api.load(source)
     recipe = api.parse_recipe(recipe_json, pipe)
     batch = [int(y) for y in (labels or []) for _ in range(int(n_per_label))]
-    api.check_request(len(batch), steps, guidance)
+    api.check_request(len(batch), steps, guidance, seed)
     if not batch:
         raise ConfigError.invalid("labels", labels, "at least one class")
     with JOBS.run(_session(request)):

@@ -60,9 +60,11 @@ def limits() -> Limits:
     return PUBLIC_LIMITS if is_public() else LOCAL_LIMITS
 
 
-def check_request(n_images: int, steps, guidance) -> None:
-    """Raises ConfigError naming the field if a sampling request is outside the limits."""
+def check_request(n_images: int, steps, guidance, seed=0) -> None:
+    """Raises ConfigError naming the field if a sampling request is outside the limits (or the seed is not an integer)."""
     lim = limits()
+    if not isinstance(seed, numbers.Real) or isinstance(seed, bool) or not math.isfinite(seed) or int(seed) != seed:
+        raise ConfigError.invalid("seed", seed, "an integer")
     if not isinstance(n_images, numbers.Integral) or not 1 <= int(n_images) <= lim.max_images:
         raise ConfigError.invalid("images", n_images, f"1 to {lim.max_images} images per request (pick fewer classes)")
     if not isinstance(steps, (int, float)) or isinstance(steps, bool) or not math.isfinite(steps) or int(steps) != steps \

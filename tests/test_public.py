@@ -227,6 +227,9 @@ def test_handler_limits_name_the_field_and_the_limit(public_mode, app):
     assert "images" in out[-1] and str(lim.max_images) in out[-1] and _untouched(out)
     out = app.compare(_vq4dit_recipe(iterations=1000), [0], 1, 0, 2, 4.0, "cpu-int", "shipped")
     assert "params.iterations × samples × steps" in out[-1] and str(lim.max_calib_cost) in out[-1] and _untouched(out)
+    for seed in (None, float("nan"), 1.5, "7"):
+        out = app.compare(PRESETS["fp"].to_json(), [0], 1, seed, 2, 4.0, "cpu-int", "shipped")
+        assert out[-1].startswith("⚠️ seed") and _untouched(out)
     big = json.dumps({"version": 1, "name": "x" * lim.max_recipe_bytes})
     out = app.import_recipe(big, None, "shipped")
     assert "recipe JSON" in out[-1] and str(lim.max_recipe_bytes) in out[-1] and _untouched(out)
