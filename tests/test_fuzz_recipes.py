@@ -269,7 +269,7 @@ def _check_message(message: str, fields, where: str) -> None:
 
 
 # ---------------------------------------------------------------- (a) the config layer
-@settings(FUZZ, max_examples=350)
+@settings(FUZZ, max_examples=500)
 @given(case=_as_text())
 def test_config_layer(tiny, tmp_path_factory, case):
     """Recipe.from_json (text/bytes), Recipe.from_dict, load_recipe(file) — then resolve() on a model."""
@@ -355,7 +355,7 @@ def _table_edit(draw):
     return row, column
 
 
-@settings(FUZZ, max_examples=180)
+@settings(FUZZ, max_examples=220)
 @given(edit=_table_edit(), data=st.data())
 def test_dataframe_import(tiny, edit, data):
     """plan_to_frame → one bad cell → frame_to_recipe names the column (and the layer)."""
@@ -373,7 +373,7 @@ def test_dataframe_import(tiny, edit, data):
 
 
 # ---------------------------------------------------------------- (b) the CLI
-@settings(FUZZ, max_examples=180)
+@settings(FUZZ, max_examples=220)
 @given(case=_as_text(), command=st.sampled_from(["quantize", "eval"]))
 def test_cli_in_process(tiny_dir, tmp_path_factory, case, command):
     """``python -m ditlab quantize|eval --recipe FILE`` through cli.main: exit 2, one line naming the field, no output."""
@@ -419,7 +419,7 @@ def _untouched(outputs) -> bool:
     return all(isinstance(o, dict) and set(o) <= {"__type__"} for o in outputs[:-1])
 
 
-@settings(FUZZ, max_examples=170)
+@settings(FUZZ, max_examples=220)
 @given(case=_as_text(), via=st.sampled_from(["paste", "upload", "compare"]))
 def test_app_import(app, tiny_dir, tmp_path_factory, case, via):
     """Import (pasted / uploaded) and Compare with a malformed recipe: one line naming the field, nothing replaced."""
@@ -439,7 +439,7 @@ def test_app_import(app, tiny_dir, tmp_path_factory, case, via):
     _check_message(message, fields + ("recipe",), f"app {via}")
 
 
-@settings(FUZZ, max_examples=120)
+@settings(FUZZ, max_examples=180)
 @given(edit=_table_edit(), data=st.data())
 def test_app_table(app, tiny, tiny_dir, edit, data):
     """A bad cell in the recipe table: table_edited and bulk_edit name the column; the table itself is not modified,
@@ -469,7 +469,7 @@ def test_app_table(app, tiny, tiny_dir, edit, data):
     pd.testing.assert_frame_equal(table, before)  # the user's table is exactly as it was
 
 
-@settings(FUZZ, max_examples=100)
+@settings(FUZZ, max_examples=150)
 @given(target=st.sampled_from(["fc1", "all", "block 0", "qkv"]) | st.text(max_size=20),
        setting=st.sampled_from(["W8", "W4A8 g32", "A3", "W9", "g7", "magic", "hadanorm W4A4", "W16A16", "FP", ""]) | st.text(max_size=20))
 def test_app_bulk(app, tiny, tiny_dir, target, setting):
