@@ -191,15 +191,24 @@ class Part:
     results_dir: Path
     data: dict = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    started_cpu: float = field(default_factory=time.process_time)
     complete: bool = False
 
     def doc(self) -> dict:
         return {"part": self.part, "command": command_for(self.part, self.settings), "settings": self.settings.to_dict(),
                 "machine": machine_info(), "date": now_utc(), "seconds": round(time.perf_counter() - self.started, 1),
+                "cpu_seconds": round(time.process_time() - self.started_cpu, 1), "load_average": _loadavg(),
                 "model": model_provenance(self.settings.model), "complete": self.complete, "data": self.data}
 
     def save(self) -> Path:
         return write_doc(self.results_dir, self.doc())
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 1)
+    except OSError:
+        return None
 
 
 def write_doc(results_dir: Path, doc: dict) -> Path:
@@ -224,8 +233,10 @@ def caption(doc: dict) -> str:
     state = "" if doc.get("complete", True) else " — **incomplete run** (interrupted; rows below are what finished)"
     model = doc.get("model") or {}
     which = f" — model `{model.get('source')}`" + (f" (git {model['commit']})" if model.get("commit") else "") if model else ""
+    cpu = f" / CPU {doc['cpu_seconds']:.0f} s (this process, all threads)" if doc.get("cpu_seconds") is not None else ""
+    load = f", load average {doc['load_average']:g} at the end (other jobs shared the cores)" if (doc.get("load_average") or 0) > 2.5 else ""
     return (f"Command: `{doc['command']}` — Machine: {machine_line(doc['machine'])} — Date: {doc['date']} — "
-            f"wall {doc['seconds']:.0f} s{which}{state}")
+            f"wall {doc['seconds']:.0f} s{cpu}{load}{which}{state}")
 
 
 # ---- evaluation rows -----------------------------------------------------------------------------------------------
