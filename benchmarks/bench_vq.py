@@ -76,6 +76,9 @@ def kmeans_xl(bits: int, limit: int | None, storage_only: bool = False) -> str:
             del w, codebook, assignments
         stored += layer.weight_bytes()
         fp16 += 2 * info.out_features * info.in_features
+        if not storage_only:  # a line per layer, so that an interrupted run still says how far it got
+            log.info("%d/%d %s %d×%d: %.1f s (elapsed %.0f s, peak RSS %.0f MB)", i + 1, len(layers), info.name,
+                     info.out_features, info.in_features, sec, time.perf_counter() - t_all, _peak_rss_mb())
         r = rows.setdefault(f"{info.kind} {info.out_features}×{info.in_features}", [0, 0.0, p.k, p.d, layer.index_bits])
         r[0] += 1
         r[1] += sec
