@@ -45,10 +45,12 @@ def run(pipe, settings: ResultsSettings, results_dir: Path, say: Say) -> dict:
                 part.data["timing"] = {"setting": recipe.name, "cells": res.n_computed, "units": int(res.frame.unit.nunique()),
                                        "groups": settings.sens_groups, "wall_s": wall, "cpu_s": cpu,
                                        "cached_s": time.perf_counter() - t0, "cached_cells": again.n_cached}
+                part.save()
     alloc = allocation.solve(sens, settings.budget_bits, name=f"alloc-{settings.budget_bits:g}b")
     counts = alloc.frame.groupby(["kind", "w_bits"]).size().unstack(fill_value=0)
     part.data["choice_counts"] = {str(k): {str(b): int(v) for b, v in row.items()} for k, row in counts.iterrows()}
     part.data["budget_bits"] = settings.budget_bits
+    part.save()  # an interrupted run keeps the sensitivity cost and the allocation
     kept = reuse_rows(read_doc(results_dir, "quality"), settings)
     rows = part.data.setdefault("rows", [])
 
