@@ -76,18 +76,18 @@ def method_times(presets=BLOCK_PRESETS, say: Say = print) -> dict:
 def run(settings: ResultsSettings, results_dir: Path, say: Say) -> dict:
     part = Part("speed", settings, results_dir)
     kernels = repo_script("benchmarks/bench_kernels.py")
-    if settings.xl:
-        part.data["dit_xl"] = run_xl(settings, say)
-        part.save()
-    else:
-        part.data["dit_xl"] = {"status": "skipped", "script": XL_SCRIPT}
-    part.data["block_times"] = method_times(say=say)
-    part.save()
-    if kernels is None:
+    part.data["dit_xl"] = {"status": "pending" if settings.xl else "skipped", "script": XL_SCRIPT}
+    if kernels is None:  # cheapest first, each saved, so an interrupted run keeps what finished
         part.data["kernels_cpu"] = None
     else:
         say(f"[speed] GEMM throughput on DiT-XL/2 layer shapes (M = {settings.kernel_m}, {settings.kernel_repeats} repeats)")
         part.data["kernels_cpu"] = kernels.bench_cpu(settings.kernel_m, settings.kernel_repeats)
+    part.save()
+    part.data["block_times"] = method_times(say=say)
+    part.save()
+    if settings.xl:
+        part.data["dit_xl"] = run_xl(settings, say)
+        part.save()
     part.data["cuda"] = torch.cuda.is_available()
     if torch.cuda.is_available() and kernels is not None:
         say("[speed] CUDA: Triton kernels vs torch")
@@ -117,6 +117,8 @@ def render(doc: dict | None) -> str:
     elif xl.get("status") == "failed":
         tail = "\n".join(xl.get("stderr_tail", []))
         parts.append(f"**Failed** (`{xl['command']}`, exit {xl['returncode']}); last lines of its stderr:\n\n```\n{tail}\n```\n")
+    elif xl.get("status") == "pending":
+        parts.append(f"Not finished: the run was interrupted before `{XL_SCRIPT}` completed (rerun `python -m ditlab bench speed`).\n")
     elif xl.get("status") == "skipped":
         parts.append(f"Not run (`--no-xl`); `python -m ditlab bench speed` runs `{XL_SCRIPT}`.\n")
     else:
