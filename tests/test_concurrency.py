@@ -347,3 +347,27 @@ def test_a_copy_made_while_another_session_calibrates_carries_none_of_its_hooks(
     foreign = [n for n, m in q.pipe.transformer.named_modules() if m._forward_pre_hooks]
     assert foreign == [], f"{len(foreign)} modules of the quantized copy carry another session's hooks, e.g. {foreign[:3]}"
     assert sum(len(m._forward_pre_hooks) for m in pipe.transformer.modules()) == 0
+
+
+def test_the_queue_refuses_requests_beyond_its_size(server, tiny):
+    """With both heavy workers held, requests beyond the queue's max_size are refused (QUEUE_FULL), so waiting work
+    — and the memory it would take — is bounded; once the workers are free every accepted request completes."""
+    url, _ = server
+    size = app.demo._queue.max_size
+    fp = app.api.PRESETS["fp"].to_json()
+    holders = [_client(url) for _ in range(HEAVY_WORKERS)]
+    long_jobs = [h.submit(fp, list(range(8)), 8, 0, 100, 4.0, "cpu-int", api_name="/compare") for h in holders]
+    _wait(lambda: {h.session_hash for h in holders} <= app.JOBS.sessions_running(), "the workers held")
+    flood = Client(url, verbose=False, httpx_kwargs={"timeout": 300}, download_files=False)  # statuses only
+    assert flood.predict("local folder", tiny, api_name="/load_model")[-1].startswith("✓")
+    jobs = [flood.submit(fp, [0], 1, 0, 1, 4.0, "cpu-int", api_name="/compare") for _ in range(size + 4)]
+    _wait(lambda: all(j.done() or j.status().code == Status.IN_QUEUE for j in jobs), "every request queued or refused")
+    refused = [j for j in jobs if j.done()]  # nothing can have run: both heavy workers are held
+    assert all("Queue is full" in str(j.exception()) for j in refused), [str(j.exception()) for j in refused]
+    assert 4 <= len(refused) and len(jobs) - len(refused) <= size, f"{len(refused)} of {len(jobs)} refused (max_size {size})"
+    for h, job in zip(holders, long_jobs):  # server side, as /cancel does: /cancel itself is refused while the queue is full
+        assert app.JOBS.cancel(h.session_hash) == 1
+        assert "cancelled" in job.result(timeout=300)[-1]
+    for job in jobs:
+        if job not in refused:
+            assert job.result(timeout=600)[-1].startswith("recipe **fp**")
