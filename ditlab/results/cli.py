@@ -40,7 +40,7 @@ def add_arguments(p) -> None:
     g.add_argument("--pareto-measure", type=_floats, default=None, help="allocation budgets measured for the Pareto plot, e.g. 3,7")
     g.add_argument("--kernel-m", type=int, default=None)
     g.add_argument("--kernel-repeats", type=int, default=None)
-    g.add_argument("--no-xl", dest="xl", action="store_false", default=None, help="skip the DiT-XL/2 benchmark")
+    g.add_argument("--no-xl", dest="xl", action="store_false", default=None, help="skip the DiT-XL/2 measurements (per-method block times and benchmarks/bench_dit_xl.py)")
     g.add_argument("--xl-args", type=lambda s: tuple(s.split()), default=None, help="arguments passed to benchmarks/bench_dit_xl.py")
     g.add_argument("--docs", default=None, help="output folder of RESULTS.md, results/ and figures/ (default: the checkout's docs/)")
     g.add_argument("--resume", action="store_true", help="keep quality rows of an interrupted run with the same settings")

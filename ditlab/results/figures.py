@@ -64,8 +64,9 @@ def act_png(medians: dict, methods: list[str], path: Path, kinds=("qkv", "out", 
         ax.set_xticks(range(len(present)), present)
         ax.set_yscale("log")
         ax.set_title(f"{col}: relative layer-output error (median over layers)", fontsize=10)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(methods), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path

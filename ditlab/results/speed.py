@@ -83,9 +83,9 @@ def run(settings: ResultsSettings, results_dir: Path, say: Say) -> dict:
         say(f"[speed] GEMM throughput on DiT-XL/2 layer shapes (M = {settings.kernel_m}, {settings.kernel_repeats} repeats)")
         part.data["kernels_cpu"] = kernels.bench_cpu(settings.kernel_m, settings.kernel_repeats)
     part.save()
-    part.data["block_times"] = method_times(say=say)
-    part.save()
-    if settings.xl:
+    if settings.xl:  # --no-xl skips both DiT-XL/2 measurements
+        part.data["block_times"] = method_times(say=say)
+        part.save()
         part.data["dit_xl"] = run_xl(settings, say)
         part.save()
     part.data["cuda"] = torch.cuda.is_available()
