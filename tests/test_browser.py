@@ -1,19 +1,22 @@
 """The main path in a real browser (Debian chromium driven by playwright): first images, choose a preset, edit one
 layer's bits in the table, run Compare and see both images and the metrics, open Outliers and Sensitivity (and a
-click on a sensitivity cell opens that layer in Outliers), export. Saves a screenshot of every tab to docs/screenshots/.
+click on a sensitivity cell opens that layer in Outliers), export. Saves a screenshot of every tab to a temporary folder, or to ``$DITLAB_SCREENSHOTS`` when set
+(``DITLAB_SCREENSHOTS=docs/screenshots`` refreshes the README/APP.md pictures; a plain test run leaves docs/ alone).
 
 The server runs in this process on a free port; sensitivity uses small settings and a private cache so the test is
 bounded (about 1–3 minutes on 2 shared cores).
 """
 
+import os
 import socket
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
-SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+SHOTS = Path(os.environ.get("DITLAB_SCREENSHOTS") or tempfile.mkdtemp(prefix="ditlab-screenshots-"))
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                "--disable-component-update", "--disable-sync"]
 LONG = 240_000  # ms: an upper bound for one heavy step on a busy 2-core machine
