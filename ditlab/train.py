@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from . import data
 from .classifier import ShapeClassifier
+from .dit_init import INITS, adaln_zero_init
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class TrainConfig:
     warmup: int = 200
     ema_decay: float = 0.9995
     label_dropout: float = 0.1
+    init: str = "diffusers"  # or "adaln-zero": DiT's reference init (ditlab/dit_init.py); the shipped model used diffusers'
     # classifier
     clf_epochs: int = 3
     clf_batch_size: int = 128
@@ -70,7 +72,7 @@ def build_dit(cfg: TrainConfig, num_classes: int = len(data.CLASSES)):
     """A fresh DiTTransformer2DModel for 32×32 RGB pixels with ``num_classes`` + 1 (null) label embeddings."""
     from diffusers import DiTTransformer2DModel
 
-    return DiTTransformer2DModel(
+    model = DiTTransformer2DModel(
         num_attention_heads=cfg.hidden_heads,
         attention_head_dim=cfg.head_dim,
         in_channels=3,
@@ -80,6 +82,11 @@ def build_dit(cfg: TrainConfig, num_classes: int = len(data.CLASSES)):
         patch_size=cfg.patch_size,
         num_embeds_ada_norm=num_classes,
     )
+    if cfg.init not in INITS:
+        raise ValueError(f"init = {cfg.init!r} is not allowed; allowed: {', '.join(INITS)}")
+    if cfg.init == "adaln-zero":
+        adaln_zero_init(model)
+    return model
 
 
 def build_scheduler():
