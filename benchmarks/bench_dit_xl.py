@@ -3,7 +3,7 @@
     python benchmarks/bench_dit_xl.py [--repeats 3] [--threads 2] [--profile] [--work DIR]
 
 1. Quantization time (parent process): build DiT-XL/2 (``ditlab.testing.dit_xl_2_config``, 675 M parameters,
-   float32, seed 0), then ``quantize_`` every quantizable linear (224 of the 254: DEFAULT_SKIP keeps the
+   float32, seed 0), then ``quantize_`` every quantizable linear (196 of the 254: DEFAULT_SKIP keeps the
    timestep/class embedders and the final layer in FP) with ``w8a8-rtn`` (goal ≤ 60 s) and with ``w4a8-hadanorm``
    (goal ≤ 120 s, "without calibration": its statistics come from one FP forward of the CFG pair through
    ``calibration.calibrate(n_samples=1, steps=1)``, timed apart and not counted). The W8A8 model is saved as a QDIR.
