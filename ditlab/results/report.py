@@ -127,6 +127,22 @@ def summary(docs: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def status(docs: dict) -> str:
+    """Which parts this file holds: complete, interrupted (with what finished) or not run; wall and CPU seconds."""
+    body = []
+    for name in PART_FILES:
+        d = docs[name]
+        if not d:
+            body.append([f"`{name}`", "not run", "–", "–", "–"])
+            continue
+        rows = len((d.get("data") or {}).get("rows") or [])
+        state = "complete" if d.get("complete") else "**interrupted**" + (f" after {rows} rows" if rows else "")
+        body.append([f"`{name}`", state, d["date"], f"{d['seconds']:.0f}", fmt(d.get("cpu_seconds"), ".0f")])
+    done = [docs[n] for n in PART_FILES if docs[n]]
+    total = f"Sum of the parts' wall times: {sum(d['seconds'] for d in done):.0f} s." if done else ""
+    return "## Run status\n\n" + md_table(["part", "state", "date", "wall s", "CPU s"], body, "llrrr") + f"\n\n{total}\n"
+
+
 def assemble(docs_dir: Path, results_dir: Path | None = None, figures_dir: Path | None = None) -> Path:
     """Writes ``docs_dir/RESULTS.md`` (and figures under ``figures_dir``) from the part documents; returns its path."""
     docs_dir = Path(docs_dir)
@@ -139,7 +155,7 @@ def assemble(docs_dir: Path, results_dir: Path | None = None, figures_dir: Path 
              "`bench claims` = parts act + vq + mixed, `bench speed`, `bench pareto`; `bench report` reassembles this file from "
              "`docs/results/*.json` without measuring). Every table states its command, settings, machine and date. Verdicts and "
              "their explanations are computed from the numbers by `ditlab/results/claims.py`; nothing below is typed by hand.\n",
-             _figure_note(figs), summary(docs), quality.render(docs["quality"])]
+             _figure_note(figs), status(docs), summary(docs), quality.render(docs["quality"])]
     if figs.get("quality"):
         parts.append(f"![quality of every preset]({figs['quality']})\n")
     parts += ["## 2. The papers' claims, checked\n", claim_a(docs), claim_b(docs, figs.get("act")), claim_c(docs), claim_d(docs),
