@@ -164,8 +164,7 @@ def tiny_model(tmp_path_factory):
     return str(tiny_dit_pipeline(tmp_path_factory.mktemp("results") / "model"))
 
 
-@pytest.mark.slow  # seconds-to-minutes on a quiet machine; took > 15 min under a load average of ~17 (timed out at 900 s)
-@pytest.mark.timeout(3600)
+@pytest.mark.slow  # ~10 s on 2 quiet cores (fresh-clone CI, 2026-11-28); > 15 min under a load average of ~17
 def test_bench_all_runs_end_to_end_on_the_tiny_model(tiny_model, tmp_path, monkeypatch):
     from ditlab.results import run
 
