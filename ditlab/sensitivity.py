@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import metrics
+from .atomic import write_atomic
 from .calibration import model_fingerprint, timestep_groups
 from .config import LayerConfig, Recipe, load_recipe
 from .errors import ConfigError
@@ -170,14 +170,7 @@ def _load_cells(path: Path) -> dict:
 
 def _save_cells(path: Path, cells: dict, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"meta": meta, "cells": cells}, fh)
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half of one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps({"meta": meta, "cells": cells})))
 
 
 # ---- the run -----------------------------------------------------------------------------------------------------

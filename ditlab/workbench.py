@@ -24,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 
+from .atomic import write_atomic
 from .config import METHOD_NAMES, PRESETS, Recipe, check_field, get_preset, load_recipe
 from .errors import ConfigError, DitlabError, ModelLoadError
 from .models import LAYER_KINDS, Pipeline, list_linears
@@ -381,16 +382,10 @@ def _write_atomic(target: Path, write) -> Path:
     crash or a full disk never leaves a partial ``target``. A disk error becomes one line naming ``target``."""
     from .qdir import WriteError
 
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + target.suffix, dir=target.parent)
-        os.close(fd)
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and not isinstance(exc, DitlabError):
+        write_atomic(target, write, suffix=target.suffix)
+    except OSError as exc:
+        if not isinstance(exc, DitlabError):
             raise WriteError.of(target, exc) from exc
         raise
     return target

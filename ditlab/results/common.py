@@ -28,6 +28,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..atomic import write_atomic
+
 log = logging.getLogger("ditlab.results")
 REPO = Path(__file__).resolve().parent.parent.parent
 Say = Callable[[str], None]  # progress lines (the CLI prints them on stderr)
@@ -215,9 +217,8 @@ def write_doc(results_dir: Path, doc: dict) -> Path:
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{doc['part']}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_clean(doc), indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(_clean(doc), indent=1, allow_nan=False) + "\n"
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
     return path
 
 

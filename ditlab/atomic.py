@@ -1,0 +1,29 @@
+"""One way to write a file so that readers see the old file or the complete new one, never half of one.
+
+The temporary file sits beside the target (same filesystem, so ``os.replace`` is atomic on POSIX) and its name carries
+the writer's pid (``.<name>.<pid>-<random>.tmp<suffix>``), so ``calib_cache`` can remove files of writers that were
+killed mid-write. Used by the calibration cache, the sensitivity cache, the results documents and the app's exports.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def write_atomic(path: Path, write: Callable[[str], object], suffix: str = "") -> None:
+    """Calls ``write(tmp_path)``, flushes it to disk and renames it onto ``path``; the temporary file is removed on
+    any failure. ``suffix`` is appended to the temporary name (for writers that insist on a file ending)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp" + suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
