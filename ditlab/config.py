@@ -30,6 +30,14 @@ A_GRANULARITIES = ("per-token", "per-tensor")
 SIGMAS = ("std", "absmax")
 ROUNDINGS = ("nearest", "gptq")
 
+# LayerConfig.params: the keys each method reads (anything else is a typo and is rejected by name). The values of
+# the k-means / VQ4DiT keys are checked against the layer's shape by ditlab.methods.kmeans / vq4dit.
+KMEANS_KEYS = ("k", "d", "seed", "kmeans_iters", "kmeans_fit")
+VQ4DIT_KEYS = ("n_candidates", "iterations", "samples", "steps", "guidance", "reg", "lr_logits", "lr_codebook", "harden", "anneal", "relative")
+METHOD_PARAM_KEYS = {"bnb-int8": ("threshold",), "hadanorm": ("mean_bias_correction",), "kmeans": KMEANS_KEYS,
+                     "vq4dit": KMEANS_KEYS + VQ4DIT_KEYS}
+ACT_PARAM_KEYS = ("bos_tokens",)  # MixDQ: leading (BOS) tokens kept out of activation quantization (any method; unused at A16)
+
 # Generic patterns for the default skip list (models.default_skip_kinds(): embedders and the final layer) over
 # DiT and PixArt naming. They may match nothing in a given model (e.g. no caption projection in a class-conditional
 # DiT), which is the one case where resolve() does not reject an unmatched pattern.
@@ -130,6 +138,7 @@ class LayerConfig:
         for f in dataclasses.fields(self):
             check_field(f.name, getattr(self, f.name), layer)
         m = self.method
+        self._validate_params(layer)
         if m == "fp":
             if self.w_bits != 16 or self.a_bits != 16:
                 bad = "w_bits" if self.w_bits != 16 else "a_bits"
@@ -152,6 +161,19 @@ class LayerConfig:
         if m == "svd" and in_features is not None and out_features is not None and self.rank > min(in_features, out_features):
             raise ConfigError.invalid("rank", self.rank, f"1 to min(out_features, in_features) = {min(in_features, out_features)}", layer)
         return self
+
+    def _validate_params(self, layer: str | None) -> None:
+        """Rejects ``params`` keys the method does not read, and checks the values of the method-independent ones."""
+        allowed = METHOD_PARAM_KEYS.get(self.method, ()) + ACT_PARAM_KEYS
+        for key in self.params:
+            if key not in allowed:
+                raise ConfigError.invalid("params", key, f"keys of method {self.method!r}: {', '.join(allowed)}", layer)
+        checks = {"bos_tokens": (lambda v: _is_int(v) and v >= 0, "a non-negative integer (MixDQ: 1 = the first text token)"),
+                  "threshold": (lambda v: _is_num(v) and v > 0, "a positive number (LLM.int8 outlier threshold, default 6.0)"),
+                  "mean_bias_correction": (lambda v: isinstance(v, bool), "true or false")}
+        for key, (ok, text) in checks.items():
+            if key in self.params and not ok(self.params[key]):
+                raise ConfigError.invalid(f"params.{key}", self.params[key], text, layer)
 
     def replace(self, **changes) -> "LayerConfig":
         """A copy with some fields changed (validated)."""

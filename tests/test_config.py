@@ -200,3 +200,23 @@ def test_frame_bad_cell_names_layer_and_field():
     with pytest.raises(ConfigError) as info:
         frame_to_recipe(df, base)
     assert info.value.layer == "transformer_blocks.0.ff.net.2" and info.value.field == "w_bits"
+
+
+@pytest.mark.parametrize("kwargs,field,needle", [
+    (dict(method="rtn", params={"thresold": 6.0}), "params", "bos_tokens"),  # a typo is named, with what is read
+    (dict(method="kmeans", w_bits=2, a_bits=16, params={"iterations": 1}), "params", "kmeans_fit"),  # a vq4dit-only key
+    (dict(method="hadanorm", w_bits=4, params={"iterations": 3}), "params", "mean_bias_correction"),
+    (dict(method="rtn", params={"bos_tokens": -1}), "params.bos_tokens", "non-negative"),
+    (dict(method="bnb-int8", w_bits=8, a_bits=16, params={"threshold": 0}), "params.threshold", "positive"),
+    (dict(method="hadanorm", w_bits=4, params={"mean_bias_correction": "no"}), "params.mean_bias_correction", "true or false"),
+])
+def test_params_keys_are_checked_for_every_method(kwargs, field, needle):
+    with pytest.raises(ConfigError) as err:
+        LayerConfig(**kwargs)
+    assert err.value.field == field and needle in str(err.value)
+
+
+def test_params_the_methods_read_are_accepted():
+    assert LayerConfig(method="rtn", params={"bos_tokens": 1}).params == {"bos_tokens": 1}
+    assert LayerConfig(method="bnb-int8", w_bits=8, a_bits=16, params={"threshold": 4.5}).params["threshold"] == 4.5
+    assert LayerConfig(method="vq4dit", w_bits=2, a_bits=16, params={"k": 8, "iterations": 2}).params["k"] == 8

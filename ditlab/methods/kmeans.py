@@ -13,7 +13,7 @@ Layer parameters (``LayerConfig.params``; defaults from ``w_bits`` via ``ditlab.
                 k·kmeans_fit sub-vectors is seeded and fitted on a seeded sample of that size, then every sub-vector
                 is assigned to its nearest codeword (shipped tiny DiT: no 2-bit layer is sampled — ≤ 55,296 sub-vectors
                 vs 65,536 — but every 3-bit layer is fitted on 16,384; DiT-XL/2: every layer at both widths)
-The VQ4DiT method (``vq4dit.py``) shares this initialisation and adds its own keys (see ``VQ4DIT_KEYS``).
+The VQ4DiT method (``vq4dit.py``) shares this initialisation and adds its own keys (see ``config.VQ4DIT_KEYS``).
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ from . import register
 
 log = logging.getLogger(__name__)
 
-KMEANS_KEYS = ("k", "d", "seed", "kmeans_iters", "kmeans_fit")
-VQ4DIT_KEYS = ("n_candidates", "iterations", "samples", "steps", "guidance", "reg", "lr_logits", "lr_codebook", "harden", "anneal", "relative")
 
 
 def _int_param(params: dict, key: str, default: int, lo: int, hi: int, layer: str | None) -> int:
@@ -59,11 +57,7 @@ def layer_params(cfg, out_features: int, in_features: int, layer: str | None = N
 
     Raises ConfigError naming ``params.<key>`` and what is allowed.
     """
-    params = dict(cfg.params or {})
-    allowed = KMEANS_KEYS + (VQ4DIT_KEYS if cfg.method == "vq4dit" else ())
-    for key in params:
-        if key not in allowed:
-            raise ConfigError.invalid("params", key, f"keys of method {cfg.method!r}: {', '.join(allowed)}", layer)
+    params = dict(cfg.params or {})  # its keys were checked by LayerConfig (config.METHOD_PARAM_KEYS)
     k0, d0 = vq.default_k_d(cfg.w_bits)
     d = params.get("d", d0)
     if d not in vq.SUBVECTOR_LENGTHS or in_features % d:

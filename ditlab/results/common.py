@@ -268,8 +268,7 @@ def _fp_images(pipe, ss):
 def with_vq_params(recipe, vq_params: dict):
     """``recipe`` with ``vq_params`` merged into the params of its vq4dit default, and their k-means keys (k, d, seed,
     kmeans_iters, kmeans_fit) into a kmeans default, so both start from the same k-means (other recipes unchanged)."""
-    from ..config import load_recipe
-    from ..methods.kmeans import KMEANS_KEYS
+    from ..config import KMEANS_KEYS, load_recipe
 
     recipe = load_recipe(recipe)
     method = recipe.default.method
