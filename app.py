@@ -88,10 +88,10 @@ def _quantized(source: str, recipe, request):
 @guarded(2)
 def generate(labels, n_per_label, seed, steps, guidance, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
     """A grid with one row per chosen class (FP model)."""
-    if labels:  # no labels: generate_grid names the field
-        api.check_request(len(labels) * int(n_per_label), steps, guidance, seed)
+    n_per_label = api.whole_number(n_per_label, "images per class", 1, 16)
+    api.check_request(max(1, len(labels or [])) * n_per_label, steps, guidance, seed)  # no labels: generate_grid names the field
     with GRID_LOCK, JOBS.run(_session(request)):
-        grid, info = api.generate_grid(PIPE, labels, int(n_per_label), steps=int(steps), guidance=float(guidance), seed=int(seed))
+        grid, info = api.generate_grid(PIPE, labels, n_per_label, steps=int(steps), guidance=float(guidance), seed=int(seed))
     return grid, f"{info['n_images']} images · seed {info['seed']} · {info['seconds']} s · {info['path']}"
 
 
@@ -161,14 +161,15 @@ def compare(recipe_json, labels, n_per_label, seed, steps, guidance, backend, so
     """FP vs quantized images (same seeds), difference heat map, metrics and per-step divergence."""
     pipe = api.load(source)
     recipe = api.parse_recipe(recipe_json, pipe)
-    batch = [int(y) for y in (labels or []) for _ in range(int(n_per_label))]
+    n_per_label = api.whole_number(n_per_label, "images per class", 1, 8)
+    batch = [int(y) for y in (labels or []) for _ in range(n_per_label)]
     api.check_request(len(batch), steps, guidance, seed)
     if not batch:
         raise ConfigError.invalid("labels", labels, "at least one class")
     with JOBS.run(_session(request)):
         q = _quantized(source, recipe, request)
         c = api.compare(pipe, q, batch, steps=int(steps), guidance=float(guidance), seed=int(seed), backend=backend or None)
-    rows = api.grid_rows(len(labels), int(n_per_label))
+    rows = api.grid_rows(len(labels), n_per_label)
     status = f"recipe **{recipe.name}** · {len(batch)} images · seed {int(seed)} · images by the **{api.BACKEND_NAMES.get(c.backend, c.backend)}**"
     return (api.image_grid(c.fp_images, rows, scale=3), api.image_grid(c.q_images, rows, scale=3), api.image_grid(c.diff, rows, scale=3),
             api.compare_metrics(c.metrics), api.divergence_figure(c.divergence, c.timesteps), status)

@@ -60,6 +60,15 @@ def limits() -> Limits:
     return PUBLIC_LIMITS if is_public() else LOCAL_LIMITS
 
 
+def whole_number(value, field: str, lo: int, hi: int) -> int:
+    """``value`` as an int if it is a whole number from ``lo`` to ``hi`` (a cleared UI number arrives as None), else
+    ConfigError naming ``field``."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value) or int(value) != value \
+            or not lo <= int(value) <= hi:
+        raise ConfigError.invalid(field, value, f"an integer from {lo} to {hi}")
+    return int(value)
+
+
 def check_request(n_images: int, steps, guidance, seed=0) -> None:
     """Raises ConfigError naming the field if a sampling request is outside the limits (or the seed is not an integer)."""
     lim = limits()

@@ -49,6 +49,9 @@ def test_generate_on_the_shipped_model():
     grid, status = app.generate([0, 1], 1, 0, 2, 4.0)
     assert grid.shape[2] == 3 and "2 images" in status
     assert _msg(app.generate([], 1, 0, 2, 4.0)).startswith("⚠️ labels")
+    for cleared in (None, 0, 2.5):  # a cleared or odd "images per class" names the field, no internal error
+        assert _msg(app.generate([0], cleared, 0, 2, 4.0)).startswith("⚠️ images per class")
+    assert _msg(app.generate([], 1, 0, None, 4.0)).startswith("⚠️ steps")
 
 
 def test_load_model_shipped_local_and_bad_sources(tiny):
@@ -107,6 +110,7 @@ def test_compare_outputs_and_bad_recipes(tiny):
     for bad, field in ((BAD_JSON, "recipe JSON"), (BAD_ABITS, "a_bits"), (BAD_PATTERN, "override pattern")):
         assert field in _msg(app.compare(bad, LABELS, 1, 0, 3, 4.0, "cpu-int", tiny))
     assert "steps" in _msg(app.compare(PRESETS["fp"].to_json(), LABELS, 1, 0, 10_000, 4.0, "cpu-int", tiny))
+    assert _msg(app.compare(PRESETS["fp"].to_json(), LABELS, None, 0, 3, 4.0, "cpu-int", tiny)).startswith("⚠️ images per class")
     assert "DITLAB_BACKEND" in _msg(app.compare(PRESETS["fp"].to_json(), LABELS, 1, 0, 3, 4.0, "gpu-magic", tiny))
 
 
