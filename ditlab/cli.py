@@ -40,9 +40,9 @@ class _Parser(argparse.ArgumentParser):
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="generate Shapes-10 and train the shipped tiny DiT and classifier")
     p.add_argument("--out", default="assets", help="folder that receives tiny-dit/ and classifier/ (default: assets)")
-    p.add_argument("--steps", type=int, default=None, help="DiT optimisation steps (default 4500)")
-    p.add_argument("--init", choices=["diffusers", "adaln-zero"], default="diffusers",
-                   help="DiT weight init: diffusers' defaults (what the shipped model used) or DiT's adaLN-Zero reference init")
+    p.add_argument("--steps", type=int, default=None, help="DiT optimisation steps (default 7500)")
+    p.add_argument("--init", choices=["diffusers", "adaln-zero"], default="adaln-zero",
+                   help="DiT weight init: DiT's adaLN-Zero reference init (default; what the shipped model used) or diffusers' defaults")
     p.add_argument("--only", choices=["all", "classifier", "dit"], default="all",
                    help="train both (default), or only one of them (the other must already exist in --out)")
 
@@ -54,7 +54,7 @@ def _cmd_train(args) -> int:
 
     cfg = replace(TrainConfig(), init=args.init, **({} if args.steps is None else {"steps": args.steps}))
     command = (f"python -m ditlab train --out {args.out}" + (f" --steps {args.steps}" if args.steps else "")
-               + (f" --init {args.init}" if args.init != "diffusers" else "") + (f" --only {args.only}" if args.only != "all" else ""))
+               + (f" --init {args.init}" if args.init != "adaln-zero" else "") + (f" --only {args.only}" if args.only != "all" else ""))
     print(json.dumps(train_all(args.out, cfg, command=command, only=args.only), indent=2))
     return 0
 

@@ -63,3 +63,14 @@ def test_eval_prints_one_json_object():
     result = json.loads(proc.stdout)
     assert {"class_acc_fp", "fd_fp", "seconds_sample", "n_images"} <= set(result)
     assert result["n_images"] == 20 and 0.0 <= result["class_acc_fp"] <= 1.0 and result["fd_fp"] >= 0
+
+
+@pytest.mark.slow
+def test_shipped_model_meets_the_quality_goal():
+    """Issue 2's acceptance check, as a user runs it: 100 images (10 per class), 25 steps, the default CFG."""
+    proc = run("eval", "--model", "assets/tiny-dit", "--recipe", "fp", "--json", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["n_images"] == 100
+    assert result["class_acc_real"] >= 0.98, result
+    assert result["class_acc_fp"] >= 0.90, result
