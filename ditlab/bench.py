@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import os
-import platform
 import statistics
 import time
 
@@ -17,15 +15,10 @@ import torch
 
 
 def machine() -> str:
-    """'CPU model, N cores, torch version' for table captions."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads{gpu}, torch {torch.__version__}"
+    """'CPU model, N cores, T torch threads, GPU, torch version' for table captions (the results documents' line)."""
+    from .results.common import machine_info, machine_line
+
+    return machine_line(machine_info())
 
 
 def markdown_table(rows: list[dict], command: str) -> str:
