@@ -186,3 +186,18 @@ def test_bench_all_runs_end_to_end_on_the_tiny_model(tiny_model, tmp_path, monke
     before = (tmp_path / "results" / "act.json").read_text()
     run("report", settings, docs_dir=tmp_path, say=lines.append)
     assert (tmp_path / "results" / "act.json").read_text() == before
+
+
+def test_a_part_measured_on_other_weights_is_marked_earlier(tmp_path):
+    """Retraining the model leaves old part documents in docs/results/: their captions and the status table say so."""
+    from ditlab.results import common
+    from ditlab.testing import tiny_dit_pipeline
+
+    folder = tiny_dit_pipeline(tmp_path / "m", seed=0)
+    doc = {"model": common.model_provenance(str(folder)), "command": "x", "machine": machine_info(), "date": now_utc(), "seconds": 1.0}
+    assert doc["model"]["weights"] and common.measured_on_current_model(doc) is True
+    assert "earlier model" not in common.caption(doc)
+    tiny_dit_pipeline(folder, seed=1)  # new weights in the same folder
+    common._current_provenance.cache_clear()
+    assert common.measured_on_current_model(doc) is False and "earlier model" in common.caption(doc)
+    assert common.measured_on_current_model({"model": {"source": str(folder)}}) is None  # nothing recorded: cannot tell

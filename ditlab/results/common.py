@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import hashlib
 import importlib.util
 import json
 import logging
@@ -119,11 +120,12 @@ def now_utc() -> str:
 
 
 def model_provenance(source: str) -> dict:
-    """Which model: the source, its last git commit (when it is a folder of this repository) and weight fingerprint."""
+    """Which model: the source, its last git commit (when it is a folder of this repository) and a fingerprint of its
+    transformer weights (sha256 of the safetensors files, 12 hex digits; None when there are none)."""
     from ..models import SHIPPED_ALIASES, SHIPPED_MODEL
 
     folder = Path(SHIPPED_MODEL if source in SHIPPED_ALIASES else source)
-    out = {"source": source, "commit": None}
+    out = {"source": source, "commit": None, "weights": None}
     if folder.exists():
         try:
             res = subprocess.run(["git", "log", "-1", "--format=%h %ad %s", "--date=format:%Y-%m-%d %H:%M", "--", str(folder.resolve())],
@@ -131,7 +133,33 @@ def model_provenance(source: str) -> dict:
             out["commit"] = res.stdout.strip() or None
         except (OSError, subprocess.SubprocessError):
             pass
+        files = sorted(folder.glob("transformer/*.safetensors"))
+        if files:
+            digest = hashlib.sha256()
+            for f in files:
+                digest.update(f.read_bytes())
+            out["weights"] = digest.hexdigest()[:12]
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _current_provenance(source: str) -> dict:
+    return model_provenance(source)
+
+
+def measured_on_current_model(doc: dict) -> bool | None:
+    """Whether a part document was measured on the weights its model source holds now (None: cannot tell).
+
+    Documents written before weight fingerprints were recorded are compared by the model folder's last commit."""
+    model = doc.get("model") or {}
+    if not model.get("source"):
+        return None
+    now = _current_provenance(model["source"])
+    if model.get("weights") and now.get("weights"):
+        return model["weights"] == now["weights"]
+    if model.get("commit") and now.get("commit"):
+        return model["commit"] == now["commit"]
+    return None
 
 
 _SAMPLING = ("model", "n_per_label", "steps", "guidance", "seed", "calib_samples", "calib_steps")
@@ -236,6 +264,8 @@ def caption(doc: dict) -> str:
     which = f" — model `{model.get('source')}`" + (f" (git {model['commit']})" if model.get("commit") else "") if model else ""
     cpu = f" / CPU {doc['cpu_seconds']:.0f} s (this process, all threads)" if doc.get("cpu_seconds") is not None else ""
     load = f", load average {doc['load_average']:g} at the end (other jobs shared the cores)" if (doc.get("load_average") or 0) > 2.5 else ""
+    if measured_on_current_model(doc) is False:
+        which += " — **measured on an earlier model** than the one this source holds now: not comparable with parts measured on the current one"
     return (f"Command: `{doc['command']}` — Machine: {machine_line(doc['machine'])} — Date: {doc['date']} — "
             f"wall {doc['seconds']:.0f} s{cpu}{load}{which}{state}")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import claims, figures, pareto, quality, speed
-from .common import caption, fmt, md_table, pct, read_doc
+from .common import caption, fmt, md_table, measured_on_current_model, pct, read_doc
 
 PART_FILES = ("quality", "act", "vq", "mixed", "speed")
 FIG = {"quality": "results_quality.png", "act": "results_act_error.png", "pareto": "results_pareto.png"}
@@ -133,14 +133,17 @@ def status(docs: dict) -> str:
     for name in PART_FILES:
         d = docs[name]
         if not d:
-            body.append([f"`{name}`", "not run", "–", "–", "–"])
+            body.append([f"`{name}`", "not run", "–", "–", "–", "–"])
             continue
         rows = len((d.get("data") or {}).get("rows") or [])
         state = "complete" if d.get("complete") else "**interrupted**" + (f" after {rows} rows" if rows else "")
-        body.append([f"`{name}`", state, d["date"], f"{d['seconds']:.0f}", fmt(d.get("cpu_seconds"), ".0f")])
+        model = {True: "current", False: "**earlier**", None: "–"}[measured_on_current_model(d)] if name != "speed" else "(kernels)"
+        body.append([f"`{name}`", state, model, d["date"], f"{d['seconds']:.0f}", fmt(d.get("cpu_seconds"), ".0f")])
     done = [docs[n] for n in PART_FILES if docs[n]]
     total = f"Sum of the parts' wall times: {sum(d['seconds'] for d in done):.0f} s." if done else ""
-    return "## Run status\n\n" + md_table(["part", "state", "date", "wall s", "CPU s"], body, "llrrr") + f"\n\n{total}\n"
+    note = ("Model: whether the part was measured on the weights the model source holds now (an **earlier** part is kept until it "
+            "is re-run, and its tables say so).")
+    return "## Run status\n\n" + md_table(["part", "state", "model", "date", "wall s", "CPU s"], body, "lllrrr") + f"\n\n{total} {note}\n"
 
 
 def assemble(docs_dir: Path, results_dir: Path | None = None, figures_dir: Path | None = None) -> Path:
