@@ -27,3 +27,24 @@ def write_atomic(path: Path, write: Callable[[str], object], suffix: str = "") -
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flushes every file under ``folder`` and the folders themselves to disk (before a folder is renamed into place,
+    so that after a power loss the renamed folder is never there with empty or short files)."""
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*"), reverse=True) + [folder]:  # files before the folders that list them
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flushes a folder's entries (a rename inside it) to disk."""
+    fd = os.open(Path(folder), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

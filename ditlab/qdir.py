@@ -12,7 +12,7 @@ Layout::
                                      codes, scales, zeros, transforms, low-rank; all non-quantized params)
          vae/, text_encoder/, tokenizer/     copied from the source when the pipeline has them
 
-Writes are atomic: everything goes to a temporary folder beside ``out_dir`` that is renamed into place with
+Writes are atomic and durable: everything goes to a temporary folder beside ``out_dir``, is fsynced, and is renamed into place with
 ``os.replace`` once complete (an existing QDIR is swapped out in one step on Linux: ``renameat2(RENAME_EXCHANGE)``),
 so a crash never leaves a half-written QDIR: ``out_dir`` is the old QDIR, the new one, or (no old one) absent. A killed
 writer's stray ``.name.tmp-PID-*`` folder is removed by the next save to the same ``out_dir``. A disk error (full,
@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .atomic import fsync_dir, fsync_tree
 from .config import Recipe, load_recipe
 from .errors import DitlabError, ModelLoadError
 from .models import FAMILIES, SHIPPED_ALIASES, Pipeline, _from_pretrained, check_fits_in_memory, _load_labels, _load_text_encoder, read_model_index, resolve_source
@@ -232,7 +233,9 @@ def save_quantized(model: nn.Module, recipe: Recipe | str | None, source, out_di
                     "sha256": _sha256(tmp / WEIGHTS), "source": str(source.source if isinstance(source, Pipeline) else source),
                     "extra": extra or {}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: its presence marks a complete QDIR
+        fsync_tree(tmp)  # on disk before the rename makes it visible: a power loss never leaves a QDIR of empty files
         _place(tmp, out, overwrite)
+        fsync_dir(out.parent)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError) and not isinstance(exc, DitlabError):

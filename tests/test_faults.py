@@ -259,3 +259,25 @@ def test_full_disk_in_the_app_export(tiny, monkeypatch):
     assert message.startswith("⚠️ cannot write ") and "no space left" in message and "\n" not in message, message
     assert all(isinstance(o, dict) for o in outputs)  # the download slots keep what they had
     assert _files(app.WORKDIR).keys() == before  # nothing half-written left behind
+
+
+# ---------------------------------------------------------------- durability
+def test_qdir_files_are_on_disk_before_the_rename(tiny, tmp_path, monkeypatch):
+    """Every file and folder of a new QDIR is fsynced before it is renamed into place, and the parent after it."""
+    from ditlab import atomic, qdir
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
+    real_place = qdir._place
+
+    def place(tmp, out, overwrite):
+        everything = {str(p) for p in tmp.rglob("*")} | {str(tmp)}
+        assert everything <= set(synced), sorted(everything - set(synced))  # nothing visible before it is durable
+        synced.clear()
+        return real_place(tmp, out, overwrite)
+
+    monkeypatch.setattr(qdir, "_place", place)
+    out = tmp_path / "q"
+    assert cli.main(["quantize", "--model", tiny, "--recipe", "w8a8-rtn", "--out", str(out)]) == 0
+    assert synced == [str(tmp_path)] and qdir.is_qdir(out)  # then the rename itself
