@@ -43,6 +43,7 @@ import gradio as gr  # noqa: E402
 log = logging.getLogger("ditlab.app")
 QUANTIZED = api.QuantCache(max_entries=6)  # bounded: at most 6 quantized copies in memory across all sessions
 JOBS = api.Jobs()  # cancel tokens of running jobs: Cancel stops a job at its next layer, freeing the worker
+RATE = api.RateLimiter()  # public mode: heavy jobs per client address per minute
 WORKDIR = Path(tempfile.mkdtemp(prefix="ditlab-app-"))  # exports and uploads of this process
 PRESET_NAMES = list(api.PRESETS)
 LAYER_NAMES = [layer.name for layer in api.layers(PIPE)]
@@ -74,6 +75,12 @@ def _session(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "local"
 
 
+def _job(request: gr.Request | None):
+    """Starts a heavy job of this session: the public-mode rate limit first, then a cancellable job context."""
+    RATE.check(api.client_address(request))
+    return JOBS.run(_session(request))
+
+
 def _recipe_outputs(pipe, recipe, message: str) -> tuple:
     """(recipe table, recipe JSON, model layers table, memory table, message) for a new current recipe."""
     return api.recipe_table(pipe, recipe), recipe.to_json(), api.layers_frame(pipe, recipe), api.memory_frame(pipe, recipe), message
@@ -90,7 +97,7 @@ def generate(labels, n_per_label, seed, steps, guidance, request: gr.Request = N
     """A grid with one row per chosen class (FP model)."""
     n_per_label = api.whole_number(n_per_label, "images per class", 1, 16)
     api.check_request(max(1, len(labels or [])) * n_per_label, steps, guidance, seed)  # no labels: generate_grid names the field
-    with GRID_LOCK, JOBS.run(_session(request)):
+    with GRID_LOCK, _job(request):
         grid, info = api.generate_grid(PIPE, labels, n_per_label, steps=int(steps), guidance=float(guidance), seed=int(seed))
     return grid, f"{info['n_images']} images · seed {info['seed']} · {info['seconds']} s · {info['path']}"
 
@@ -166,7 +173,7 @@ def compare(recipe_json, labels, n_per_label, seed, steps, guidance, backend, so
     api.check_request(len(batch), steps, guidance, seed)
     if not batch:
         raise ConfigError.invalid("labels", labels, "at least one class")
-    with JOBS.run(_session(request)):
+    with _job(request):
         q = _quantized(source, recipe, request)
         c = api.compare(pipe, q, batch, steps=int(steps), guidance=float(guidance), seed=int(seed), backend=backend or None)
     rows = api.grid_rows(len(labels), n_per_label)
@@ -179,7 +186,7 @@ def compare(recipe_json, labels, n_per_label, seed, steps, guidance, backend, so
 def outliers(layer, timestep, branch, source, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
     """Before/after views of one layer's input at one timestep and CFG branch, and the model-wide map."""
     pipe = api.load(source)
-    with JOBS.run(_session(request)):
+    with _job(request):
         res, fig, table, omap = api.outlier_views(pipe, api.calibrate(pipe, **api.APP_CALIBRATION), layer, timestep, branch)
     return fig, table, omap, f"{res.layer} ({res.kind}) · t={res.timestep} · {res.branch} branch · {res.rows} rows × {res.in_features} channels"
 
@@ -188,7 +195,7 @@ def outliers(layer, timestep, branch, source, request: gr.Request = None, progre
 def sensitivity(setting, metric, source, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
     """Layers × timestep-groups sensitivity of one setting (cached on disk)."""
     pipe = api.load(source)
-    with JOBS.run(_session(request)):
+    with _job(request):
         res = api.sensitivity_run(pipe, setting, lambda p: api.calibrate(p, **api.APP_CALIBRATION))
     _, styled = api.sensitivity_table(res, metric)
     return plots.sensitivity_figure(res, metric), styled, f"{res.setting}: {res.n_computed} cells computed, {res.n_cached} cached, {res.seconds:.1f} s"
@@ -207,7 +214,7 @@ def open_cell(setting, source, evt: gr.SelectData):
 def allocate(budget, source, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
     """Runs the bit allocator at a budget and loads the result into the recipe table."""
     pipe = api.load(source)
-    with JOBS.run(_session(request)):
+    with _job(request):
         alloc, alloc_fig, pareto_fig = api.allocation_views(pipe, budget)
     table, text, layers, memory, _ = _recipe_outputs(pipe, alloc.recipe, "")
     return table, text, layers, memory, alloc_fig, pareto_fig, f"✓ {alloc.recipe.name}: average {alloc.avg_w_bits:.2f} weight bits, loaded into the recipe table"
@@ -219,7 +226,7 @@ def export(recipe_json, source, request: gr.Request = None, progress=gr.Progress
     pipe = api.load(source)
     recipe = api.parse_recipe(recipe_json, pipe)
     out = Path(tempfile.mkdtemp(dir=WORKDIR))
-    with JOBS.run(_session(request)):
+    with _job(request):
         folder = api.save(_quantized(source, recipe, request), pipe, out / api.safe_name(recipe.name))
     return str(api.export_zip(folder)), str(api.write_recipe(recipe, out)), f"✓ exported `{folder.name}`"
 

@@ -12,6 +12,8 @@ In public mode:
 * **Per-request limits** (``limits`` / ``check_request`` / ``check_calibration``): images per request, sampling steps,
   recipe size, upload size, and the calibration cost (images × steps of a calibration run; iterations × images ×
   steps of VQ4DiT's block-wise calibration). The messages name the field and the limit.
+* **A rate limit** (``RateLimiter``): at most ``max_jobs_per_minute`` heavy jobs (sampling, quantizing, analysis)
+  started per client address in any 60 s (``DITLAB_MAX_JOBS_PER_MINUTE`` overrides the default of 12).
 
 In every mode:
 
@@ -22,12 +24,17 @@ In every mode:
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import math
 import numbers
 import os
 import re
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .errors import ConfigError
 
@@ -48,16 +55,64 @@ class Limits:
     max_upload_bytes: int
     public: bool
     max_calib_cost: int | None = None  # images × steps of one calibration run (VQ4DiT: × iterations)
+    max_jobs_per_minute: int | None = None  # heavy jobs started per client address in any 60 s
 
 
 PUBLIC_LIMITS = Limits(max_images=16, max_steps=50, max_recipe_bytes=64_000, max_upload_bytes=200_000_000, public=True,
-                       max_calib_cost=2_000)  # 2 000 admits every preset (VQ4DiT default 8 × 8 × 25 = 1 600)
+                       max_calib_cost=2_000,  # 2 000 admits every preset (VQ4DiT default 8 × 8 × 25 = 1 600)
+                       max_jobs_per_minute=12)
 LOCAL_LIMITS = Limits(max_images=64, max_steps=200, max_recipe_bytes=1_000_000, max_upload_bytes=4_000_000_000, public=False)
 
 
 def limits() -> Limits:
     """The limits for this process (public or local; read from the environment on every call)."""
-    return PUBLIC_LIMITS if is_public() else LOCAL_LIMITS
+    if not is_public():
+        return LOCAL_LIMITS
+    rate = os.environ.get("DITLAB_MAX_JOBS_PER_MINUTE", "").strip()
+    return dataclasses.replace(PUBLIC_LIMITS, max_jobs_per_minute=int(rate)) if rate.isdigit() else PUBLIC_LIMITS
+
+
+class RateLimiter:
+    """Sliding 60 s window of heavy-job starts per client address; enforced only when ``limits()`` sets
+    ``max_jobs_per_minute`` (public mode). Thread-safe: Gradio runs handlers on several worker threads."""
+
+    WINDOW = 60.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._starts: dict[str, collections.deque] = {}
+        self._lock = threading.Lock()
+
+    def check(self, client: str | None) -> None:
+        """Records a job start for ``client``, or raises ConfigError ("request rate") if it is over the limit."""
+        cap = limits().max_jobs_per_minute
+        if cap is None:
+            return
+        now = self._clock()
+        with self._lock:
+            starts = self._starts.setdefault(client or "unknown", collections.deque())
+            while starts and now - starts[0] >= self.WINDOW:
+                starts.popleft()
+            if len(starts) >= cap:
+                wait = math.ceil(self.WINDOW - (now - starts[0]))
+                raise ConfigError.invalid("request rate", f"{len(starts)} jobs in the last minute",
+                                          f"at most {cap} per minute per client (public mode); try again in {wait} s")
+            starts.append(now)
+            if len(self._starts) > 10_000:  # forget idle clients so the table stays bounded
+                for key in [k for k, v in self._starts.items() if not v or now - v[-1] >= self.WINDOW]:
+                    del self._starts[key]
+
+
+def client_address(request) -> str | None:
+    """The caller's address from a Gradio request: the first X-Forwarded-For hop behind a proxy (Spaces), else the socket peer."""
+    if request is None:
+        return None
+    headers = getattr(request, "headers", None) or {}
+    forwarded = headers.get("x-forwarded-for", "") if hasattr(headers, "get") else ""
+    if forwarded:
+        return forwarded.split(",")[0].strip()
+    client = getattr(request, "client", None)
+    return getattr(client, "host", None)
 
 
 def whole_number(value, field: str, lo: int, hi: int) -> int:

@@ -297,3 +297,42 @@ def test_public_mode_over_http(public_mode, app):
         assert out[-1].startswith("⚠️ export path")
     finally:
         app.demo.close()
+
+
+# ---------------------------------------------------------------- rate limit
+def test_rate_limit_per_client_with_a_sliding_window(public_mode, monkeypatch):
+    now = [1000.0]
+    rate = public.RateLimiter(clock=lambda: now[0])
+    public_mode.setenv("DITLAB_MAX_JOBS_PER_MINUTE", "3")
+    for _ in range(3):
+        rate.check("10.0.0.1")
+    with pytest.raises(ConfigError) as err:
+        rate.check("10.0.0.1")
+    assert err.value.field == "request rate" and "at most 3 per minute" in str(err.value) and "60 s" in str(err.value)
+    rate.check("10.0.0.2")  # another client is not affected
+    now[0] += 59.0
+    with pytest.raises(ConfigError):
+        rate.check("10.0.0.1")
+    now[0] += 1.0  # the first start leaves the window
+    rate.check("10.0.0.1")
+    monkeypatch.setenv("DITLAB_PUBLIC", "0")
+    for _ in range(20):
+        rate.check("10.0.0.1")  # local mode: no limit
+
+
+def test_client_address_prefers_the_first_forwarded_hop():
+    from types import SimpleNamespace
+
+    behind_proxy = SimpleNamespace(headers={"x-forwarded-for": "203.0.113.7, 10.0.0.1"}, client=SimpleNamespace(host="10.0.0.1"))
+    direct = SimpleNamespace(headers={}, client=SimpleNamespace(host="192.0.2.5"))
+    assert public.client_address(behind_proxy) == "203.0.113.7" and public.client_address(direct) == "192.0.2.5"
+    assert public.client_address(None) is None
+
+
+def test_handlers_apply_the_rate_limit(public_mode, app, monkeypatch):
+    public_mode.setenv("DITLAB_MAX_JOBS_PER_MINUTE", "1")
+    monkeypatch.setattr(app, "RATE", public.RateLimiter())
+    grid, status = app.generate([0], 1, 0, 1, 4.0)
+    assert "1 images" in status
+    out = app.generate([0], 1, 0, 1, 4.0)
+    assert out[-1].startswith("⚠️ request rate") and "try again in" in out[-1]
