@@ -400,7 +400,8 @@ def build() -> gr.Blocks:
         e_load.click(load_export, [e_upload, e_path], [source] + recipe_views + [e_msg], api_name="load_export")
         jobs = [c_event, o_event, s_event, a_event, a_slide, e_event]
         for button, note in ((c_cancel, c_status), (o_cancel, o_msg), (s_cancel, s_msg), (e_cancel, e_msg)):
-            button.click(cancel, None, note, cancels=jobs, api_name="cancel" if button is c_cancel else False, concurrency_limit=None)
+            # queue=False: a Cancel is never stuck behind (or refused by) a full queue; scripts can POST to /gradio_api/run/cancel
+            button.click(cancel, None, note, cancels=jobs, api_name="cancel" if button is c_cancel else False, queue=False)
         demo.unload(forget_session)
     return demo
 
