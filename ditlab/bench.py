@@ -16,7 +16,7 @@ import torch
 
 def machine() -> str:
     """'CPU model, N cores, T torch threads, GPU, torch version' for table captions (the results documents' line)."""
-    from .results.common import machine_info, machine_line
+    from .results.provenance import machine_info, machine_line
 
     return machine_line(machine_info())
 
