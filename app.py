@@ -28,10 +28,11 @@ FIRST_SCREEN = dict(labels=[v for _, v in LABEL_CHOICES], n_per_label=5, seed=0,
 
 
 def warm_up() -> None:
-    """Samples the first screen's grid (cached by ``generate_grid``), so the first visitor gets it at once."""
+    """Samples the first screen's grid (cached by ``generate_grid``), so the first visitor gets it at once. Without a
+    tqdm bar: gradio, imported meanwhile, patches tqdm for its progress bars and broke a bar already running here."""
     with GRID_LOCK:
         api.generate_grid(PIPE, FIRST_SCREEN["labels"], FIRST_SCREEN["n_per_label"], steps=FIRST_SCREEN["steps"],
-                          guidance=FIRST_SCREEN["guidance"], seed=FIRST_SCREEN["seed"])
+                          guidance=FIRST_SCREEN["guidance"], seed=FIRST_SCREEN["seed"], progress=False)
 
 
 if __name__ == "__main__":  # start sampling while gradio is imported and the UI is built (~half the time to first images)

@@ -6,9 +6,11 @@ is shared read-only: quantization always works on a deep copy.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,7 +251,7 @@ def label_choices(pipe: Pipeline) -> list[tuple[str, int]]:
 
 
 def generate_grid(pipe: Pipeline, labels: Sequence[int], n_per_label: int, *, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
-                  seed: int = 0, scheduler: str = "ddim", scale: int = 3) -> tuple["object", dict]:
+                  seed: int = 0, scheduler: str = "ddim", scale: int = 3, progress: bool = True) -> tuple["object", dict]:
     """One row per label of ``n_per_label`` images → (uint8 grid array (H, W, 3), info dict with seconds and seed).
 
     Results for the shared FP model are cached (sampling is deterministic), so a page load costs one sampling run.
@@ -260,17 +262,27 @@ def generate_grid(pipe: Pipeline, labels: Sequence[int], n_per_label: int, *, st
         raise ConfigError.invalid("labels", list(labels), "pick at least one class")
     if not 1 <= int(n_per_label) <= 16:
         raise ConfigError.invalid("images per label", n_per_label, "1 to 16")
-    return _cached_grid(pipe, tuple(int(y) for y in labels), int(n_per_label), int(steps), float(guidance), int(seed), scheduler, scale)
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_grid(pipe: Pipeline, labels: tuple[int, ...], n_per_label: int, steps: int, guidance: float, seed: int, scheduler: str, scale: int):
-    batch = [y for y in labels for _ in range(n_per_label)]
-    result = generate(pipe, batch, steps=steps, guidance=guidance, seed=seed, scheduler=scheduler)
-    info = {"seconds": round(result.seconds, 2), "seed": seed, "n_images": len(batch), "path": "fp32 (torch, CPU)"}
-    grid = image_grid(result.images, rows=len(labels), scale=scale)
+    key = (pipe, tuple(int(y) for y in labels), int(n_per_label), int(steps), float(guidance), int(seed), scheduler, scale)
+    with _GRIDS_LOCK:
+        if key in _GRIDS:
+            _GRIDS.move_to_end(key)
+            return _GRIDS[key]
+    batch = [y for y in key[1] for _ in range(key[2])]
+    result = generate(pipe, batch, steps=key[3], guidance=key[4], seed=key[5], scheduler=scheduler, progress=progress)
+    info = {"seconds": round(result.seconds, 2), "seed": key[5], "n_images": len(batch), "path": "fp32 (torch, CPU)"}
+    grid = image_grid(result.images, rows=len(key[1]), scale=scale)
     grid.setflags(write=False)  # shared between callers
+    with _GRIDS_LOCK:
+        _GRIDS[key] = (grid, info)
+        while len(_GRIDS) > 16:
+            _GRIDS.popitem(last=False)
     return grid, info
+
+
+# FP grids by (pipe, labels, n_per_label, steps, guidance, seed, scheduler, scale): sampling is deterministic, so a
+# page load costs one run. ``progress`` is not part of the key (the app's warm-up samples without a tqdm bar).
+_GRIDS: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_GRIDS_LOCK = threading.Lock()
 
 
 # ---------------------------------------------------------------- side-by-side comparison (the app's Compare tab)

@@ -63,3 +63,15 @@ def test_evaluate_refuses_models_the_classifier_cannot_score(tiny):
     with pytest.raises(ConfigError) as info:
         api.evaluate(tiny, "fp", settings=SampleSettings(n_per_label=1, steps=2), progress=False)
     assert info.value.field == "model"
+
+
+def test_fp_grids_are_cached_whether_or_not_a_progress_bar_ran(tiny, monkeypatch):
+    """The app's warm-up samples the first screen without a tqdm bar; the first visitor (with a bar) gets that grid."""
+    calls = []
+    real = api.generate
+    monkeypatch.setattr(api, "generate", lambda *a, **k: (calls.append(k["progress"]), real(*a, **k))[1])
+    grid, info = api.generate_grid(tiny, [0, 1], 2, steps=2, seed=5, progress=False)
+    again, info2 = api.generate_grid(tiny, [0, 1], 2, steps=2, seed=5)
+    assert calls == [False] and again is grid and info2 == info and grid.shape[0] > grid.shape[1] / 2
+    api.generate_grid(tiny, [0, 1], 2, steps=2, seed=6)  # another seed: sampled again, with its bar
+    assert calls == [False, True]
