@@ -175,7 +175,9 @@ def sample(
     size = pipe.sample_size
     x = initial_noise((pipe.in_channels, size, size), seed, n) * float(sched.init_noise_sigma)
     trajectory = []
-    for i, t in enumerate(tqdm(sched.timesteps, desc="sampling", disable=not progress, leave=False)):
+    # No tqdm object at all without a bar: a disabled one still meets gradio's tqdm patch when it is garbage-collected
+    steps_iter = tqdm(sched.timesteps, desc="sampling", leave=False) if progress else sched.timesteps
+    for i, t in enumerate(steps_iter):
         ctx = StepContext(index=i, timestep=int(t), num_steps=len(sched.timesteps), batch_size=n, cfg=cfg)
         for hook in hooks:
             hook.before(ctx)
