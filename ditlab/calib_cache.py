@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import save_safetensors
 from .atomic import write_atomic as _atomic_write  # the name the fault tests patch
 
 log = logging.getLogger(__name__)
@@ -93,14 +94,12 @@ def unflatten(tensors: dict[str, torch.Tensor], n_rows: dict[str, int]) -> dict[
 
 def save(cache_dir: str | os.PathLike, key: str, layers: dict[str, dict], meta: dict) -> bool:
     """Writes an entry atomically; returns False (and logs) if the disk refuses (full, read-only) — never raises OSError."""
-    from safetensors.torch import save_file
-
     tensor_path, json_path = entry_paths(cache_dir, key)
     try:
         tensor_path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(tensor_path.parent)
         tensors, n_rows = flatten(layers)
-        _atomic_write(tensor_path, lambda tmp: save_file(tensors, tmp))
+        _atomic_write(tensor_path, lambda tmp: save_safetensors(tensors, tmp))
         sidecar = {"format": CACHE_FORMAT, "key": key, "sha256": _sha256(tensor_path), "n_rows": n_rows,
                    "layer_order": list(n_rows), **meta}  # JSON dicts get sorted; the list keeps module order
         _atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=1, sort_keys=True)))

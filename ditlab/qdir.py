@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .atomic import fsync_dir, fsync_tree
+from .atomic import fsync_dir, fsync_tree, save_safetensors
 from .config import Recipe, load_recipe
 from .errors import DitlabError, ModelLoadError
 from .models import FAMILIES, SHIPPED_ALIASES, Pipeline, _from_pretrained, check_fits_in_memory, _load_labels, _load_text_encoder, read_model_index, resolve_source
@@ -210,8 +210,6 @@ def save_quantized(model: nn.Module, recipe: Recipe | str | None, source, out_di
     FP ``Pipeline`` or its folder / hub id, for the scheduler, labels and VAE/text encoder. extra: JSON-able facts
     to keep in the manifest (e.g. the QuantReport totals). Returns the QDIR path.
     """
-    from safetensors.torch import save_file
-
     recipe = load_recipe(recipe if recipe is not None else getattr(model, "ditlab_recipe", None) or "fp")
     cls_name = type(model).__name__
     if cls_name not in _TRANSFORMERS:
@@ -226,7 +224,7 @@ def save_quantized(model: nn.Module, recipe: Recipe | str | None, source, out_di
         family, _ = _write_components(source, tmp)
         (tmp / "transformer").mkdir()
         model.save_config(tmp / "transformer")
-        save_file(_tensors(model, specs), str(tmp / WEIGHTS), metadata={"format": "pt", "producer": f"ditlab {__version__}"})
+        save_safetensors(_tensors(model, specs), tmp / WEIGHTS, metadata={"format": "pt", "producer": f"ditlab {__version__}"})
         (tmp / "recipe.json").write_text(recipe.to_json() + "\n")
         manifest = {"format": FORMAT, "version": QDIR_VERSION, "ditlab_version": __version__, "family": family,
                     "transformer_class": cls_name, "recipe": recipe.name, "layers": specs, "weights": WEIGHTS,

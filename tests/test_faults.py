@@ -281,3 +281,23 @@ def test_qdir_files_are_on_disk_before_the_rename(tiny, tmp_path, monkeypatch):
     out = tmp_path / "q"
     assert cli.main(["quantize", "--model", tiny, "--recipe", "w8a8-rtn", "--out", str(out)]) == 0
     assert synced == [str(tmp_path)] and qdir.is_qdir(out)  # then the rename itself
+
+
+def test_full_disk_as_the_safetensors_writer_reports_it(tiny, tmp_path, monkeypatch, capsys):
+    """On a real full filesystem (a 2 MB tmpfs) safetensors raises SafetensorError("... (os error 28)"), not OSError:
+    the quantize command and the calibration cache must still see a full disk."""
+    from safetensors import SafetensorError
+
+    from ditlab import calib_cache
+
+    def full(tensors, path, metadata=None):
+        Path(path).write_bytes(b"\0" * 1000)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "q"
+    assert cli.main(["quantize", "--model", tiny, "--recipe", "w8a8-rtn", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no space left" in err, err
+    assert list(tmp_path.iterdir()) == []
+    assert calib_cache.save(tmp_path / "cache", "k" * 32, _layers(1.0), {}) is False  # logged, not raised
