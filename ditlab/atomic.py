@@ -59,7 +59,7 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | No
     from safetensors.torch import save_file
 
     try:
-        save_file(tensors, str(path), metadata=metadata)
+        save_file(tensors, str(path)) if metadata is None else save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as exc:
         found = re.search(r"\(os error (\d+)\)", str(exc))
         if found is None:
