@@ -262,15 +262,16 @@ def generate_grid(pipe: Pipeline, labels: Sequence[int], n_per_label: int, *, st
         raise ConfigError.invalid("labels", list(labels), "pick at least one class")
     if not 1 <= int(n_per_label) <= 16:
         raise ConfigError.invalid("images per label", n_per_label, "1 to 16")
-    key = (pipe, tuple(int(y) for y in labels), int(n_per_label), int(steps), float(guidance), int(seed), scheduler, scale)
+    labels, n_per_label, steps, guidance, seed = tuple(int(y) for y in labels), int(n_per_label), int(steps), float(guidance), int(seed)
+    key = (pipe, labels, n_per_label, steps, guidance, seed, scheduler, scale)
     with _GRIDS_LOCK:
         if key in _GRIDS:
             _GRIDS.move_to_end(key)
             return _GRIDS[key]
-    batch = [y for y in key[1] for _ in range(key[2])]
-    result = generate(pipe, batch, steps=key[3], guidance=key[4], seed=key[5], scheduler=scheduler, progress=progress)
-    info = {"seconds": round(result.seconds, 2), "seed": key[5], "n_images": len(batch), "path": "fp32 (torch, CPU)"}
-    grid = image_grid(result.images, rows=len(key[1]), scale=scale)
+    batch = [y for y in labels for _ in range(n_per_label)]
+    result = generate(pipe, batch, steps=steps, guidance=guidance, seed=seed, scheduler=scheduler, progress=progress)
+    info = {"seconds": round(result.seconds, 2), "seed": seed, "n_images": len(batch), "path": "fp32 (torch, CPU)"}
+    grid = image_grid(result.images, rows=len(labels), scale=scale)
     grid.setflags(write=False)  # shared between callers
     with _GRIDS_LOCK:
         _GRIDS[key] = (grid, info)

@@ -21,12 +21,20 @@ def write_atomic(path: Path, write: Callable[[str], object], suffix: str = "") -
     os.close(fd)
     try:
         write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flushes one file's data, or one folder's entries (e.g. a rename inside it), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_tree(folder: Path) -> None:
@@ -34,20 +42,7 @@ def fsync_tree(folder: Path) -> None:
     so that after a power loss the renamed folder is never there with empty or short files)."""
     folder = Path(folder)
     for path in sorted(folder.rglob("*"), reverse=True) + [folder]:  # files before the folders that list them
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Flushes a folder's entries (a rename inside it) to disk."""
-    fd = os.open(Path(folder), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_path(path)
 
 
 def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:

@@ -79,6 +79,15 @@ _FIELD_RULES = {
 }
 
 
+# params key → (check(value) -> bool, allowed text) for the keys not tied to a layer's shape (k-means/VQ4DiT keys are
+# checked by their methods against the layer).
+_PARAM_RULES = {
+    "bos_tokens": (lambda v: _is_int(v) and v >= 0, "a non-negative integer (MixDQ: 1 = the first text token)"),
+    "threshold": (lambda v: _is_num(v) and v > 0, "a positive number (LLM.int8 outlier threshold, default 6.0)"),
+    "mean_bias_correction": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
 def check_field(name: str, value, layer: str | None = None) -> None:
     """Raises ConfigError if ``name`` is not a LayerConfig field or ``value`` is outside its domain."""
     if name not in _FIELD_RULES:
@@ -168,10 +177,7 @@ class LayerConfig:
         for key in self.params:
             if key not in allowed:
                 raise ConfigError.invalid("params", key, f"keys of method {self.method!r}: {', '.join(allowed)}", layer)
-        checks = {"bos_tokens": (lambda v: _is_int(v) and v >= 0, "a non-negative integer (MixDQ: 1 = the first text token)"),
-                  "threshold": (lambda v: _is_num(v) and v > 0, "a positive number (LLM.int8 outlier threshold, default 6.0)"),
-                  "mean_bias_correction": (lambda v: isinstance(v, bool), "true or false")}
-        for key, (ok, text) in checks.items():
+        for key, (ok, text) in _PARAM_RULES.items():
             if key in self.params and not ok(self.params[key]):
                 raise ConfigError.invalid(f"params.{key}", self.params[key], text, layer)
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .atomic import fsync_dir, fsync_tree, save_safetensors
+from .atomic import fsync_path, fsync_tree, save_safetensors
 from .config import Recipe, load_recipe
 from .errors import DitlabError, ModelLoadError
 from .models import FAMILIES, SHIPPED_ALIASES, Pipeline, _from_pretrained, check_fits_in_memory, _load_labels, _load_text_encoder, read_model_index, resolve_source
@@ -233,7 +233,7 @@ def save_quantized(model: nn.Module, recipe: Recipe | str | None, source, out_di
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: its presence marks a complete QDIR
         fsync_tree(tmp)  # on disk before the rename makes it visible: a power loss never leaves a QDIR of empty files
         _place(tmp, out, overwrite)
-        fsync_dir(out.parent)
+        fsync_path(out.parent)  # the rename itself
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError) and not isinstance(exc, DitlabError):
