@@ -43,6 +43,8 @@ def _add_train(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="DiT optimisation steps (default 7500)")
     p.add_argument("--init", choices=["diffusers", "adaln-zero"], default="adaln-zero",
                    help="DiT weight init: DiT's adaLN-Zero reference init (default; what the shipped model used) or diffusers' defaults")
+    p.add_argument("--loss-weighting", choices=["none", "min-snr", "low-noise-capped"], default=None,
+                   help="per-timestep loss weight: plain v-MSE, Min-SNR-5, or v-MSE with only the low-noise steps capped (default: the TrainConfig default)")
     p.add_argument("--only", choices=["all", "classifier", "dit"], default="all",
                    help="train both (default), or only one of them (the other must already exist in --out)")
 
@@ -52,8 +54,10 @@ def _cmd_train(args) -> int:
 
     from .train import TrainConfig, train_all
 
-    cfg = replace(TrainConfig(), init=args.init, **({} if args.steps is None else {"steps": args.steps}))
+    cfg = replace(TrainConfig(), init=args.init, **({} if args.steps is None else {"steps": args.steps}),
+                  **({} if args.loss_weighting is None else {"loss_weighting": args.loss_weighting}))
     command = (f"python -m ditlab train --out {args.out}" + (f" --steps {args.steps}" if args.steps else "")
+               + (f" --loss-weighting {args.loss_weighting}" if args.loss_weighting else "")
                + (f" --init {args.init}" if args.init != "adaln-zero" else "") + (f" --only {args.only}" if args.only != "all" else ""))
     print(json.dumps(train_all(args.out, cfg, command=command, only=args.only), indent=2))
     return 0

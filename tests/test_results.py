@@ -106,6 +106,16 @@ def test_criteria_are_computed_both_ways():
     assert missed["allocation at 5 bits beats uniform W4 and every random allocation (≥ 5) on class acc and PSNR"] is False
 
 
+def test_packed_w4_criterion_sets_svd_aside_but_not_a_bloated_w4():
+    label = "packed size W4 (groups; SVD, whose low-rank branch is fp16, aside) ≤ 0.3× fp16 (largest over the presets)"
+    svd = row("w4a4-svd", 26.0, 0.8, ratio=0.51)  # method "svd": an fp16 low-rank branch rides along by design
+    crit = {c: (m, ok) for _, c, m, ok in claims.criteria(quality_rows() + [svd], medians(), None, None)}
+    assert crit[label] == ("0.290 (`w4a8-hadanorm`)", True)
+    bloated = row("w4a8-fat", 24.0, 0.8, ratio=0.35)
+    crit = {c: (m, ok) for _, c, m, ok in claims.criteria(quality_rows() + [svd, bloated], medians(), None, None)}
+    assert crit[label] == ("0.350 (`w4a8-fat`)", False)
+
+
 def test_pareto_front():
     pts = [{"recipe": "a", "group": "preset", "ratio_fp16": 0.5, "psnr": 30.0, "class_acc": 0.9, "ssim": 1, "avg_w_bits": None},
            {"recipe": "b", "group": "preset", "ratio_fp16": 0.3, "psnr": 25.0, "class_acc": 0.9, "ssim": 1, "avg_w_bits": None},
