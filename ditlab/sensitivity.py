@@ -43,7 +43,7 @@ from .errors import ConfigError
 from .methods import get_handler
 from .models import Pipeline, list_linears
 from .quantize import weight_bytes
-from .sampling import SCHEDULERS, sample
+from .sampling import DEFAULT_SCHEDULER, SCHEDULERS, sample
 from .step_switch import PerGroup, Replay, Switch, set_module
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class SensitivitySettings:
     n_groups: int = 4
     guidance: float = 4.0
     seed: int = 0
-    scheduler: str = "ddim"
+    scheduler: str = DEFAULT_SCHEDULER
     unit: str = "layer"  # "layer" or "group" (attention / feed-forward / adaLN of a block)
     labels: tuple | None = None
 

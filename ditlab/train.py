@@ -56,7 +56,7 @@ class TrainConfig:
     init: str = "adaln-zero"  # DiT's reference init (ditlab/dit_init.py); "diffusers" keeps the library's default
     # Per-timestep loss weight: "none" (plain v-MSE) or "min-snr" (Min-SNR-γ, Hang et al. 2023: the x0 error weighted
     # by min(SNR, γ), i.e. the v error by min(SNR, γ) / (SNR + 1); it stops the easy low-noise steps dominating).
-    loss_weighting: str = "none"
+    loss_weighting: str = "low-noise-capped"  # session-4 run: class accuracy 0.79 → 0.86 (DDIM) over "none"
     min_snr_gamma: float = 5.0
     # classifier
     clf_epochs: int = 3
@@ -66,6 +66,11 @@ class TrainConfig:
 
 
 LOSS_WEIGHTINGS = ("none", "min-snr", "low-noise-capped")
+WEIGHTING_TEXT = {  # how PROVENANCE.md names each weighting
+    "none": "",
+    "min-snr": " weighted by Min-SNR-γ (min(SNR, γ) / (SNR + 1), γ = {gamma:g})",
+    "low-noise-capped": " weighted by min(1, γ / (SNR + 1)) with γ = {gamma:g} (low-noise steps down-weighted as in Min-SNR, the rest plain)",
+}
 
 
 def loss_weights(cfg: TrainConfig, alphas_cumprod: torch.Tensor) -> torch.Tensor:
@@ -273,7 +278,7 @@ nothing was downloaded.
 - Training data: {cfg.n_train} images of Shapes-10, data seed {cfg.data_seed} (image i depends only on (seed, i)).
 - Model: diffusers `DiTTransformer2DModel`, adaLN-zero blocks ({cfg.init} init), {cfg.num_layers} blocks, hidden {cfg.hidden_heads * cfg.head_dim}
   ({cfg.hidden_heads} heads × {cfg.head_dim}), patch {cfg.patch_size}, pixel space 32×32×3, 10 classes + null class 10 (CFG).
-- Objective: v-prediction MSE{'' if cfg.loss_weighting == 'none' else f' weighted by Min-SNR-γ (γ = {cfg.min_snr_gamma})'}, cosine (squaredcos_cap_v2) schedule with 1000 steps, label dropout {cfg.label_dropout}.
+- Objective: v-prediction MSE{WEIGHTING_TEXT[cfg.loss_weighting].format(gamma=cfg.min_snr_gamma)}, cosine (squaredcos_cap_v2) schedule with 1000 steps, label dropout {cfg.label_dropout}.
 - Optimiser: AdamW lr {cfg.lr} (warm-up {cfg.warmup}, cosine to 10 %), batch {cfg.batch_size}, {cfg.steps} steps,
   bf16 autocast, grad-norm clip 1.0; the EMA (decay {cfg.ema_decay}) of the weights ships, stored as fp16.
 - Wall time: {seconds / 60:.1f} min on {cfg.threads} CPU threads.

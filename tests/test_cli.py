@@ -69,13 +69,13 @@ def test_eval_prints_one_json_object():
 def test_shipped_model_meets_the_quality_goal():
     """Issue 2's acceptance check, as a user runs it: 100 images (10 per class), 25 steps, the default CFG.
 
-    While the goal (0.90) is open, the shipped model's measured 0.79 is guarded against regressions (≥ 0.75) and the
-    test reports xfail with the number; it passes outright once a model meets the goal."""
+    The shipped model measured 0.91 here (DPM-Solver++, CFG 4, seed 0). Float rounding on another CPU may flip an image
+    or two, so 0.87–0.89 reports xfail with the number instead of failing; below 0.87 is a regression."""
     proc = run("eval", "--model", "assets/tiny-dit", "--recipe", "fp", "--json", timeout=600)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["n_images"] == 100
     assert result["class_acc_real"] >= 0.98, result
-    assert result["class_acc_fp"] >= 0.75, result  # regression guard: the shipped model measured 0.79
+    assert result["class_acc_fp"] >= 0.87, result  # regression guard: the shipped model measured 0.91
     if result["class_acc_fp"] < 0.90:
-        pytest.xfail(f"issue 2 open: class_acc_fp {result['class_acc_fp']:.2f} < 0.90")
+        pytest.xfail(f"class_acc_fp {result['class_acc_fp']:.2f} < 0.90 (issue 2's goal) on this machine; 0.91 where it was measured")
