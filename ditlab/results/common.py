@@ -40,6 +40,7 @@ class ResultsSettings:
     steps: int = 25
     guidance: float = 4.0
     seed: int = 0
+    scheduler: str = "dpm++"  # = ditlab.sampling.DEFAULT_SCHEDULER (documents written before it existed used DDIM)
     presets: tuple = ()  # empty = every preset of ditlab.config.PRESETS
     calib_samples: int = 8  # calibration (api.calibrate; cached on disk)
     calib_steps: int = 10
@@ -60,7 +61,7 @@ class ResultsSettings:
     def sample_settings(self):
         from ..evaluation import SampleSettings
 
-        return SampleSettings(n_per_label=self.n_per_label, steps=self.steps, guidance=self.guidance, seed=self.seed)
+        return SampleSettings(n_per_label=self.n_per_label, steps=self.steps, guidance=self.guidance, seed=self.seed, scheduler=self.scheduler)
 
     @property
     def calib(self) -> dict:
@@ -88,7 +89,9 @@ def full_settings(settings: ResultsSettings) -> ResultsSettings:
 
 
 # ---- provenance ----------------------------------------------------------------------------------------------------
-_SAMPLING = ("model", "n_per_label", "steps", "guidance", "seed", "calib_samples", "calib_steps")
+_SAMPLING = ("model", "n_per_label", "steps", "guidance", "seed", "scheduler", "calib_samples", "calib_steps")
+SCHEDULER_TITLES = {"ddim": "DDIM", "dpm++": "DPM-Solver++"}  # a missing "scheduler" in a part document means DDIM
+
 PART_FIELDS = {  # the settings each part depends on (its command line shows only these)
     "quality": (*_SAMPLING, "presets", "vq_params"),
     "act": ("model", "calib_samples", "calib_steps", "act_steps"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import Part, ResultsSettings, Say, caption, evaluate_row, fmt, md_table, pct, reuse_rows
+from .common import SCHEDULER_TITLES, Part, ResultsSettings, Say, caption, evaluate_row, fmt, md_table, pct, reuse_rows
 
 
 def run(pipe, settings: ResultsSettings, results_dir: Path, say: Say, resume: dict | None = None) -> dict:
@@ -47,7 +47,7 @@ def render(doc: dict | None) -> str:
         return head + "Not run yet: `python -m ditlab bench quality`.\n"
     s = doc["settings"]
     n = s["n_per_label"] * 10
-    text = (f"{caption(doc)}\n\n{n} images ({s['n_per_label']} per class, class-major), {s['steps']} DDIM steps, CFG {s['guidance']:g}, "
+    text = (f"{caption(doc)}\n\n{n} images ({s['n_per_label']} per class, class-major), {s['steps']} {SCHEDULER_TITLES[s.get('scheduler', 'ddim')]} steps, CFG {s['guidance']:g}, "
             f"seed {s['seed']}; the quantized model samples the same labels and initial noise as FP. PSNR/SSIM: final uint8 images vs "
             f"FP. Class acc: the shipped classifier on the intended labels{_se_points(doc)}. FD: Fréchet distance of classifier features to 2000 real Shapes-10 images. Packed bytes: stored weights "
             f"(codes + scales + codebooks, no bias) of the quantizable linears; embedders and the final layer stay FP. Calibration "
