@@ -43,7 +43,9 @@ def _add_train(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="DiT optimisation steps (default 7500)")
     p.add_argument("--init", choices=["diffusers", "adaln-zero"], default="adaln-zero",
                    help="DiT weight init: DiT's adaLN-Zero reference init (default; what the shipped model used) or diffusers' defaults")
-    p.add_argument("--loss-weighting", choices=["none", "min-snr", "low-noise-capped"], default=None,
+    from .train import LOSS_WEIGHTINGS
+
+    p.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, default=None,
                    help="per-timestep loss weight: plain v-MSE, Min-SNR-5, or v-MSE with only the low-noise steps capped (default: the TrainConfig default)")
     p.add_argument("--only", choices=["all", "classifier", "dit"], default="all",
                    help="train both (default), or only one of them (the other must already exist in --out)")
@@ -91,7 +93,9 @@ def _add_sampling_args(p, *, labels: bool) -> None:
     p.add_argument("--steps", type=_positive_int, default=25, help="denoising steps (default 25)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-    p.add_argument("--scheduler", choices=["ddim", "dpm++"], default="dpm++", help="sampler (default dpm++: DPM-Solver++(2M))")
+    from .sampling import DEFAULT_SCHEDULER, SCHEDULERS
+
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=DEFAULT_SCHEDULER, help=f"sampler (default {DEFAULT_SCHEDULER})")
 
 
 def _add_info(sub) -> None:

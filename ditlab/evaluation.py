@@ -11,10 +11,10 @@ from typing import Sequence
 import torch
 
 from . import data, metrics
-from .sampling import DEFAULT_SCHEDULER
 from .classifier import ShapeClassifier, classify
 from .errors import ConfigError
 from .models import SHIPPED_CLASSIFIER, Pipeline
+from .sampling import DEFAULT_SCHEDULER
 
 REAL_SEED = 1  # the classifier's held-out data seed: the reference set for the Fréchet distance
 N_REAL = 2000

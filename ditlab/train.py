@@ -54,8 +54,8 @@ class TrainConfig:
     ema_decay: float = 0.9995
     label_dropout: float = 0.1
     init: str = "adaln-zero"  # DiT's reference init (ditlab/dit_init.py); "diffusers" keeps the library's default
-    # Per-timestep loss weight: "none" (plain v-MSE) or "min-snr" (Min-SNR-γ, Hang et al. 2023: the x0 error weighted
-    # by min(SNR, γ), i.e. the v error by min(SNR, γ) / (SNR + 1); it stops the easy low-noise steps dominating).
+    # Per-timestep loss weight (``loss_weights``): "none" (plain v-MSE), "min-snr" (Min-SNR-γ, Hang et al. 2023) or
+    # "low-noise-capped" (Min-SNR's down-weighting of the low-noise steps only; high-noise steps keep plain v-MSE).
     loss_weighting: str = "low-noise-capped"  # session-4 run: class accuracy 0.79 → 0.86 (DDIM) over "none"
     min_snr_gamma: float = 5.0
     # classifier
@@ -65,12 +65,12 @@ class TrainConfig:
     threads: int = 2
 
 
-LOSS_WEIGHTINGS = ("none", "min-snr", "low-noise-capped")
-WEIGHTING_TEXT = {  # how PROVENANCE.md names each weighting
+WEIGHTING_TEXT = {  # each loss weighting, as PROVENANCE.md names it
     "none": "",
     "min-snr": " weighted by Min-SNR-γ (min(SNR, γ) / (SNR + 1), γ = {gamma:g})",
     "low-noise-capped": " weighted by min(1, γ / (SNR + 1)) with γ = {gamma:g} (low-noise steps down-weighted as in Min-SNR, the rest plain)",
 }
+LOSS_WEIGHTINGS = tuple(WEIGHTING_TEXT)
 
 
 def loss_weights(cfg: TrainConfig, alphas_cumprod: torch.Tensor) -> torch.Tensor:

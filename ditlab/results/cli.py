@@ -6,6 +6,7 @@ import dataclasses
 import json
 import sys
 
+from ..sampling import SCHEDULERS
 from .common import ResultsSettings, full_settings
 
 
@@ -27,7 +28,7 @@ def add_arguments(p) -> None:
     g.add_argument("--steps", type=int, default=None, help=f"sampling steps (default {d.steps})")
     g.add_argument("--guidance", type=float, default=None, help=f"CFG scale (default {d.guidance:g})")
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--scheduler", choices=["ddim", "dpm++"], default=None, help=f"sampler (default {d.scheduler})")
+    g.add_argument("--scheduler", choices=SCHEDULERS, default=None, help=f"sampler (default {d.scheduler})")
     g.add_argument("--presets", type=_names, default=None, help="comma-separated presets (default: all)")
     g.add_argument("--calib-samples", type=int, default=None)
     g.add_argument("--calib-steps", type=int, default=None)

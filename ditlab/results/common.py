@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..atomic import write_atomic
+from ..sampling import DEFAULT_SCHEDULER
 from .provenance import REPO, _current_provenance, machine_info, machine_line, measured_on_current_model, model_provenance, now_utc  # noqa: F401 - re-exported
 
 log = logging.getLogger("ditlab.results")
@@ -40,7 +41,7 @@ class ResultsSettings:
     steps: int = 25
     guidance: float = 4.0
     seed: int = 0
-    scheduler: str = "dpm++"  # = ditlab.sampling.DEFAULT_SCHEDULER (documents written before it existed used DDIM)
+    scheduler: str = DEFAULT_SCHEDULER  # documents written before this setting existed used DDIM
     presets: tuple = ()  # empty = every preset of ditlab.config.PRESETS
     calib_samples: int = 8  # calibration (api.calibrate; cached on disk)
     calib_steps: int = 10
