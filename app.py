@@ -170,10 +170,8 @@ def compare(recipe_json, labels, n_per_label, seed, steps, guidance, backend, so
     pipe = api.load(source)
     recipe = api.parse_recipe(recipe_json, pipe)
     n_per_label = api.whole_number(n_per_label, "images per class", 1, 8)
-    batch = [int(y) for y in (labels or []) for _ in range(n_per_label)]
-    api.check_request(len(batch), steps, guidance, seed)
-    if not batch:
-        raise ConfigError.invalid("labels", labels, "at least one class")
+    api.check_request(max(1, len(labels or [])) * n_per_label, steps, guidance, seed)
+    batch = [y for y in api.class_ids(labels, pipe.num_classes) for _ in range(n_per_label)]
     with _job(request):
         q = _quantized(source, recipe, request)
         c = api.compare(pipe, q, batch, steps=int(steps), guidance=float(guidance), seed=int(seed), backend=backend or None)

@@ -245,9 +245,32 @@ def save_grid(images: torch.Tensor, path: str | Path, rows: int, scale: int = 2)
     return path
 
 
-def label_choices(pipe: Pipeline) -> list[tuple[str, int]]:
-    """(display name, class id) pairs for pickers."""
-    return [(f"{i}: {pipe.label_name(i)}", i) for i in range(pipe.num_classes)]
+def label_choices(pipe: Pipeline) -> list[tuple[str, str]]:
+    """(display name, class id as text) pairs for pickers.
+
+    The values are strings because that is what Gradio's API description (``Client.view_api``) advertises for a
+    CheckboxGroup; ``class_ids`` turns them (or ints) back into class ids.
+    """
+    return [(f"{i}: {pipe.label_name(i)}", str(i)) for i in range(pipe.num_classes)]
+
+
+def class_ids(labels, num_classes: int) -> tuple[int, ...]:
+    """Class ids from a picker's values (ints or their text, e.g. ``["0", "3"]``); ConfigError naming ``labels`` if
+    one is not a whole number in 0 … num_classes − 1, or none is given."""
+    from .errors import ConfigError
+
+    allowed = f"class ids 0 to {num_classes - 1} (as numbers or text)"
+    if isinstance(labels, (str, int)) or labels is None:
+        labels = [] if labels is None else [labels]
+    ids = []
+    for y in labels:
+        text = str(y).strip()
+        if isinstance(y, bool) or not text.lstrip("-").isdigit() or not 0 <= int(text) < num_classes:
+            raise ConfigError.invalid("labels", y, allowed)
+        ids.append(int(text))
+    if not ids:
+        raise ConfigError.invalid("labels", list(labels), "pick at least one class")
+    return tuple(ids)
 
 
 def generate_grid(pipe: Pipeline, labels: Sequence[int], n_per_label: int, *, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
@@ -258,11 +281,10 @@ def generate_grid(pipe: Pipeline, labels: Sequence[int], n_per_label: int, *, st
     """
     from .errors import ConfigError
 
-    if not labels:
-        raise ConfigError.invalid("labels", list(labels), "pick at least one class")
+    labels = class_ids(labels, pipe.num_classes)
     if not 1 <= int(n_per_label) <= 16:
         raise ConfigError.invalid("images per label", n_per_label, "1 to 16")
-    labels, n_per_label, steps, guidance, seed = tuple(int(y) for y in labels), int(n_per_label), int(steps), float(guidance), int(seed)
+    n_per_label, steps, guidance, seed = int(n_per_label), int(steps), float(guidance), int(seed)
     key = (pipe, labels, n_per_label, steps, guidance, seed, scheduler, scale)
     with _GRIDS_LOCK:
         if key in _GRIDS:

@@ -75,3 +75,12 @@ def test_fp_grids_are_cached_whether_or_not_a_progress_bar_ran(tiny, monkeypatch
     assert calls == [False] and again is grid and info2 == info and grid.shape[0] > grid.shape[1] / 2
     api.generate_grid(tiny, [0, 1], 2, steps=2, seed=6)  # another seed: sampled again, with its bar
     assert calls == [False, True]
+
+
+def test_class_ids_take_numbers_or_their_text_and_name_the_field_otherwise():
+    assert api.class_ids(["0", "3", 9], 10) == (0, 3, 9)
+    assert api.class_ids(" 4 ", 10) == (4,)
+    for bad in (["x"], ["10"], [-1], [True], ["1.5"], [], None):
+        with pytest.raises(ConfigError, match="labels") as info:
+            api.class_ids(bad, 10)
+        assert "class" in str(info.value)

@@ -17,7 +17,7 @@ from ditlab.testing import tiny_dit_pipeline
 
 app = pytest.importorskip("app")
 
-LABELS = [0, 1]
+LABELS = ["0", "1"]  # the class pickers take class ids as text, as the API description advertises
 BAD_JSON = '{"version": 1, "default": {'
 BAD_ABITS = json.dumps({"version": 1, "default": {"method": "rtn", "w_bits": 8, "a_bits": 3}})
 BAD_PATTERN = json.dumps({"version": 1, "default": {"method": "rtn", "w_bits": 8, "a_bits": 8},
@@ -162,6 +162,17 @@ def client():
         app.demo.close()
 
 
+def test_class_pickers_accept_what_the_api_description_advertises(client):
+    """A script author reads view_api() and passes those values; the server must accept them."""
+    endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    for endpoint, position in (("/generate", 0), ("/compare", 1)):
+        param = endpoints[endpoint]["parameters"][position]
+        assert param["parameter_name"] == "labels" and param["type"]["items"]["type"] == "string"
+        assert param["type"]["items"]["enum"] == [str(i) for i in range(10)]
+    grid, status = client.predict(endpoints["/generate"]["parameters"][0]["type"]["items"]["enum"][:2], 1, 0, 2, 4.0, api_name="/generate")
+    assert status.startswith("2 images"), status
+
+
 def test_every_named_endpoint_over_http(client, tiny):
     names = set(client.view_api(return_format="dict", print_info=False)["named_endpoints"])
     assert {"/load_model", "/apply_preset", "/compare", "/outliers", "/sensitivity", "/allocate", "/export"} <= names
@@ -200,7 +211,7 @@ def test_cancel_over_http_frees_the_worker(client):
 
     session = Client(client.src, verbose=False)  # shipped model: 64 images × 100 steps runs for minutes unless cancelled
     assert session.predict(api_name="/cancel") == "cancelling 0 running job(s)"
-    job = session.submit(PRESETS["fp"].to_json(), list(range(8)), 8, 0, 100, 4.0, "cpu-int", api_name="/compare")
+    job = session.submit(PRESETS["fp"].to_json(), [str(i) for i in range(8)], 8, 0, 100, 4.0, "cpu-int", api_name="/compare")
 
     def direct_cancel() -> str:
         reply = requests.post(f"{client.src.rstrip('/')}/gradio_api/run/cancel", json={"data": [], "session_hash": session.session_hash}, timeout=30)

@@ -200,10 +200,10 @@ def run_session(url: str, name: str, tiny: str, timesteps: list[int], seed: int,
         table, recipe, *_, msg = client.predict(_hand_edit(table), recipe, "fc1", "W4A8 g32", api_name="/bulk_edit")
         assert msg.startswith("✓"), msg
     out["table"], out["recipe"] = table, json.loads(recipe)
-    compare = client.submit(recipe, [0, 1], 1, seed, 3, 4.0, "cpu-int", api_name="/compare")
+    compare = client.submit(recipe, ["0", "1"], 1, seed, 3, 4.0, "cpu-int", api_name="/compare")
     outl = client.submit(layer, timesteps[seed % len(timesteps)], ("cond", "uncond")[seed % 2], api_name="/outliers")
     out["compare"], out["outliers"] = _compare_result(compare.result(timeout=600)), _outliers_result(outl.result(timeout=600))
-    out["compare2"] = _compare_result(client.predict(second, [2, 3], 1, seed + 10, 2, 4.0, "cpu-int", api_name="/compare"))
+    out["compare2"] = _compare_result(client.predict(second, ["2", "3"], 1, seed + 10, 2, 4.0, "cpu-int", api_name="/compare"))
     record[name] = out
 
 
@@ -292,11 +292,11 @@ def test_cancel_frees_the_worker_for_the_queued_job(server, tiny):
     assert short.predict("local folder", tiny, api_name="/load_model")[-1].startswith("✓")
     # long_a / long_b: the shipped model, 64 images × 100 steps (the slider maximum) — minutes of work unless cancelled
     fp = app.api.PRESETS["fp"].to_json()
-    big = (fp, list(range(8)), 8, 0, 100, 4.0, "cpu-int")
+    big = (fp, [str(i) for i in range(8)], 8, 0, 100, 4.0, "cpu-int")
     job_a = long_a.submit(*big, api_name="/compare")
     job_b = long_b.submit(*big, api_name="/compare")
     _wait(lambda: {long_a.session_hash, long_b.session_hash} <= jobs.sessions_running(), "both long jobs running")
-    job_s = short.submit(fp, [0], 1, 0, 2, 4.0, "cpu-int", api_name="/compare")
+    job_s = short.submit(fp, ["0"], 1, 0, 2, 4.0, "cpu-int", api_name="/compare")
     _wait(lambda: job_s.status().code == Status.IN_QUEUE, "the short job queued")
     assert short.session_hash not in jobs.sessions_running() and not job_s.done()  # both heavy workers are taken
 
@@ -357,11 +357,11 @@ def test_the_queue_refuses_requests_beyond_its_size(server, tiny):
     size = app.demo._queue.max_size
     fp = app.api.PRESETS["fp"].to_json()
     holders = [_client(url) for _ in range(HEAVY_WORKERS)]
-    long_jobs = [h.submit(fp, list(range(8)), 8, 0, 100, 4.0, "cpu-int", api_name="/compare") for h in holders]
+    long_jobs = [h.submit(fp, [str(i) for i in range(8)], 8, 0, 100, 4.0, "cpu-int", api_name="/compare") for h in holders]
     _wait(lambda: {h.session_hash for h in holders} <= app.JOBS.sessions_running(), "the workers held")
     flood = Client(url, verbose=False, httpx_kwargs={"timeout": 300}, download_files=False)  # statuses only
     assert flood.predict("local folder", tiny, api_name="/load_model")[-1].startswith("✓")
-    jobs = [flood.submit(fp, [0], 1, 0, 1, 4.0, "cpu-int", api_name="/compare") for _ in range(size + 4)]
+    jobs = [flood.submit(fp, ["0"], 1, 0, 1, 4.0, "cpu-int", api_name="/compare") for _ in range(size + 4)]
     _wait(lambda: all(j.done() or j.status().code == Status.IN_QUEUE for j in jobs), "every request queued or refused")
     refused = [j for j in jobs if j.done()]  # nothing can have run: both heavy workers are held
     assert all("Queue is full" in str(j.exception()) for j in refused), [str(j.exception()) for j in refused]
