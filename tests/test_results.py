@@ -116,6 +116,13 @@ def test_packed_w4_criterion_sets_svd_aside_but_not_a_bloated_w4():
     assert crit[label] == ("0.350 (`w4a8-fat`)", False)
 
 
+def test_pareto_notes_parts_measured_on_different_image_counts():
+    doc = lambda n: {"settings": {"n_per_label": n}, "data": {"rows": []}}  # noqa: E731
+    assert pareto.mixed_image_counts(doc(10), doc(10), doc(10)) == ""
+    assert "quality 100, vq 100, mixed 500" in pareto.mixed_image_counts(doc(10), doc(10), doc(50))
+    assert pareto.mixed_image_counts(doc(10), None, None) == ""
+
+
 def test_pareto_front():
     pts = [{"recipe": "a", "group": "preset", "ratio_fp16": 0.5, "psnr": 30.0, "class_acc": 0.9, "ssim": 1, "avg_w_bits": None},
            {"recipe": "b", "group": "preset", "ratio_fp16": 0.3, "psnr": 25.0, "class_acc": 0.9, "ssim": 1, "avg_w_bits": None},

@@ -279,7 +279,8 @@ def criteria(quality: list[dict] | None, act_medians: dict | None, vq: list[dict
     if al and rivals and al["class_acc"] is not None:
         ok = all(al["class_acc"] >= r["class_acc"] and (al["psnr"] or 0) > (r["psnr"] or 0) for r in rivals) and n_random >= 5
         out.append((6, "allocation at 5 bits beats uniform W4 and every random allocation (≥ 5) on class acc and PSNR",
-                    f"{sum(al['class_acc'] >= r['class_acc'] and (al['psnr'] or 0) > (r['psnr'] or 0) for r in rivals)} of {len(rivals)} beaten ({n_random} random)", ok))
+                    f"{sum(al['class_acc'] >= r['class_acc'] and (al['psnr'] or 0) > (r['psnr'] or 0) for r in rivals)} of {len(rivals)} beaten ({n_random} random)"
+                    + (f", {al['n_images']} images" if al.get("n_images") else ""), ok))
     else:
         out.append((6, "allocation at 5 bits beats uniform W4 and every random allocation (≥ 5) on class acc and PSNR", "–", None))
     return out

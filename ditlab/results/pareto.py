@@ -31,6 +31,16 @@ def frontier(pts: list[dict], metric: str) -> list[dict]:
     return sorted(out, key=lambda p: p["ratio_fp16"])
 
 
+def mixed_image_counts(quality: dict | None, vq: dict | None, mixed: dict | None) -> str:
+    """A caveat when the parts sampled different numbers of images (their points then differ by sampling noise too)."""
+    counts = {name: 10 * d["settings"]["n_per_label"] for name, d in (("quality", quality), ("vq", vq), ("mixed", mixed))
+              if d and d.get("settings", {}).get("n_per_label")}
+    if len(set(counts.values())) <= 1:
+        return ""
+    return ("The parts sampled different numbers of images (" + ", ".join(f"{k} {v}" for k, v in counts.items())
+            + "): points from different parts also differ by sampling noise (about ±3 points of class accuracy at 100 images).\n\n")
+
+
 def render(quality: dict | None, vq: dict | None, mixed: dict | None, figure: str | None) -> str:
     head = "## 4. Quality vs size: the Pareto front\n\n"
     pts = points(quality, vq, mixed)
@@ -39,6 +49,7 @@ def render(quality: dict | None, vq: dict | None, mixed: dict | None, figure: st
     cmds = [d["command"] for d in (quality, vq, mixed) if d]
     text = (head + "Drawn by `python -m ditlab bench pareto` from the measured rows of " + ", ".join(f"`{c}`" for c in cmds)
             + " (no new measurements). Size: packed weight bytes of the quantizable linears / fp16 bytes.\n\n")
+    text += mixed_image_counts(quality, vq, mixed)
     if figure:
         text += f"![quality vs size]({figure})\n\n"
     for metric, label, f in (("psnr", "PSNR vs FP (dB)", lambda v: fmt(v, ".2f")), ("class_acc", "class acc", pct)):
