@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+from . import cli_analysis
 from .errors import DitlabError
 
 
@@ -276,6 +277,9 @@ COMMANDS = {
     "eval": (_add_eval, _cmd_eval),
     "quantize": (_add_quantize, _cmd_quantize),
     "calibrate": (_add_calibrate, _cmd_calibrate),
+    "outliers": (lambda sub: cli_analysis.add_outliers(sub, _positive_int), cli_analysis.cmd_outliers),
+    "sensitivity": (lambda sub: cli_analysis.add_sensitivity(sub, _positive_int), cli_analysis.cmd_sensitivity),
+    "allocate": (lambda sub: cli_analysis.add_allocate(sub, _positive_int), cli_analysis.cmd_allocate),
 }
 
 

@@ -24,6 +24,10 @@ def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     (["frobnicate"], "invalid choice"),
     (["info", "--model", "/definitely/not/here"], "no such folder"),
     (["sample", "--labels", "99", "--n-per-label", "1", "--steps", "1"], "labels"),
+    (["allocate", "--budget-bits", "5", "--w-bits", "2,x"], "--w-bits"),
+    (["allocate"], "--budget-bits"),
+    (["outliers", "--branch", "both"], "--branch"),
+    (["outliers", "--layer", "nope", "--n-samples", "2", "--steps", "2"], "layer"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, needle):
     proc = run(*args)
@@ -79,3 +83,26 @@ def test_shipped_model_meets_the_quality_goal():
     assert result["class_acc_fp"] >= 0.87, result  # regression guard: the shipped model measured 0.91
     if result["class_acc_fp"] < 0.90:
         pytest.xfail(f"class_acc_fp {result['class_acc_fp']:.2f} < 0.90 (issue 2's goal) on this machine; 0.91 where it was measured")
+
+
+def test_analysis_commands_outliers_sensitivity_allocate(tmp_path):
+    """The issue-6 CLI: outliers (map and one layer), sensitivity --json, allocate --out recipe.json at a tight budget."""
+    cheap = ["--n-samples", "2", "--steps", "2"]
+    proc = run("outliers", *cheap)
+    assert proc.returncode == 0 and "transformer_blocks.5.ff.net.2" in proc.stdout, proc.stderr
+    proc = run("outliers", "--layer", "transformer_blocks.2.ff.net.2", "--json", *cheap)
+    view = json.loads(proc.stdout)
+    assert view["layer"] == "transformer_blocks.2.ff.net.2" and {t["transform"] for t in view["transforms"]} >= {"none", "hadanorm"}
+
+    cost = ["--n-images", "1", "--steps", "2", "--groups", "2", "--cache-dir", str(tmp_path / "sens")]
+    proc = run("sensitivity", "--json", "--layers", "transformer_blocks.0.attn1.to_q,transformer_blocks.0.ff.net.2", *cost)
+    cells = json.loads(proc.stdout)["cells"]
+    assert proc.returncode == 0 and len(cells) == 4 and all(c["sqnr_db"] > 0 for c in cells), proc.stderr
+
+    out = tmp_path / "alloc.json"
+    proc = run("allocate", "--budget-bits", "6", "--w-bits", "4,8", "--json", "--out", str(out), *cost)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert abs(summary["avg_w_bits"] - 6) <= 0.02 and {tuple(c) for c in summary["choice"].values()} == {(4, 8), (8, 8)}
+    proc = run("eval", "--recipe", str(out), "--n-per-label", "1", "--steps", "2")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["recipe"] == summary["recipe"]["name"], proc.stderr

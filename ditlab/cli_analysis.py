@@ -1,0 +1,95 @@
+"""The analysis commands of ``python -m ditlab``: ``outliers``, ``sensitivity`` and ``allocate``.
+
+Thin argument parsing over ``outliers.cli_outliers``, ``sensitivity.cli_sensitivity`` and
+``allocation.cli_allocate``; each prints a table (or one JSON object with ``--json``) on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 2,4,8") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one value, e.g. 2,4,8")
+    return values
+
+
+def _common(p) -> None:
+    p.add_argument("--model", default="shipped", help="pipeline folder or hub id (default: the shipped tiny DiT)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def add_outliers(sub, positive_int) -> None:
+    from .outliers import MAP_METRICS
+
+    p = sub.add_parser("outliers", help="activation outliers: the model-wide layers × timesteps map, or one layer before/after each transform")
+    _common(p)
+    p.add_argument("--layer", default=None, help="a linear layer name (see `info`); without it, the model-wide map")
+    p.add_argument("--timestep", type=int, default=None, help="diffusion timestep of the layer view (default: the first calibrated one)")
+    p.add_argument("--branch", choices=("cond", "uncond"), default="cond", help="CFG branch (default cond)")
+    p.add_argument("--metric", choices=MAP_METRICS, default="max_median", help="metric of the model-wide map (default max_median)")
+    p.add_argument("--n-samples", type=positive_int, default=8, help="calibration images (default 8; cached)")
+    p.add_argument("--steps", type=positive_int, default=10, help="calibration sampler steps (default 10)")
+
+
+def cmd_outliers(args) -> int:
+    from .outliers import cli_outliers
+
+    print(cli_outliers(args.model, args.layer, args.timestep, args.branch, n_samples=args.n_samples, steps=args.steps,
+                       metric=args.metric, as_json=args.json, progress=sys.stderr.isatty()))
+    return 0
+
+
+def _cost_args(p, positive_int) -> None:
+    p.add_argument("--setting", default="w4a8-rtn", help="the quantization setting measured: a preset or recipe JSON (default w4a8-rtn)")
+    p.add_argument("--n-images", type=positive_int, default=10, help="images per measurement (default 10)")
+    p.add_argument("--steps", type=positive_int, default=10, help="sampler steps (default 10)")
+    p.add_argument("--groups", type=positive_int, default=4, help="timestep groups (default 4)")
+    p.add_argument("--cache-dir", default=None, help="sensitivity cache folder (default: the ditlab cache)")
+
+
+def add_sensitivity(sub, positive_int) -> None:
+    p = sub.add_parser("sensitivity", help="layer × timestep-group sensitivity (quality SQNR and content scores), cached and incremental")
+    _common(p)
+    _cost_args(p, positive_int)
+    p.add_argument("--unit", choices=("layer", "group"), default="layer", help="quantize one layer, or one block group (attention / feed-forward / adaLN)")
+    p.add_argument("--layers", default=None, help="comma-separated layer names (default: every quantized linear)")
+    p.add_argument("--metric", default="sqnr_db", help="column of the table: sqnr_db, ssim, psnr, agreement, class_acc (default sqnr_db)")
+
+
+def cmd_sensitivity(args) -> int:
+    from .sensitivity import cli_sensitivity
+
+    layers = [x.strip() for x in args.layers.split(",") if x.strip()] if args.layers else None
+    print(cli_sensitivity(args.model, args.setting, n_images=args.n_images, steps=args.steps, groups=args.groups, unit=args.unit,
+                          layers=layers, metric=args.metric, as_json=args.json, cache_dir=args.cache_dir, progress=sys.stderr.isatty()))
+    return 0
+
+
+def add_allocate(sub, positive_int) -> None:
+    from .allocation import METRICS
+
+    p = sub.add_parser("allocate", help="mixed-precision bits per layer from measured sensitivity under an average-bits budget (scipy milp)")
+    _common(p)
+    _cost_args(p, positive_int)
+    p.add_argument("--budget-bits", type=float, required=True, help="average weight bits over the quantized linears, e.g. 5")
+    p.add_argument("--w-bits", type=_int_list, default=(2, 4, 8), help="candidate weight bits (default 2,4,8)")
+    p.add_argument("--a-bits", type=_int_list, default=(8,), help="candidate activation bits (default 8)")
+    p.add_argument("--split", type=float, default=1.0, help="MixDQ budget split between quality and content layers (default 1.0)")
+    p.add_argument("--metric", choices=METRICS, default="decoupled", help="damage per cell (default decoupled: MixDQ's metric-decoupled scores)")
+    p.add_argument("--out", default=None, help="write the allocated recipe JSON here (load it with --recipe FILE.json)")
+
+
+def cmd_allocate(args) -> int:
+    from .allocation import cli_allocate
+
+    print(cli_allocate(args.model, args.budget_bits, setting=args.setting, w_bits=args.w_bits, a_bits=args.a_bits, split=args.split,
+                       metric=args.metric, n_images=args.n_images, steps=args.steps, groups=args.groups, out=args.out,
+                       as_json=args.json, cache_dir=args.cache_dir, progress=sys.stderr.isatty()))
+    return 0
