@@ -48,12 +48,6 @@ VARIANTS = {"RTN": ("rtn", {}), "Hadamard": ("hadamard", {}), "HadaNorm σ=std":
 SETTINGS = {"W4A8": (4, 8, 64), "W4A16": (4, 16, 64), "W8A4": (8, 4, None)}
 
 
-def kurtosis(w: torch.Tensor) -> float:
-    """Pearson kurtosis E[(w − w̄)⁴] / Var² of all entries (3 for a Gaussian, 1.8 for a uniform distribution)."""
-    w = w.double() - w.double().mean()
-    return float(w.pow(4).mean() / w.square().mean().square())
-
-
 def w4_sqnr(w: torch.Tensor) -> float:
     """SQNR (dB) of W (N, K) after 4-bit asymmetric min–max rounding in groups of 64 along K."""
     return metrics.sqnr(w, primitives.fake_quantize_weight(w, 4, 64, symmetric=False))
@@ -70,9 +64,7 @@ def weight_views(linear: nn.Linear, stats) -> dict[str, torch.Tensor]:
 def output_sqnr(linear: nn.Linear, q: nn.Module, inputs: list[torch.Tensor]) -> float:
     """SQNR (dB) of the quantized layer's output over the captured inputs, pooled."""
     with torch.no_grad():
-        signal = sum(float(linear(x).double().square().sum()) for x in inputs)
-        noise = sum(float((q(x) - linear(x)).double().square().sum()) for x in inputs)
-    return 10 * torch.log10(torch.tensor(signal / noise)).item()
+        return metrics.sqnr(torch.cat([linear(x).reshape(-1) for x in inputs]), torch.cat([q(x).reshape(-1) for x in inputs]))
 
 
 def layers_part(steps: list[int]) -> str:
@@ -85,7 +77,7 @@ def layers_part(steps: list[int]) -> str:
     for name, cfg in plan.items():
         linear, stats, kind = modules[name], stats_for(calib, name), layer_kind(name)
         for view, w in weight_views(linear, stats).items():
-            rows[kind][f"kurtosis {view}"].append(kurtosis(w))
+            rows[kind][f"kurtosis {view}"].append(outliers.kurtosis(w))
             rows[kind][f"W4 SQNR {view}"].append(w4_sqnr(w))
         inputs = [captured[s][name] for s in steps]
         for setting, (wb, ab, group) in SETTINGS.items():

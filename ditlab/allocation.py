@@ -85,10 +85,16 @@ def _frame_of(sensitivity) -> pd.DataFrame:
     return df
 
 
-def cell_damage(df: pd.DataFrame, metric: str = "decoupled", content_kinds: Sequence[str] = CONTENT_KINDS) -> pd.Series:
-    """Damage per cell row (≥ 0, lower is better) under ``metric`` (see the module docstring)."""
+def check_metric(metric: str) -> str:
+    """``metric`` if it is one of METRICS; AllocationError naming the field otherwise."""
     if metric not in METRICS:
         raise AllocationError(f"metric = {metric!r} is not allowed; allowed: {', '.join(METRICS)}")
+    return metric
+
+
+def cell_damage(df: pd.DataFrame, metric: str = "decoupled", content_kinds: Sequence[str] = CONTENT_KINDS) -> pd.Series:
+    """Damage per cell row (≥ 0, lower is better) under ``metric`` (see the module docstring)."""
+    check_metric(metric)
     noise = np.power(10.0, -df["sqnr_db"].astype(float) / 10.0)  # relative noise energy ‖ε̂−ε‖²/‖ε‖²
     if metric == "sqnr":
         return noise
@@ -329,6 +335,7 @@ def cli_allocate(model: str = "shipped", budget_bits: float = 5.0, *, setting: s
     from .config import save_recipe
     from .sensitivity import SensitivitySettings, run_sensitivity
 
+    check_metric(metric)  # before minutes of sensitivity measurements
     pipe = api.load(model)
     st = SensitivitySettings(n_images=n_images, steps=steps, n_groups=groups)
     recipes = candidate_recipes(setting, w_bits, a_bits)

@@ -12,6 +12,7 @@ import os
 import sys
 
 from . import cli_analysis
+from .cli_args import positive_int as _positive_int
 from .errors import DitlabError
 
 
@@ -64,16 +65,6 @@ def _cmd_train(args) -> int:
                + (f" --init {args.init}" if args.init != "adaln-zero" else "") + (f" --only {args.only}" if args.only != "all" else ""))
     print(json.dumps(train_all(args.out, cfg, command=command, only=args.only), indent=2))
     return 0
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
 
 
 def _label_list(text: str) -> list[int]:
@@ -277,9 +268,9 @@ COMMANDS = {
     "eval": (_add_eval, _cmd_eval),
     "quantize": (_add_quantize, _cmd_quantize),
     "calibrate": (_add_calibrate, _cmd_calibrate),
-    "outliers": (lambda sub: cli_analysis.add_outliers(sub, _positive_int), cli_analysis.cmd_outliers),
-    "sensitivity": (lambda sub: cli_analysis.add_sensitivity(sub, _positive_int), cli_analysis.cmd_sensitivity),
-    "allocate": (lambda sub: cli_analysis.add_allocate(sub, _positive_int), cli_analysis.cmd_allocate),
+    "outliers": (cli_analysis.add_outliers, cli_analysis.cmd_outliers),
+    "sensitivity": (cli_analysis.add_sensitivity, cli_analysis.cmd_sensitivity),
+    "allocate": (cli_analysis.add_allocate, cli_analysis.cmd_allocate),
 }
 
 

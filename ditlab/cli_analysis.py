@@ -6,18 +6,9 @@ Thin argument parsing over ``outliers.cli_outliers``, ``sensitivity.cli_sensitiv
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 2,4,8") from None
-    if not values:
-        raise argparse.ArgumentTypeError("give at least one value, e.g. 2,4,8")
-    return values
+from .cli_args import int_list, positive_int
 
 
 def _common(p) -> None:
@@ -25,15 +16,18 @@ def _common(p) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
-def add_outliers(sub, positive_int) -> None:
-    from .outliers import MAP_METRICS
+# The --metric values are checked by the library before any work (outliers.check_map_metric,
+# sensitivity.TABLE_METRICS, allocation.check_metric), not by argparse choices: importing those modules to build the parser would add their
+# start-up (pandas, scipy) to every command. tests/test_cli.py keeps the help texts' lists equal to the tuples.
 
+
+def add_outliers(sub) -> None:
     p = sub.add_parser("outliers", help="activation outliers: the model-wide layers × timesteps map, or one layer before/after each transform")
     _common(p)
     p.add_argument("--layer", default=None, help="a linear layer name (see `info`); without it, the model-wide map")
     p.add_argument("--timestep", type=int, default=None, help="diffusion timestep of the layer view (default: the first calibrated one)")
     p.add_argument("--branch", choices=("cond", "uncond"), default="cond", help="CFG branch (default cond)")
-    p.add_argument("--metric", choices=MAP_METRICS, default="max_median", help="metric of the model-wide map (default max_median)")
+    p.add_argument("--metric", default="max_median", help="metric of the model-wide map: max_median (default), absmax or token_p100_p50")
     p.add_argument("--n-samples", type=positive_int, default=8, help="calibration images (default 8; cached)")
     p.add_argument("--steps", type=positive_int, default=10, help="calibration sampler steps (default 10)")
 
@@ -46,7 +40,7 @@ def cmd_outliers(args) -> int:
     return 0
 
 
-def _cost_args(p, positive_int) -> None:
+def _cost_args(p) -> None:
     p.add_argument("--setting", default="w4a8-rtn", help="the quantization setting measured: a preset or recipe JSON (default w4a8-rtn)")
     p.add_argument("--n-images", type=positive_int, default=10, help="images per measurement (default 10)")
     p.add_argument("--steps", type=positive_int, default=10, help="sampler steps (default 10)")
@@ -54,10 +48,10 @@ def _cost_args(p, positive_int) -> None:
     p.add_argument("--cache-dir", default=None, help="sensitivity cache folder (default: the ditlab cache)")
 
 
-def add_sensitivity(sub, positive_int) -> None:
+def add_sensitivity(sub) -> None:
     p = sub.add_parser("sensitivity", help="layer × timestep-group sensitivity (quality SQNR and content scores), cached and incremental")
     _common(p)
-    _cost_args(p, positive_int)
+    _cost_args(p)
     p.add_argument("--unit", choices=("layer", "group"), default="layer", help="quantize one layer, or one block group (attention / feed-forward / adaLN)")
     p.add_argument("--layers", default=None, help="comma-separated layer names (default: every quantized linear)")
     p.add_argument("--metric", default="sqnr_db", help="column of the table: sqnr_db, ssim, psnr, agreement, class_acc (default sqnr_db)")
@@ -72,17 +66,15 @@ def cmd_sensitivity(args) -> int:
     return 0
 
 
-def add_allocate(sub, positive_int) -> None:
-    from .allocation import METRICS
-
+def add_allocate(sub) -> None:
     p = sub.add_parser("allocate", help="mixed-precision bits per layer from measured sensitivity under an average-bits budget (scipy milp)")
     _common(p)
-    _cost_args(p, positive_int)
+    _cost_args(p)
     p.add_argument("--budget-bits", type=float, required=True, help="average weight bits over the quantized linears, e.g. 5")
-    p.add_argument("--w-bits", type=_int_list, default=(2, 4, 8), help="candidate weight bits (default 2,4,8)")
-    p.add_argument("--a-bits", type=_int_list, default=(8,), help="candidate activation bits (default 8)")
+    p.add_argument("--w-bits", type=int_list, default=(2, 4, 8), help="candidate weight bits (default 2,4,8)")
+    p.add_argument("--a-bits", type=int_list, default=(8,), help="candidate activation bits (default 8)")
     p.add_argument("--split", type=float, default=1.0, help="MixDQ budget split between quality and content layers (default 1.0)")
-    p.add_argument("--metric", choices=METRICS, default="decoupled", help="damage per cell (default decoupled: MixDQ's metric-decoupled scores)")
+    p.add_argument("--metric", default="decoupled", help="damage per cell: decoupled (default; MixDQ's metric-decoupled scores), sqnr, ssim or agreement")
     p.add_argument("--out", default=None, help="write the allocated recipe JSON here (load it with --recipe FILE.json)")
 
 

@@ -285,11 +285,17 @@ class OutlierMap:
 MAP_METRICS = ("max_median", "absmax", "token_p100_p50")
 
 
+def check_map_metric(metric: str) -> str:
+    """``metric`` if it is one of MAP_METRICS; ConfigError naming the field otherwise."""
+    if metric not in MAP_METRICS:
+        raise ConfigError.invalid("metric", metric, ", ".join(MAP_METRICS))
+    return metric
+
+
 def outlier_map(calib: CalibStats, branch: str = "cond", metric: str = "max_median", layers=None) -> OutlierMap:
     """Model-wide table from calibration statistics: per (layer, timestep) of ``branch`` (cond, uncond or all),
     max/median of the channel absmax, the tensor absmax, or the ratio of the largest to the median per-token absmax."""
-    if metric not in MAP_METRICS:
-        raise ConfigError.invalid("metric", metric, ", ".join(MAP_METRICS))
+    check_map_metric(metric)
     names = [n for n in calib if layers is None or n in set(layers)]
     timesteps = calib.timesteps or sorted({t for n in names for t in calib[n].per_timestep}, reverse=True)
     data = {}
@@ -326,6 +332,7 @@ def cli_outliers(model: str = "shipped", layer: str | None = None, timestep: int
     Calibrates first (cached on disk) with ``n_samples`` images and ``steps`` steps. Returns text or JSON."""
     from . import api
 
+    check_map_metric(metric)  # before loading and calibrating
     pipe = api.load(model)
     calib = api.calibrate(pipe, n_samples=n_samples, steps=steps, progress=progress)
     if layer is None:

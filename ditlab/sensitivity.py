@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 SENS_VERSION = 1
 UNIT_MODES = ("layer", "group")
+TABLE_METRICS = ("sqnr_db", "ssim", "psnr", "agreement", "class_acc")  # the per-cell scores a table can show
 _FAMILY = {"qkv": "attn", "out": "attn", "fc1": "ff", "fc2": "ff", "adaLN": "adaLN"}
 Progress = Callable[[int, int, str], None]  # (done, total, unit name)
 
@@ -109,7 +110,7 @@ class SensitivityResult:
     def pivot(self, metric: str = "sqnr_db") -> pd.DataFrame:
         """units × timestep groups table of one metric (rows in model order)."""
         if metric not in self.frame.columns:
-            raise ConfigError.invalid("metric", metric, "sqnr_db, ssim, psnr, agreement, class_acc")
+            raise ConfigError.invalid("metric", metric, ", ".join(TABLE_METRICS))
         table = self.frame.pivot(index="unit", columns="group", values=metric)
         return table.loc[list(dict.fromkeys(self.frame["unit"]))]
 
@@ -310,6 +311,8 @@ def cli_sensitivity(model: str = "shipped", setting: str = "w4a8-rtn", *, n_imag
     (``{"setting", "settings", "groups", "seconds", "cells": [...]}``). Calibrates first (cached) if the setting needs it."""
     from . import api
 
+    if not as_json and metric not in TABLE_METRICS:  # before minutes of measurements
+        raise ConfigError.invalid("metric", metric, ", ".join(TABLE_METRICS))
     pipe = api.load(model)
     st = SensitivitySettings(n_images=n_images, steps=steps, n_groups=groups, unit=unit)
     calib = api.calibrate(pipe, progress=progress) if api.needs_calibration(pipe, setting_recipe(setting)) else None

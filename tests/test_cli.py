@@ -28,6 +28,9 @@ def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     (["allocate"], "--budget-bits"),
     (["outliers", "--branch", "both"], "--branch"),
     (["outliers", "--layer", "nope", "--n-samples", "2", "--steps", "2"], "layer"),
+    (["outliers", "--metric", "loudness"], "metric"),
+    (["sensitivity", "--metric", "loudness"], "metric"),
+    (["allocate", "--budget-bits", "5", "--metric", "loudness"], "metric"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, needle):
     proc = run(*args)
@@ -106,3 +109,17 @@ def test_analysis_commands_outliers_sensitivity_allocate(tmp_path):
     assert abs(summary["avg_w_bits"] - 6) <= 0.02 and {tuple(c) for c in summary["choice"].values()} == {(4, 8), (8, 8)}
     proc = run("eval", "--recipe", str(out), "--n-per-label", "1", "--steps", "2")
     assert proc.returncode == 0 and json.loads(proc.stdout)["recipe"] == summary["recipe"]["name"], proc.stderr
+
+
+@pytest.mark.parametrize("command,values", [("outliers", "MAP_METRICS"), ("sensitivity", "TABLE_METRICS"), ("allocate", "METRICS")])
+def test_metric_help_lists_exactly_what_the_library_accepts(command, values):
+    """--metric is checked by the library (not argparse choices, which would import it at start-up): the help must
+    still list every accepted value."""
+    from ditlab import allocation, outliers, sensitivity
+
+    accepted = getattr({"outliers": outliers, "sensitivity": sensitivity, "allocate": allocation}[command], values)
+    from ditlab.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    help_text = next(a.help for a in sub._actions if a.dest == "metric")
+    assert all(v in help_text for v in accepted), help_text

@@ -117,7 +117,7 @@ def test_packed_w4_criterion_sets_svd_aside_but_not_a_bloated_w4():
 
 
 def test_pareto_notes_parts_measured_on_different_image_counts():
-    doc = lambda n: {"settings": {"n_per_label": n}, "data": {"rows": []}}  # noqa: E731
+    doc = lambda n: {"data": {"rows": [{"recipe": "fp", "n_images": 10 * n}]}}  # noqa: E731
     assert pareto.mixed_image_counts(doc(10), doc(10), doc(10)) == ""
     assert "quality 100, vq 100, mixed 500" in pareto.mixed_image_counts(doc(10), doc(10), doc(50))
     assert pareto.mixed_image_counts(doc(10), None, None) == ""

@@ -277,10 +277,10 @@ def criteria(quality: list[dict] | None, act_medians: dict | None, vq: list[dict
     rivals = [r for r in rows if r["recipe"] == "w4a8-rtn" or r.get("role") == "random"]
     n_random = sum(r.get("role") == "random" for r in rows)
     if al and rivals and al["class_acc"] is not None:
-        ok = all(al["class_acc"] >= r["class_acc"] and (al["psnr"] or 0) > (r["psnr"] or 0) for r in rivals) and n_random >= 5
+        beaten = [r for r in rivals if al["class_acc"] >= r["class_acc"] and (al["psnr"] or 0) > (r["psnr"] or 0)]
         out.append((6, "allocation at 5 bits beats uniform W4 and every random allocation (≥ 5) on class acc and PSNR",
-                    f"{sum(al['class_acc'] >= r['class_acc'] and (al['psnr'] or 0) > (r['psnr'] or 0) for r in rivals)} of {len(rivals)} beaten ({n_random} random)"
-                    + (f", {al['n_images']} images" if al.get("n_images") else ""), ok))
+                    f"{len(beaten)} of {len(rivals)} beaten ({n_random} random)" + (f", {al['n_images']} images" if al.get("n_images") else ""),
+                    len(beaten) == len(rivals) and n_random >= 5))
     else:
         out.append((6, "allocation at 5 bits beats uniform W4 and every random allocation (≥ 5) on class acc and PSNR", "–", None))
     return out

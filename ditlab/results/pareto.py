@@ -33,8 +33,8 @@ def frontier(pts: list[dict], metric: str) -> list[dict]:
 
 def mixed_image_counts(quality: dict | None, vq: dict | None, mixed: dict | None) -> str:
     """A caveat when the parts sampled different numbers of images (their points then differ by sampling noise too)."""
-    counts = {name: 10 * d["settings"]["n_per_label"] for name, d in (("quality", quality), ("vq", vq), ("mixed", mixed))
-              if d and d.get("settings", {}).get("n_per_label")}
+    counts = {name: rows[0]["n_images"] for name, d in (("quality", quality), ("vq", vq), ("mixed", mixed))
+              if (rows := (d or {}).get("data", {}).get("rows")) and rows[0].get("n_images")}
     if len(set(counts.values())) <= 1:
         return ""
     return ("The parts sampled different numbers of images (" + ", ".join(f"{k} {v}" for k, v in counts.items())
