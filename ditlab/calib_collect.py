@@ -15,6 +15,9 @@ with the number of steps:
 * a reservoir of R raw rows, uniform over all rows seen: every row gets an i.i.d. uniform key from a seeded
   generator and the R smallest keys are kept ("reservoir sampling by random priorities") — exactly uniform sampling
   without replacement, deterministic for a given seed, mergeable call by call with one ``topk``.
+* a reservoir of per-sample means: for token layers (T > 1), each call's B per-sample channel means over tokens
+  (B, K), sampled the same way (its own seeded generator, the same cap R). HadaNorm's mean term uses them to learn
+  the subspace in which a sample's mean varies (``methods/hadanorm.py``). Empty for T = 1.
 * per (timestep, CFG branch): channel absmax, tensor absmax and percentiles of the per-token absmax.
 """
 
@@ -71,6 +74,9 @@ class LayerAccumulator:
         self.rows = torch.zeros(0, k)  # (R', K) float32
         self.keys = torch.zeros(0)  # (R',) reservoir priorities
         self.row_info = torch.zeros(0, 3, dtype=torch.int32)  # (R', 3): timestep, branch id, token index
+        self.mean_gen = torch.Generator().manual_seed(layer_seed(seed, name + "#sample-means"))
+        self.sample_means = torch.zeros(0, k)  # (S', K) float32 per-sample token means
+        self.mean_keys = torch.zeros(0)  # (S',) their reservoir priorities
         self.per_timestep: dict[int, dict[str, dict]] = {}
 
     def update(self, x: torch.Tensor, *, timestep: int, step: int, batch_size: int, cfg: bool) -> None:
@@ -98,6 +104,8 @@ class LayerAccumulator:
             self.xtx += (flat.t() @ flat).double()  # fp32 GEMM per call, float64 running sum (see module docstring)
         branches = self._branches(b, batch_size, cfg)
         self._reservoir(flat, timestep, branches, b, t)
+        if t > 1:
+            self._mean_reservoir(x.mean(1))
         self._per_timestep(mag, timestep, branches)
 
     @staticmethod
@@ -128,6 +136,16 @@ class LayerAccumulator:
         self.keys = all_keys[idx]
         self.rows = torch.cat([self.rows, flat])[idx]
         self.row_info = torch.cat([self.row_info, info])[idx]
+
+    def _mean_reservoir(self, means: torch.Tensor) -> None:
+        """Keeps the R per-sample means (B, K) with the smallest random keys (own generator: the row reservoir's draws
+        are unchanged)."""
+        if self.reservoir <= 0:
+            return
+        keys = torch.cat([self.mean_keys, torch.rand(means.shape[0], generator=self.mean_gen)])
+        idx = torch.topk(keys, min(self.reservoir, keys.numel()), largest=False, sorted=True).indices
+        self.mean_keys = keys[idx]
+        self.sample_means = torch.cat([self.sample_means, means])[idx]
 
     def _per_timestep(self, mag: torch.Tensor, timestep: int, branches) -> None:
         """Per (timestep, branch): channel absmax (K,) and the per-token absmax values (kept until ``result``).
@@ -162,6 +180,6 @@ class LayerAccumulator:
             "absmax": self.absmax, "minimum": self.minimum, "maximum": self.maximum,
             "mean": self.mean.float(), "std": (self.m2 / n).sqrt().float(),
             "centered_std": (self.cm2 / n).sqrt().float(), "centered_absmax": self.centered_absmax,
-            "xtx": self.xtx, "n_rows": int(self.n), "rows": self.rows, "row_info": self.row_info,
+            "xtx": self.xtx, "n_rows": int(self.n), "rows": self.rows, "row_info": self.row_info, "sample_means": self.sample_means,
             "per_timestep": per_timestep,
         }

@@ -34,7 +34,7 @@ from .sampling import DEFAULT_SCHEDULER, StepContext, sample
 
 log = logging.getLogger(__name__)
 
-CALIB_VERSION = 1  # bump when the statistics change meaning: old cache entries then miss
+CALIB_VERSION = 2  # bump when the statistics change meaning: old cache entries then miss
 DEFAULT_PROMPTS = ("a red circle", "a blue square", "a green star", "a big red square", "a small blue circle",
                    "a green circle on a blue square", "a red star", "a small green square")
 
@@ -63,6 +63,9 @@ class LayerStats:
     # per_timestep[t][branch] = {"absmax": (K,), "tensor_absmax": (), "token_absmax_pct": (len(TOKEN_PERCENTILES),),
     #                            "n_tokens": () int64};  branch ∈ {"cond", "uncond"} ("all" if the batch is not 2n rows)
     per_timestep: dict[int, dict[str, dict[str, torch.Tensor]]] = field(default_factory=dict)
+    # (S, K) float32  uniform reservoir of per-sample channel means over tokens (token layers; (0, K) when T = 1);
+    # None for statistics built without them
+    sample_means: torch.Tensor | None = None
 
     @property
     def in_features(self) -> int:

@@ -34,7 +34,7 @@ ROUNDINGS = ("nearest", "gptq")
 # the k-means / VQ4DiT keys are checked against the layer's shape by ditlab.methods.kmeans / vq4dit.
 KMEANS_KEYS = ("k", "d", "seed", "kmeans_iters", "kmeans_fit")
 VQ4DIT_KEYS = ("n_candidates", "iterations", "samples", "steps", "guidance", "reg", "lr_logits", "lr_codebook", "harden", "anneal", "relative")
-METHOD_PARAM_KEYS = {"bnb-int8": ("threshold",), "hadanorm": ("mean_bias_correction",), "kmeans": KMEANS_KEYS,
+METHOD_PARAM_KEYS = {"bnb-int8": ("threshold",), "hadanorm": ("mean_bias_correction", "mean_rank"), "kmeans": KMEANS_KEYS,
                      "vq4dit": KMEANS_KEYS + VQ4DIT_KEYS}
 ACT_PARAM_KEYS = ("bos_tokens",)  # MixDQ: leading (BOS) tokens kept out of activation quantization (any method; unused at A16)
 
@@ -85,6 +85,7 @@ _PARAM_RULES = {
     "bos_tokens": (lambda v: _is_int(v) and v >= 0, "a non-negative integer (MixDQ: 1 = the first text token)"),
     "threshold": (lambda v: _is_num(v) and v > 0, "a positive number (LLM.int8 outlier threshold, default 6.0)"),
     "mean_bias_correction": (lambda v: isinstance(v, bool), "true or false"),
+    "mean_rank": (lambda v: _is_int(v) and v >= 0, "a non-negative integer (HadaNorm: rank of the mean term's weight-error correction; 0 = off)"),
 }
 
 

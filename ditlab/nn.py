@@ -6,6 +6,7 @@ forward(X (…, K)):
     out = backend(Q_a(X'), codes, scales)    # reference: dequantize + float matmul; cpu-int: int8×int8→int32 + epilogue
     out += (X' lr_downᵀ) lr_upᵀ              # optional low-rank branch (SVD), full precision
     out += T(μ) (Ŵ + lr_up lr_down)ᵀ          # HadaNorm mean correction, (B, 1, N) broadcast over tokens
+    out += (T(μ) mean_downᵀ) mean_upᵀ         # optional: its weight error on the calibrated mean subspace (HadaNorm)
 Everything is built offline by a method handler (``QuantLinear.from_float``); nothing is initialised in forward.
 
 MixDQ's BOS-aware text quantization (``bos_tokens`` = n > 0, set from ``LayerConfig.params["bos_tokens"]``, meant
@@ -123,7 +124,7 @@ class QuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, *, w_bits: int, w_group_size: int | None = None, w_symmetric: bool = True,
                  a_bits: int = 16, a_static: bool = False, bias: bool = True, transform: InputTransform | None = None,
-                 lr_rank: int = 0, lr_dtype: torch.dtype = torch.float16, method: str = "rtn", bos_tokens: int = 0):
+                 lr_rank: int = 0, lr_dtype: torch.dtype = torch.float16, method: str = "rtn", bos_tokens: int = 0, mean_rank: int = 0):
         super().__init__()
         k, n = int(in_features), int(out_features)
         if not 2 <= w_bits <= 8:
@@ -148,6 +149,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("a_scale", torch.ones(1, 1, dtype=torch.float32) if a_static and self.a_bits < 16 else None)
         self.register_buffer("lr_down", torch.zeros(lr_rank, k, dtype=lr_dtype) if lr_rank else None)
         self.register_buffer("lr_up", torch.zeros(n, lr_rank, dtype=lr_dtype) if lr_rank else None)
+        self.register_buffer("mean_down", torch.zeros(mean_rank, k, dtype=torch.float16) if mean_rank else None)  # (r, K)
+        self.register_buffer("mean_up", torch.zeros(n, mean_rank, dtype=torch.float16) if mean_rank else None)  # (N, r)
         self.transform = transform if transform is not None else InputTransform(k)
 
     # ---- construction -------------------------------------------------------------------------------------------
@@ -221,6 +224,15 @@ class QuantLinear(nn.Module):
         if zero is not None:
             self.w_zero.copy_(zero.to(torch.int8))
 
+    def set_mean_lowrank(self, down: torch.Tensor, up: torch.Tensor) -> None:
+        """Stores the mean term's low-rank weight-error correction: down (r, K) — an orthonormal basis of the
+        transformed means T(μ) — and up (N, r) = (W̃ − Ŵ)·downᵀ, both as float16 (see ``methods/hadanorm.py``)."""
+        r, k, n = int(down.shape[0]), self.in_features, self.out_features
+        if down.shape != (r, k) or up.shape != (n, r) or r < 1:
+            raise ConfigError.invalid("mean low-rank", f"{tuple(down.shape)} / {tuple(up.shape)}", f"down (r ≥ 1, {k}) and up ({n}, r)")
+        self.register_buffer("mean_down", down.detach().to(torch.float16).contiguous())
+        self.register_buffer("mean_up", up.detach().to(torch.float16).contiguous())
+
     def spec(self) -> dict:
         """JSON-able structure (no tensor values) from which ``from_spec`` rebuilds an empty module of this shape."""
         return {"type": "QuantLinear", "in_features": self.in_features, "out_features": self.out_features, "method": self.method,
@@ -228,7 +240,8 @@ class QuantLinear(nn.Module):
                 "a_static": self.a_scale is not None, "bias": self.bias is not None,
                 "lr_rank": 0 if self.lr_down is None else int(self.lr_down.shape[0]),
                 "lr_dtype": None if self.lr_down is None else str(self.lr_down.dtype).replace("torch.", ""),
-                "bos_tokens": self.bos_tokens, "transform": self.transform.spec()}
+                "bos_tokens": self.bos_tokens, "mean_rank": 0 if self.mean_down is None else int(self.mean_down.shape[0]),
+                "transform": self.transform.spec()}
 
     @classmethod
     def from_spec(cls, spec: dict) -> "QuantLinear":
@@ -236,7 +249,7 @@ class QuantLinear(nn.Module):
         return cls(k, int(spec["out_features"]), w_bits=spec["w_bits"], w_group_size=spec["w_group_size"], w_symmetric=spec["w_symmetric"],
                    a_bits=spec["a_bits"], a_static=spec["a_static"], bias=spec["bias"], transform=InputTransform.from_spec(k, spec["transform"]),
                    lr_rank=spec["lr_rank"], lr_dtype=getattr(torch, spec["lr_dtype"] or "float16"), method=spec.get("method", "rtn"),
-                   bos_tokens=int(spec.get("bos_tokens", 0)))
+                   bos_tokens=int(spec.get("bos_tokens", 0)), mean_rank=int(spec.get("mean_rank", 0)))
 
     # ---- views of the stored weight -----------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
@@ -283,11 +296,15 @@ class QuantLinear(nn.Module):
         return out
 
     def mean_correction(self, t_mu: torch.Tensor) -> torch.Tensor:
-        """T(μ) (…, 1, K) · (Ŵ + lr_up lr_down)ᵀ → (…, 1, N) in float32 (no FP copy of W is stored)."""
+        """T(μ) (…, 1, K) · (Ŵ + lr_up lr_down)ᵀ [+ (T(μ) mean_downᵀ) mean_upᵀ] → (…, 1, N) in float32 (no FP
+        copy of W is stored; the optional low-rank term restores W̃ on the subspace the calibration means span)."""
         w = self.dequantized_weight()
         if self.lr_down is not None:
             w = w + self.lr_up.float() @ self.lr_down.float()
-        return t_mu.float() @ w.t()
+        out = t_mu.float() @ w.t()
+        if self.mean_down is not None:
+            out = out + (t_mu.float() @ self.mean_down.float().t()) @ self.mean_up.float().t()
+        return out
 
     def extra_repr(self) -> str:
         gran = "per-channel" if self.w_group_size is None else f"group {self.w_group_size}"
@@ -297,6 +314,8 @@ class QuantLinear(nn.Module):
             parts.append(f"rank {self.lr_down.shape[0]}")
         if self.bos_tokens:
             parts.append(f"bos {self.bos_tokens} in float")
+        if self.mean_down is not None:
+            parts.append(f"mean-term rank {self.mean_down.shape[0]}")
         if not self.transform.identity:
             parts.append("transform " + ",".join(k for k, v in self.transform.spec().items() if v))
         return ", ".join(parts)

@@ -67,7 +67,7 @@ def _all_equal(a, b, names=None):
     for name in names or a:
         sa, sb = a[name], b[name]
         assert sa.n_rows == sb.n_rows
-        for f in ("absmax", "minimum", "maximum", "mean", "std", "centered_std", "centered_absmax", "xtx", "rows", "row_info"):
+        for f in ("absmax", "minimum", "maximum", "mean", "std", "centered_std", "centered_absmax", "xtx", "rows", "row_info", "sample_means"):
             assert torch.equal(getattr(sa, f), getattr(sb, f)), (name, f)
         assert sa.per_timestep.keys() == sb.per_timestep.keys()
         for t, branches in sa.per_timestep.items():
@@ -130,6 +130,18 @@ def test_reservoir_rows_are_real_rows_with_their_timestep_branch_and_token(stats
         half = by_t[t][:n] if branch == 0 else by_t[t][n:]
         assert bool((half[:, token] == row).all(-1).any()), (t, branch, token)
     assert torch.unique(s.rows, dim=0).shape[0] == s.rows.shape[0]  # sampling without replacement
+
+
+def test_sample_means_are_the_per_sample_token_means(stats, captured):
+    """Token layers keep every (call, sample) mean over tokens (fewer than the reservoir size here); one-token
+    layers keep none (their centred input is zero)."""
+    s = stats[TOKEN_LAYER]
+    means = torch.cat([x.mean(1) for _, x in captured[TOKEN_LAYER]])  # (calls·B, K)
+    assert s.sample_means.shape == means.shape
+    for row in s.sample_means:
+        assert bool(torch.isclose(means, row, rtol=1e-6, atol=1e-6).all(-1).any())
+    assert torch.unique(s.sample_means, dim=0).shape[0] == means.shape[0]  # each kept once
+    assert stats[VECTOR_LAYER].sample_means.shape == (0, stats[VECTOR_LAYER].in_features)
 
 
 def test_reservoir_is_uniform_over_rows():

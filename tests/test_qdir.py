@@ -28,7 +28,8 @@ def _inputs():
 
 
 def _exotic(qmodel):
-    """Swap one layer for a QuantLinear using every stored part: smooth, centring, sigma, Hadamard, low-rank, static scale."""
+    """Swap one layer for a QuantLinear using every stored part: smooth, centring, sigma, Hadamard, low-rank, static
+    scale, the mean term's low-rank correction."""
     name = "transformer_blocks.0.attn1.to_q"
     lin = torch.nn.Linear(64, 64)
     k = 64
@@ -36,6 +37,7 @@ def _exotic(qmodel):
     cfg = LayerConfig(method="svd", w_bits=4, a_bits=8, w_group_size=32, a_granularity="per-tensor", rank=4)
     layer = QuantLinear.from_float(lin, cfg, weight=tr.fold_weight(lin.weight), transform=tr, act_scale=0.05,
                                    lr_down=torch.randn(4, k), lr_up=torch.randn(64, 4) * 0.01)
+    layer.set_mean_lowrank(torch.linalg.qr(torch.randn(k, 2)).Q.t(), torch.randn(64, 2) * 0.01)
     parent = qmodel.get_submodule("transformer_blocks.0.attn1")
     setattr(parent, "to_q", layer)
     return name

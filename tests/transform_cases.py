@@ -33,7 +33,8 @@ def outlier_acts(b: int = 4, t: int = 64, k: int = 192, n_outliers: int = 6, see
 
 def stats_from_acts(x: torch.Tensor) -> SimpleNamespace:
     """A LayerStats-like record with the fields of the calibration contract, computed directly from X (B, T, K) or
-    (B, K) (one token per sample, as adaLN inputs): population std, per-sample token-mean centring."""
+    (B, K) (one token per sample, as adaLN inputs): population std, per-sample token-mean centring; the per-sample
+    means (B, K) of token inputs ((0, K) for one token per sample)."""
     x3 = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() >= 3 else x.reshape(-1, 1, x.shape[-1])
     flat = x3.reshape(-1, x3.shape[-1]).float()
     centered = (x3 - x3.mean(1, keepdim=True)).reshape(-1, x3.shape[-1])
@@ -41,6 +42,7 @@ def stats_from_acts(x: torch.Tensor) -> SimpleNamespace:
         absmax=flat.abs().amax(0), minimum=flat.amin(0), maximum=flat.amax(0), mean=flat.mean(0),
         std=flat.std(0, unbiased=False), centered_std=centered.std(0, unbiased=False), centered_absmax=centered.abs().amax(0),
         xtx=flat.double().t() @ flat.double(), n_rows=flat.shape[0], rows=flat[:512].clone(), per_timestep={},
+        sample_means=x3.mean(1).float() if x3.shape[1] > 1 else torch.zeros(0, x3.shape[-1]),
     )
 
 

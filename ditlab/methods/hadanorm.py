@@ -3,15 +3,24 @@
 For a layer input X (B, T, K): μ = per-sample per-channel mean over tokens (online), σ (K,) a static per-channel scale
 from calibration (``cfg.sigma``: "std" = std of the mean-centred input, default; "absmax" = its absmax), Q the block
 Hadamard. ``X̃ = ((X − μ) / σ) Q`` is quantized; ``W̃ = W·diag(σ)·Q`` is folded offline and quantized;
-``out = Q_a(X̃) Q_w(W̃)ᵀ + T(μ) Q_w(W̃)ᵀ + b`` where T(μ) = (μ/σ) Q and the mean term runs in float (QuantLinear's
-mean correction), so no float copy of W is kept.
+``out = Q_a(X̃) Q_w(W̃)ᵀ + T(μ) W̃ᵀ + b`` where T(μ) = (μ/σ) Q. METHODS.md computes the mean term with the
+full-precision weight; a QuantLinear keeps no float copy of W (it would cost 4× the 4-bit codes), so the mean term
+is built from what is stored, and the weight error E = W̃ − Ŵ it would carry is corrected in two parts:
 
-The contract stores no float copy of W, so QuantLinear's mean term uses the *quantized* W̃: it adds
-T(μ)·(Ŵ − W̃)ᵀ to the output, which is large where a channel's mean is large compared with its σ (μ_j/σ_j ≫ 1: the
-massive constant channels that adaLN shifts create) and W̃ is 4-bit. The handler therefore folds the expected part
-of that error into the bias: ``b' = b + T(μ̄)·(W̃ − Ŵ)ᵀ`` with μ̄ the calibration mean, so the mean term is exact
-for the average input and only the per-sample deviation μ − μ̄ sees the weight error (bias correction, as in
-Nagel et al. 2019). ``cfg.params["mean_bias_correction"] = False`` turns it off.
+* **Low-rank mean term** (``params["mean_rank"]`` = r, default ``DEFAULT_MEAN_RANK``). A sample's mean does not
+  wander over all K directions: it moves with the class and the timestep, in a few directions. From the calibration
+  reservoir of per-sample means (``LayerStats.sample_means``), U (r, K) = the top-r right singular vectors of the
+  transformed deviations T(μ_s) − T(μ̄); the layer stores U and E·Uᵀ (N, r) in float16 and adds
+  ``(T(μ) Uᵀ)(E Uᵀ)ᵀ`` — the mean term is then exact, up to float16, for every μ in that subspace. Cost: (K + N)·r
+  float16 numbers per layer (r = 4 on a 192-wide layer: 4 % of its fp16 bytes; 1.4 % at DiT-XL's 1152 with r = 8).
+  r = K makes the term exact for every μ (the specification's full-precision GEMV, at fp16 storage cost).
+* **Bias correction** (``params["mean_bias_correction"]``, default on): the remaining error at the calibration
+  mean μ̄ is folded into the bias, ``b' = b + T(μ̄) W̃ᵀ − mean_term(T(μ̄))`` (Nagel et al. 2019), so the average
+  input sees no weight error in its mean term at all.
+
+Measured on the shipped model (docs/HADANORM.md): without these corrections the mean term's 4-bit weight error
+costs 1–4 dB of layer-output SQNR (the inputs of q/k/v and fc1 carry large per-sample channel means that adaLN's
+shift creates), enough to put W4A8 HadaNorm behind plain RTN.
 
 Single-token layers (adaLN modulation and embedders see (B, K): one token per sample) have nothing to centre —
 per-sample centring would leave a zero input and put the whole activation in the float mean term, i.e. no
@@ -33,6 +42,8 @@ from .gptq import quantize_folded
 from .hadamard import hadamard_signs
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MEAN_RANK = 4
 
 
 def single_token(stats) -> bool:
@@ -57,24 +68,57 @@ def hadanorm_transform(linear: nn.Linear, cfg, stats, layer: str | None = None) 
     return InputTransform(k, center=center, sigma=sigma, hadamard_signs=hadamard_signs(k, cfg.hadamard_seed))
 
 
-def mean_bias_correction(q: QuantLinear, linear: nn.Linear, mean: torch.Tensor) -> torch.Tensor:
-    """(N,) float32 ``T(μ̄)·(W̃ − Ŵ)ᵀ``: the mean term's weight-quantization error at the calibration mean μ̄ (K,)."""
+def transformed_mean(q: QuantLinear, mean: torch.Tensor) -> torch.Tensor:
+    """T(μ) = (μ / σ)·Q for means μ (S, K) → (S, K) float32 (HadaNorm has no smoothing)."""
     t = q.transform
-    t_mu = t.rotate(mean.float().reshape(1, -1) / t.sigma)  # (1, K): μ̄ through / σ and · Q (no smoothing in HadaNorm)
-    w_t = t.fold_weight(linear.weight)  # W̃ (N, K) in float
+    return t.rotate(mean.float().reshape(-1, q.in_features) / t.sigma)
+
+
+def weight_error(q: QuantLinear, linear: nn.Linear) -> torch.Tensor:
+    """E = W̃ − Ŵ (N, K) float32: the folded float weight minus what the layer stores (codes, and low-rank if any)."""
     w_hat = q.dequantized_weight()
     if q.lr_down is not None:
         w_hat = w_hat + q.lr_up.float() @ q.lr_down.float()
-    return (t_mu.double() @ (w_t - w_hat).double().t()).reshape(-1).float()
+    return q.transform.fold_weight(linear.weight) - w_hat
+
+
+def mean_lowrank(q: QuantLinear, linear: nn.Linear, stats, rank: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(U (r, K), E·Uᵀ (N, r)) float32 for the mean term's low-rank correction, or None without sample means.
+
+    U spans the top-r directions of the calibration means' deviations T(μ_s) − T(μ̄) (S, K); r ≤ min(rank, S − 1, K).
+    The product is computed from U rounded to float16, the precision it is stored in."""
+    means = getattr(stats, "sample_means", None)
+    if means is None or means.shape[0] < 2:
+        log.warning("hadanorm: no per-sample means in the calibration statistics; mean term without low-rank correction")
+        return None
+    dev = transformed_mean(q, means) - transformed_mean(q, stats.mean)  # (S, K)
+    r = min(int(rank), dev.shape[0] - 1, q.in_features)
+    _, _, vh = torch.linalg.svd(dev.double(), full_matrices=False)
+    down = vh[:r].to(torch.float16).float()  # (r, K)
+    return down, weight_error(q, linear) @ down.t()
+
+
+def mean_bias_correction(q: QuantLinear, linear: nn.Linear, mean: torch.Tensor) -> torch.Tensor:
+    """(N,) float32: exact mean term minus the layer's mean term at the calibration mean μ̄ (K,)."""
+    t_mu = transformed_mean(q, mean)  # (1, K)
+    exact = t_mu.double() @ q.transform.fold_weight(linear.weight).double().t()
+    return (exact - q.mean_correction(t_mu).double()).reshape(-1).float()
 
 
 @register("hadanorm")
 def quantize_hadanorm(linear: nn.Linear, cfg, stats=None) -> QuantLinear:
-    """HadaNorm handler: needs calibration statistics (σ, and μ̄ for the bias correction of the mean term)."""
+    """HadaNorm handler: needs calibration statistics (σ; μ̄ and the per-sample means for the mean term)."""
     require_stats(cfg, stats)
     with torch.no_grad():
         q = quantize_folded(linear, cfg, stats, hadanorm_transform(linear, cfg, stats))
-        if q.transform.center and cfg.params.get("mean_bias_correction", True):
+        if not q.transform.center:
+            return q
+        rank = cfg.params.get("mean_rank", DEFAULT_MEAN_RANK)
+        if rank:
+            factors = mean_lowrank(q, linear, stats, rank)
+            if factors is not None:
+                q.set_mean_lowrank(*factors)
+        if cfg.params.get("mean_bias_correction", True):
             corr = mean_bias_correction(q, linear, stats.mean)
             if q.bias is None:
                 q.register_buffer("bias", corr)
