@@ -9,6 +9,7 @@ from torch import nn
 from ditlab import primitives
 from ditlab.config import LayerConfig
 from ditlab.methods import get_handler
+from ditlab.methods.hadanorm import DEFAULT_MEAN_RANK
 from ditlab.nn import QuantLinear
 from transform_cases import stats_from_acts
 
@@ -41,13 +42,15 @@ def test_packed_ratio_w8_per_channel_and_w4_group128(n, k):
 
 
 def test_ratio_with_hadanorm_transform_buffers():
-    """HadaNorm adds σ (K,) float32 and the Hadamard signs (K,) int8: < 0.5 % of an XL layer."""
+    """HadaNorm adds σ (K,) float32, the Hadamard signs (K,) int8 and the mean term's low-rank correction
+    ((K + N)·r float16, r = DEFAULT_MEAN_RANK): 0.56 % of an XL layer's fp16 bytes together."""
     n, k = 1152, 1152
     lin = _linear(n, k)
-    x = torch.randn(2, 64, k) * torch.linspace(0.1, 3, k)
+    x = torch.randn(8, 64, k) * torch.linspace(0.1, 3, k) + torch.randn(8, 1, k)  # 8 samples: their means span 7 directions
     q = get_handler("hadanorm")(lin, LayerConfig(method="hadanorm", w_bits=4, a_bits=8, w_group_size=128), stats_from_acts(x))
-    assert q.weight_bytes() == n * k // 2 + n * (k // 128) * 3 + 4 * k + k
-    assert _ratio(q) <= 0.30
+    assert q.mean_down.shape[0] == DEFAULT_MEAN_RANK
+    assert q.weight_bytes() == n * k // 2 + n * (k // 128) * 3 + 4 * k + k + 2 * (k + n) * DEFAULT_MEAN_RANK
+    assert _ratio(q) <= 0.30 and _ratio(q) - (0.5 + 3 / 128) / 2 < 0.006
 
 
 def test_buffer_dtypes_and_lossless_grid():
