@@ -16,7 +16,8 @@
   python benchmarks/bench_hadanorm.py seeds [--group w4a8|a4] [--seeds 0,1,2] [--n-per-label 10]
       End-to-end PSNR / class accuracy / FD vs the FP model (same seeds) per image seed: ``w4a8`` — RTN, Hadamard,
       HadaNorm (default, and without the mean term's correction, and σ = absmax), RTN and HadaNorm both with GPTQ
-      weight rounding; ``a4`` — RTN vs HadaNorm with 4-bit activations (W8A4, W4A4).
+      weight rounding; ``a4`` — RTN vs HadaNorm with 4-bit activations (W8A4, W4A4); ``rotations`` — HadaNorm with
+      three other random Hadamard sign vectors (the preset's is seed 0): how far the same method moves the PSNR.
   python benchmarks/bench_hadanorm.py split [--seeds 0,1] [--n-per-label 10]
       End-to-end PSNR with the method switched by timestep group (4 groups of the 25 steps): RTN in the first
       group and HadaNorm after it, and the reverse.
@@ -149,7 +150,10 @@ def variant_recipe(base: str, name: str, **changes) -> Recipe:
 
 
 def seed_recipes(group: str) -> list[Recipe]:
-    """The recipes of the ``seeds`` part: "w4a8" (rounding of 4-bit weights) or "a4" (4-bit activations)."""
+    """The recipes of the ``seeds`` part: "w4a8" (rounding of 4-bit weights), "a4" (4-bit activations) or
+    "rotations" (w4a8-hadanorm with other random Hadamard signs: the same method, a different error)."""
+    if group == "rotations":
+        return [variant_recipe("w4a8-hadanorm", f"w4a8-hadanorm, hadamard_seed {h}", hadamard_seed=h) for h in (1, 2, 3)]
     if group == "a4":
         return [variant_recipe("w4a8-rtn", "w8a4-rtn", w_bits=8, a_bits=4, w_group_size=None),
                 variant_recipe("w4a8-hadanorm", "w8a4-hadanorm", w_bits=8, a_bits=4, w_group_size=None),
@@ -202,7 +206,8 @@ def main() -> int:
     p.add_argument("--steps", default=None, help="sampling steps whose layer inputs are captured (layers: default 0,5,9; steps: 0,2,5,9)")
     p.add_argument("--seeds", default=None, help="image seeds (seeds: default 0,1,2; split: 0,1)")
     p.add_argument("--n-per-label", type=int, default=10)
-    p.add_argument("--group", choices=("w4a8", "a4"), default="w4a8", help="recipes of the seeds part: 4-bit weights' rounding, or 4-bit activations")
+    p.add_argument("--group", choices=("w4a8", "a4", "rotations"), default="w4a8",
+                   help="recipes of the seeds part: 4-bit weights' rounding, 4-bit activations, or HadaNorm with other Hadamard seeds")
     args = p.parse_args()
     torch.set_num_threads(2)
     t0 = time.time()
