@@ -23,6 +23,7 @@ from ditlab.errors import ConfigError, DitlabError  # noqa: E402
 
 PIPE = api.load("shipped")  # loaded once, shared read-only by every session
 LABEL_CHOICES = api.label_choices(PIPE)
+SCHEDULER_CHOICES = api.scheduler_choices()
 GRID_LOCK = threading.Lock()  # one FP grid at a time: the first page load waits for the warm-up, then hits the cache
 FIRST_SCREEN = dict(labels=[v for _, v in LABEL_CHOICES], n_per_label=5, seed=0, steps=api.DEFAULT_STEPS, guidance=api.DEFAULT_GUIDANCE)
 
@@ -94,13 +95,15 @@ def _quantized(source: str, recipe, request):
 
 # ---------------------------------------------------------------- handlers
 @guarded(2)
-def generate(labels, n_per_label, seed, steps, guidance, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
-    """A grid with one row per chosen class (FP model)."""
+def generate(labels, n_per_label, seed, steps, guidance, scheduler=api.DEFAULT_SCHEDULER, request: gr.Request = None,
+             progress=gr.Progress(track_tqdm=True)):
+    """A grid with one row per chosen class (FP model). ``scheduler`` may be omitted by API clients (default sampler)."""
     n_per_label = api.whole_number(n_per_label, "images per class", 1, 16)
     api.check_request(max(1, len(labels or [])) * n_per_label, steps, guidance, seed)  # no labels: generate_grid names the field
+    api.check_scheduler(scheduler)
     with GRID_LOCK, _job(request):
-        grid, info = api.generate_grid(PIPE, labels, n_per_label, steps=int(steps), guidance=float(guidance), seed=int(seed))
-    return grid, f"{info['n_images']} images · seed {info['seed']} · {info['seconds']} s · {info['path']}"
+        grid, info = api.generate_grid(PIPE, labels, n_per_label, steps=int(steps), guidance=float(guidance), seed=int(seed), scheduler=scheduler)
+    return grid, f"{info['n_images']} images · seed {info['seed']} · {api.SCHEDULER_NAMES[scheduler]} · {info['seconds']} s · {info['path']}"
 
 
 @guarded(11)
@@ -164,19 +167,22 @@ def import_recipe(text, upload, source):
 
 
 @guarded(6)
-def compare(recipe_json, labels, n_per_label, seed, steps, guidance, backend, source, request: gr.Request = None,
-            progress=gr.Progress(track_tqdm=True)):
-    """FP vs quantized images (same seeds), difference heat map, metrics and per-step divergence."""
+def compare(recipe_json, labels, n_per_label, seed, steps, guidance, backend, source="shipped", scheduler=api.DEFAULT_SCHEDULER,
+            request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
+    """FP vs quantized images (same seeds), difference heat map, metrics and per-step divergence. ``source`` is the
+    session's state; ``scheduler`` may be omitted by API clients (default sampler)."""
     pipe = api.load(source)
     recipe = api.parse_recipe(recipe_json, pipe)
     n_per_label = api.whole_number(n_per_label, "images per class", 1, 8)
     api.check_request(max(1, len(labels or [])) * n_per_label, steps, guidance, seed)
+    api.check_scheduler(scheduler)
     batch = [y for y in api.class_ids(labels, pipe.num_classes) for _ in range(n_per_label)]
     with _job(request):
         q = _quantized(source, recipe, request)
-        c = api.compare(pipe, q, batch, steps=int(steps), guidance=float(guidance), seed=int(seed), backend=backend or None)
+        c = api.compare(pipe, q, batch, steps=int(steps), guidance=float(guidance), seed=int(seed), scheduler=scheduler, backend=backend or None)
     rows = api.grid_rows(len(labels), n_per_label)
-    status = f"recipe **{recipe.name}** · {len(batch)} images · seed {int(seed)} · images by the **{api.BACKEND_NAMES.get(c.backend, c.backend)}**"
+    status = (f"recipe **{recipe.name}** · {len(batch)} images · seed {int(seed)} · {api.SCHEDULER_NAMES[scheduler]} · "
+              f"images by the **{api.BACKEND_NAMES.get(c.backend, c.backend)}**")
     return (api.image_grid(c.fp_images, rows, scale=3), api.image_grid(c.q_images, rows, scale=3), api.image_grid(c.diff, rows, scale=3),
             api.compare_metrics(c.metrics), api.divergence_figure(c.divergence, c.timesteps), status)
 
@@ -269,11 +275,12 @@ def _generate_tab():
                 seed = gr.Number(FIRST_SCREEN["seed"], precision=0, label="seed", elem_id="seed")
                 steps = gr.Slider(1, 100, value=FIRST_SCREEN["steps"], step=1, label="steps", elem_id="steps")
                 guidance = gr.Slider(1.0, 10.0, value=FIRST_SCREEN["guidance"], step=0.5, label="CFG scale", elem_id="guidance")
+                scheduler = gr.Radio(SCHEDULER_CHOICES, value=api.DEFAULT_SCHEDULER, label="sampler", elem_id="scheduler")
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
                 grid = gr.Image(label="samples (one row per class)", type="numpy", elem_id="grid", format="png")
                 status = gr.Markdown(label="status", elem_id="status")
-    return [labels, n_per_label, seed, steps, guidance], run, [grid, status]
+    return [labels, n_per_label, seed, steps, guidance, scheduler], run, [grid, status]
 
 
 def build() -> gr.Blocks:
@@ -322,6 +329,7 @@ def build() -> gr.Blocks:
                     c_cfg = gr.Slider(1.0, 10.0, value=api.DEFAULT_GUIDANCE, step=0.5, label="CFG scale", elem_id="c_cfg")
                     c_backend = gr.Radio(api.backends.available(), value=api.default_backend(), label="execution path of the quantized layers",
                                          elem_id="c_backend")
+                    c_sched = gr.Radio(SCHEDULER_CHOICES, value=api.DEFAULT_SCHEDULER, label="sampler", elem_id="c_scheduler")
                 with gr.Row():
                     c_run = gr.Button("Compare", variant="primary", elem_id="compare")
                     c_cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -386,7 +394,7 @@ def build() -> gr.Blocks:
         import_btn.click(import_recipe, [paste, upload, source], recipe_views + [table_msg], api_name="import_recipe")
         download_btn.click(download_recipe, recipe_json, download_btn, api_name=False)
         c_event = c_run.click(recipe_for_run, [table, recipe_json, source], recipe_json, api_name=False).success(
-            compare, [recipe_json, c_labels, c_n, c_seed, c_steps, c_cfg, c_backend, source], [fp_img, q_img, diff_img, metrics, divergence, c_status],
+            compare, [recipe_json, c_labels, c_n, c_seed, c_steps, c_cfg, c_backend, source, c_sched], [fp_img, q_img, diff_img, metrics, divergence, c_status],
             api_name="compare", **HEAVY)
         o_event = o_run.click(outliers, [o_layer, o_t, o_branch, source], [o_fig, o_table, o_map, o_msg], api_name="outliers", **HEAVY)
         s_event = s_run.click(sensitivity, [s_setting, s_metric, source], [s_fig, s_table, s_msg], api_name="sensitivity", **HEAVY)

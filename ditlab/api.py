@@ -22,7 +22,7 @@ from . import backends, evaluation, public
 from .config import Recipe, load_recipe
 from .evaluation import SampleSettings, content_metrics, eval_labels, load_classifier, real_features  # noqa: F401 - re-exported
 from .models import LayerInfo, Pipeline, list_linears, load_pipeline
-from .sampling import DEFAULT_SCHEDULER, SampleResult, image_grid, sample
+from .sampling import DEFAULT_SCHEDULER, SCHEDULERS, SampleResult, image_grid, sample
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +252,22 @@ def label_choices(pipe: Pipeline) -> list[tuple[str, str]]:
     CheckboxGroup; ``class_ids`` turns them (or ints) back into class ids.
     """
     return [(f"{i}: {pipe.label_name(i)}", str(i)) for i in range(pipe.num_classes)]
+
+
+SCHEDULER_NAMES = {"dpm++": "DPM-Solver++(2M)", "ddim": "DDIM"}  # display names of the samplers (sampling.SCHEDULERS)
+
+
+def scheduler_choices() -> list[tuple[str, str]]:
+    """(display name, sampler id) pairs for pickers, the default first."""
+    return [(SCHEDULER_NAMES[s], s) for s in sorted(SCHEDULERS, key=lambda s: s != DEFAULT_SCHEDULER)]
+
+
+def check_scheduler(scheduler) -> None:
+    """ConfigError naming ``sampler`` unless ``scheduler`` is one of ``sampling.SCHEDULERS``."""
+    from .errors import ConfigError
+
+    if scheduler not in SCHEDULERS:
+        raise ConfigError.invalid("sampler", scheduler, ", ".join(SCHEDULERS))
 
 
 def class_ids(labels, num_classes: int) -> tuple[int, ...]:

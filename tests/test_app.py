@@ -54,6 +54,18 @@ def test_generate_on_the_shipped_model():
     assert _msg(app.generate([], 1, 0, None, 4.0)).startswith("⚠️ steps")
 
 
+def test_sampler_choice_changes_the_images_and_is_named():
+    """The default sampler is DPM-Solver++ (the first choice); DDIM gives other images for the same seed; a sampler
+    that does not exist is refused by name."""
+    assert [v for _, v in app.SCHEDULER_CHOICES] == ["dpm++", "ddim"]
+    default, status = app.generate([0, 1], 1, 0, 3, 4.0)
+    dpm, _ = app.generate([0, 1], 1, 0, 3, 4.0, "dpm++")
+    ddim, ddim_status = app.generate([0, 1], 1, 0, 3, 4.0, "ddim")
+    assert (default == dpm).all() and not (ddim == dpm).all()
+    assert "DPM-Solver++(2M)" in status and "DDIM" in ddim_status
+    assert _msg(app.generate([0], 1, 0, 3, 4.0, "euler")).startswith("⚠️ sampler")
+
+
 def test_load_model_shipped_local_and_bad_sources(tiny):
     out = app.load_model("local folder", tiny)
     assert out[0] == tiny and "DiTTransformer2DModel" in out[1] and _msg(out).startswith("✓")
@@ -112,6 +124,9 @@ def test_compare_outputs_and_bad_recipes(tiny):
     assert "steps" in _msg(app.compare(PRESETS["fp"].to_json(), LABELS, 1, 0, 10_000, 4.0, "cpu-int", tiny))
     assert _msg(app.compare(PRESETS["fp"].to_json(), LABELS, None, 0, 3, 4.0, "cpu-int", tiny)).startswith("⚠️ images per class")
     assert "DITLAB_BACKEND" in _msg(app.compare(PRESETS["fp"].to_json(), LABELS, 1, 0, 3, 4.0, "gpu-magic", tiny))
+    ddim = app.compare(PRESETS["w8a8-rtn"].to_json(), LABELS, 1, 0, 3, 4.0, "cpu-int", tiny, "ddim")
+    assert "DDIM" in ddim[-1] and "DPM-Solver++(2M)" in status and not (ddim[0] == fp).all()  # FP images follow the sampler too
+    assert _msg(app.compare(PRESETS["fp"].to_json(), LABELS, 1, 0, 3, 4.0, "cpu-int", tiny, "euler")).startswith("⚠️ sampler")
 
 
 def test_outliers_sensitivity_cell_click_and_allocate(tiny):
@@ -171,6 +186,12 @@ def test_class_pickers_accept_what_the_api_description_advertises(client):
         assert param["type"]["items"]["enum"] == [str(i) for i in range(10)]
     grid, status = client.predict(endpoints["/generate"]["parameters"][0]["type"]["items"]["enum"][:2], 1, 0, 2, 4.0, api_name="/generate")
     assert status.startswith("2 images"), status
+    for endpoint in ("/generate", "/compare"):  # the sampler: advertised with its choices, optional (scripts written before it still work)
+        param = endpoints[endpoint]["parameters"][-1]
+        assert param["parameter_name"] == "scheduler" and param["parameter_has_default"] and param["parameter_default"] == "dpm++"
+        assert param["type"]["enum"] == ["dpm++", "ddim"]
+    grid, status = client.predict(["0"], 1, 0, 2, 4.0, "ddim", api_name="/generate")
+    assert "DDIM" in status
 
 
 def test_every_named_endpoint_over_http(client, tiny):

@@ -103,12 +103,13 @@ def test_main_path(page, url):
     _tab(page, "Compare")
     page.fill("#c_steps input[type=number]", "10")
     page.keyboard.press("Enter")
+    page.locator("#c_scheduler label", has_text="DDIM").click()  # the sampler picker
     page.click("#compare")
     page.wait_for_selector("#q_images img")
     page.wait_for_selector("#fp_images img")
     _wait_text(page, "#metrics", "PSNR")
     _wait_text(page, "#c_status", "w8a8-viditq-edited")
-    assert "CPU integer path" in page.inner_text("#c_status")
+    assert "CPU integer path" in page.inner_text("#c_status") and "DDIM" in page.inner_text("#c_status")
     page.wait_for_selector("#divergence .js-plotly-plot")
     _shot(page, "compare")
 
