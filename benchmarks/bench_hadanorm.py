@@ -76,12 +76,23 @@ def held_out_inputs(pipe, calib, steps: list[int]) -> dict[int, dict[str, torch.
     return {s: outliers.capture_step(pipe, {**calib.settings, **HELD_OUT}, s) for s in steps}
 
 
-def layers_part(steps: list[int]) -> str:
+def layer_setup(steps: list[int]):
+    """(calib, held-out inputs {step: {layer: X}}, modules {name: module}, plan {layer: w4a8-rtn LayerConfig}) of the
+    shipped model: what the per-layer parts measure on."""
     pipe = api.load(None)
     calib = api.calibrate(pipe, progress=False)
-    captured = held_out_inputs(pipe, calib, steps)
-    modules = dict(pipe.transformer.named_modules())
     plan = {n: c for n, c in plan_for(pipe.transformer, "w4a8-rtn").items() if c is not None}
+    return calib, held_out_inputs(pipe, calib, steps), dict(pipe.transformer.named_modules()), plan
+
+
+def variant_layer(linear: nn.Linear, cfg, stats, label: str, **changes) -> nn.Module:
+    """The quantized layer of VARIANTS[label] built from ``cfg`` with ``changes`` (e.g. other bits)."""
+    method, extra = VARIANTS[label]
+    return get_handler(method)(linear, dataclasses.replace(cfg, method=method, **changes, **extra), stats)
+
+
+def layers_part(steps: list[int]) -> str:
+    calib, captured, modules, plan = layer_setup(steps)
     rows: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for name, cfg in plan.items():
         linear, stats, kind = modules[name], stats_for(calib, name), layer_kind(name)
@@ -90,9 +101,9 @@ def layers_part(steps: list[int]) -> str:
             rows[kind][f"W4 SQNR {view}"].append(w4_sqnr(w))
         inputs = [captured[s][name] for s in steps]
         for setting, (wb, ab, group) in SETTINGS.items():
-            for label, (method, extra) in VARIANTS.items():
-                c = dataclasses.replace(cfg, method=method, w_bits=wb, a_bits=ab, w_group_size=group, **extra)
-                rows[kind][f"{setting} {label}"].append(output_sqnr(linear, get_handler(method)(linear, c, stats), inputs))
+            for label in VARIANTS:
+                q = variant_layer(linear, cfg, stats, label, w_bits=wb, a_bits=ab, w_group_size=group)
+                rows[kind][f"{setting} {label}"].append(output_sqnr(linear, q, inputs))
     kinds = [k for k in KINDS if k in rows]
     cols = list(next(iter(rows.values())))
     out = [f"Shipped tiny DiT, {len(plan)} quantized linears; layer outputs on inputs captured at sampling steps {steps} of a held-out run "
@@ -107,17 +118,13 @@ def layers_part(steps: list[int]) -> str:
 
 def steps_part(steps: list[int]) -> str:
     """Per sampling step: mean W4A8 output SQNR over the layers per method, and the worst layer's gap to RTN."""
-    pipe = api.load(None)
-    calib = api.calibrate(pipe, progress=False)
-    captured = held_out_inputs(pipe, calib, steps)
-    modules = dict(pipe.transformer.named_modules())
-    plan = {n: c for n, c in plan_for(pipe.transformer, "w4a8-rtn").items() if c is not None}
+    calib, captured, modules, plan = layer_setup(steps)
     labels = ("RTN", "Hadamard", "HadaNorm σ=std", "HadaNorm σ=absmax")
     sqnr: dict[tuple[int, str], list[float]] = defaultdict(list)
     worst: dict[tuple[int, str], tuple[float, str]] = {}
     for name, cfg in plan.items():
         linear, stats = modules[name], stats_for(calib, name)
-        layers = {lab: get_handler(VARIANTS[lab][0])(linear, dataclasses.replace(cfg, method=VARIANTS[lab][0], **VARIANTS[lab][1]), stats) for lab in labels}
+        layers = {lab: variant_layer(linear, cfg, stats, lab) for lab in labels}
         for s in steps:
             got = {lab: output_sqnr(linear, q, [captured[s][name]]) for lab, q in layers.items()}
             for lab, v in got.items():

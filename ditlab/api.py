@@ -22,7 +22,7 @@ from . import backends, evaluation, public
 from .config import Recipe, load_recipe
 from .evaluation import SampleSettings, content_metrics, eval_labels, load_classifier, real_features  # noqa: F401 - re-exported
 from .models import LayerInfo, Pipeline, list_linears, load_pipeline
-from .sampling import DEFAULT_SCHEDULER, SCHEDULERS, SampleResult, image_grid, sample
+from .sampling import DEFAULT_SCHEDULER, SCHEDULERS, SampleResult, check_scheduler as _check_scheduler, image_grid, sample
 
 log = logging.getLogger(__name__)
 
@@ -263,11 +263,8 @@ def scheduler_choices() -> list[tuple[str, str]]:
 
 
 def check_scheduler(scheduler) -> None:
-    """ConfigError naming ``sampler`` unless ``scheduler`` is one of ``sampling.SCHEDULERS``."""
-    from .errors import ConfigError
-
-    if scheduler not in SCHEDULERS:
-        raise ConfigError.invalid("sampler", scheduler, ", ".join(SCHEDULERS))
+    """ConfigError naming ``sampler`` (the app's label) unless ``scheduler`` is one of ``sampling.SCHEDULERS``."""
+    _check_scheduler(scheduler, field="sampler")
 
 
 def class_ids(labels, num_classes: int) -> tuple[int, ...]:

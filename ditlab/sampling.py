@@ -57,6 +57,12 @@ class SampleResult:
     seconds: float = 0.0
 
 
+def check_scheduler(name, field: str = "scheduler") -> None:
+    """ConfigError naming ``field`` unless ``name`` is one of SCHEDULERS."""
+    if name not in SCHEDULERS:
+        raise ConfigError.invalid(field, name, ", ".join(SCHEDULERS))
+
+
 def make_scheduler(config: dict, name: str):
     """A fresh diffusers scheduler of kind ``name`` built from the model's saved scheduler config."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
@@ -82,8 +88,7 @@ def initial_noise(shape: tuple[int, ...], seed: int, count: int) -> torch.Tensor
 
 def validate_request(pipe: Pipeline, labels: Sequence[int] | None, prompts: Sequence[str] | None, steps: int, guidance: float, scheduler: str) -> None:
     """Raises ConfigError naming the field for any argument the sampler cannot honour."""
-    if scheduler not in SCHEDULERS:
-        raise ConfigError.invalid("scheduler", scheduler, ", ".join(SCHEDULERS))
+    check_scheduler(scheduler)
     if not isinstance(steps, int) or not 1 <= steps <= 1000:
         raise ConfigError.invalid("steps", steps, "an integer from 1 to 1000")
     if not 0.0 <= float(guidance) <= 50.0:

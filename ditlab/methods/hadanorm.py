@@ -19,9 +19,9 @@ is built from what is stored, and the weight error E = W̃ − Ŵ it would carry
   mean μ̄ is folded into the bias, ``b' = b + T(μ̄) W̃ᵀ − mean_term(T(μ̄))`` (Nagel et al. 2019), so the average
   input sees no weight error in its mean term at all.
 
-Measured on the shipped model (docs/HADANORM.md): without these corrections the mean term's 4-bit weight error
-costs 1–4 dB of layer-output SQNR (the inputs of q/k/v and fc1 carry large per-sample channel means that adaLN's
-shift creates), enough to put W4A8 HadaNorm behind plain RTN.
+Measured on the shipped model (docs/HADANORM.md § 2, held-out inputs): the rank-2 correction lifts W4A8 layer-output
+SQNR by 0.6–1.7 dB over the bias correction alone (the inputs of q/k/v and fc1 carry large per-sample channel means
+that adaLN's shift creates).
 
 Single-token layers (adaLN modulation and embedders see (B, K): one token per sample) have nothing to centre —
 per-sample centring would leave a zero input and put the whole activation in the float mean term, i.e. no
@@ -75,15 +75,15 @@ def transformed_mean(q: QuantLinear, mean: torch.Tensor) -> torch.Tensor:
     return t.rotate(mean.float().reshape(-1, q.in_features) / t.sigma)
 
 
-def weight_error(q: QuantLinear, linear: nn.Linear) -> torch.Tensor:
-    """E = W̃ − Ŵ (N, K) float32: the folded float weight minus what the layer stores (codes, and low-rank if any)."""
+def weight_error(q: QuantLinear, w_tilde: torch.Tensor) -> torch.Tensor:
+    """E = W̃ − Ŵ (N, K) float32: the folded float weight W̃ (N, K) minus what the layer stores (codes, and low-rank if any)."""
     w_hat = q.dequantized_weight()
     if q.lr_down is not None:
         w_hat = w_hat + q.lr_up.float() @ q.lr_down.float()
-    return q.transform.fold_weight(linear.weight) - w_hat
+    return w_tilde - w_hat
 
 
-def mean_lowrank(q: QuantLinear, linear: nn.Linear, stats, rank: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def mean_lowrank(q: QuantLinear, w_tilde: torch.Tensor, stats, rank: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(U (r, K), E·Uᵀ (N, r)) float32 for the mean term's low-rank correction, or None without sample means.
 
     U spans the top-r directions of the calibration means' deviations T(μ_s) − T(μ̄) (S, K); r ≤ min(rank, S − 1, K).
@@ -96,13 +96,13 @@ def mean_lowrank(q: QuantLinear, linear: nn.Linear, stats, rank: int) -> tuple[t
     r = min(int(rank), dev.shape[0] - 1, q.in_features)
     _, _, vh = torch.linalg.svd(dev.double(), full_matrices=False)
     down = vh[:r].to(torch.float16).float()  # (r, K)
-    return down, weight_error(q, linear) @ down.t()
+    return down, weight_error(q, w_tilde) @ down.t()
 
 
-def mean_bias_correction(q: QuantLinear, linear: nn.Linear, mean: torch.Tensor) -> torch.Tensor:
-    """(N,) float32: exact mean term minus the layer's mean term at the calibration mean μ̄ (K,)."""
+def mean_bias_correction(q: QuantLinear, w_tilde: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """(N,) float32: exact mean term T(μ̄)·W̃ᵀ minus the layer's mean term at the calibration mean μ̄ (K,)."""
     t_mu = transformed_mean(q, mean)  # (1, K)
-    exact = t_mu.double() @ q.transform.fold_weight(linear.weight).double().t()
+    exact = t_mu.double() @ w_tilde.double().t()
     return (exact - q.mean_correction(t_mu).double()).reshape(-1).float()
 
 
@@ -114,13 +114,14 @@ def quantize_hadanorm(linear: nn.Linear, cfg, stats=None) -> QuantLinear:
         q = quantize_folded(linear, cfg, stats, hadanorm_transform(linear, cfg, stats))
         if not q.transform.center:
             return q
+        w_tilde = q.transform.fold_weight(linear.weight)  # W̃ (N, K) float32, shared by both corrections
         rank = cfg.params.get("mean_rank", DEFAULT_MEAN_RANK)
         if rank:
-            factors = mean_lowrank(q, linear, stats, rank)
+            factors = mean_lowrank(q, w_tilde, stats, rank)
             if factors is not None:
                 q.set_mean_lowrank(*factors)
         if cfg.params.get("mean_bias_correction", True):
-            corr = mean_bias_correction(q, linear, stats.mean)
+            corr = mean_bias_correction(q, w_tilde, stats.mean)
             if q.bias is None:
                 q.register_buffer("bias", corr)
             else:
