@@ -248,9 +248,18 @@ def load_export(upload, path, request: gr.Request = None):
     return (source, *_recipe_outputs(pipe, q.recipe, "")[:4], f"✓ loaded `{folder.name}` (recipe {q.recipe.name}, model {source})")
 
 
+CANCEL_WAIT = 10.0  # s: how long Cancel waits for the jobs to stop, so its message can say they did
+
+
 def cancel(request: gr.Request = None):
-    """Stops this session's running jobs at their next layer (the Cancel buttons; scripts: /cancel)."""
-    return f"cancelling {JOBS.cancel(_session(request))} running job(s)"
+    """Stops this session's running jobs at their next layer and reports the outcome (the Cancel buttons; scripts:
+    /cancel). Not queued: it answers even while every worker is busy."""
+    signalled, running = JOBS.cancel(_session(request), wait=CANCEL_WAIT)
+    if not signalled:
+        return "nothing to cancel: no job of yours is running"
+    if running:
+        return f"cancelling {signalled} job(s): {running} still finishing its current layer"
+    return f"cancelled {signalled} job(s); the worker is free"
 
 
 def forget_session(request: gr.Request):

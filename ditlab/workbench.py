@@ -310,14 +310,14 @@ class Jobs:
 
     def __init__(self):
         self._events: dict[str, set] = {}
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()  # guards _events; notified whenever a job ends
         self._hook = None
 
     @contextmanager
     def run(self, session: str | None):
         import torch
 
-        with self._lock:
+        with self._changed:
             if self._hook is None:
                 self._hook = torch.nn.modules.module.register_module_forward_pre_hook(_stop_if_cancelled)
             event = threading.Event()
@@ -327,16 +327,24 @@ class Jobs:
             yield event
         finally:
             _job.cancel = None
-            with self._lock:
+            with self._changed:
                 self._events.get(session or "local", set()).discard(event)
+                self._changed.notify_all()
 
-    def cancel(self, session: str | None) -> int:
-        """Signals every running job of ``session``; returns how many."""
-        with self._lock:
-            events = list(self._events.get(session or "local", ()))
-        for event in events:
-            event.set()
-        return len(events)
+    def sessions_running(self) -> set[str]:
+        """The sessions with at least one running job."""
+        with self._changed:
+            return {session for session, events in self._events.items() if events}
+
+    def cancel(self, session: str | None, wait: float = 0.0) -> tuple[int, int]:
+        """Signals every running job of ``session`` and waits up to ``wait`` seconds for them to end.
+        Returns (jobs signalled, jobs of those still running): (1, 0) = one job stopped, the worker is free."""
+        with self._changed:
+            events = set(self._events.get(session or "local", ()))
+            for event in events:
+                event.set()
+            self._changed.wait_for(lambda: not events & self._events.get(session or "local", set()), timeout=wait)
+            return len(events), len(events & self._events.get(session or "local", set()))
 
 # ---------------------------------------------------------------- compare views
 def compare_metrics(metrics: dict) -> pd.DataFrame:

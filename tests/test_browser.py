@@ -146,10 +146,10 @@ def test_main_path(page, url):
     page.click("#compare")
     page.wait_for_timeout(2000)
     page.click("#cancel")
-    # Two messages race for #c_status: Cancel's own "cancelling 1 running job(s)" and, when the stopped job returns
-    # before the browser drops its event, the job's "⚠️ cancelled: …". Either tells the user; the CI run of session 6
-    # saw the second overwrite the first within one frame.
-    _wait_text(page, "#c_status", "cancel")
+    # Two messages race for #c_status: Cancel's own "cancelled 1 job(s); the worker is free" and, when the stopped job
+    # returns before the browser drops its event, the job's "⚠️ cancelled: …". Both say "cancelled" (the CI run of
+    # session 6 saw the second overwrite the first within one frame).
+    _wait_text(page, "#c_status", "cancelled")
     page.fill("#c_steps input[type=number]", "5")
     page.keyboard.press("Enter")
     page.fill("#c_n input[type=number]", "1")

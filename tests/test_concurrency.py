@@ -75,10 +75,6 @@ class CountingJobs(workbench.Jobs):
             with self._count:
                 self.running -= 1
 
-    def sessions_running(self) -> set[str]:
-        with self._lock:
-            return {s for s, events in self._events.items() if events}
-
 
 class CountingCache(workbench.QuantCache):
     """app.QUANTIZED that records its largest size after every insertion and keeps weak references to every copy made."""
@@ -300,13 +296,13 @@ def test_cancel_frees_the_worker_for_the_queued_job(server, tiny):
     _wait(lambda: job_s.status().code == Status.IN_QUEUE, "the short job queued")
     assert short.session_hash not in jobs.sessions_running() and not job_s.done()  # both heavy workers are taken
 
-    assert long_a.predict(api_name="/cancel") == "cancelling 1 running job(s)"
+    assert long_a.predict(api_name="/cancel") == "cancelled 1 job(s); the worker is free"
     assert "cancelled" in job_a.result(timeout=300)[-1]
     result = job_s.result(timeout=600)  # the freed worker takes the queued job …
     assert result[-1].startswith("recipe **fp**"), result[-1]
     # … while the other long job still holds the other worker: it is still running, and ends only when cancelled
     assert not job_b.done() and long_b.session_hash in jobs.sessions_running(), "the second long job ended before the short one"
-    assert long_b.predict(api_name="/cancel") == "cancelling 1 running job(s)"
+    assert long_b.predict(api_name="/cancel") == "cancelled 1 job(s); the worker is free"
     assert "cancelled" in job_b.result(timeout=300)[-1]
     assert not jobs.sessions_running()
 
@@ -368,7 +364,7 @@ def test_the_queue_refuses_requests_beyond_its_size(server, tiny):
     assert 4 <= len(refused) and len(jobs) - len(refused) <= size, f"{len(refused)} of {len(jobs)} refused (max_size {size})"
     for h, job in zip(holders, long_jobs):  # /cancel is not queued: a direct POST reaches the job while the queue is full
         reply = requests.post(f"{url.rstrip('/')}/gradio_api/run/cancel", json={"data": [], "session_hash": h.session_hash}, timeout=60)
-        assert reply.status_code == 200 and reply.json()["data"][0] == "cancelling 1 running job(s)", reply.text
+        assert reply.status_code == 200 and reply.json()["data"][0] == "cancelled 1 job(s); the worker is free", reply.text
         assert "cancelled" in job.result(timeout=300)[-1]
     for job in jobs:
         if job not in refused:

@@ -268,13 +268,35 @@ def test_cancel_stops_a_running_job_at_the_next_layer(tiny):
     other = threading.Thread(target=job, args=("b", 3))
     long.start()
     other.start()
-    assert jobs.cancel("zzz") == 0
-    while jobs.cancel("a") == 0:  # as soon as the job runs
+    assert jobs.cancel("zzz") == (0, 0)
+    while (outcome_of_cancel := jobs.cancel("a", wait=30)) == (0, 0):  # as soon as the job runs
         assert long.is_alive()
         time.sleep(0.01)
+    assert outcome_of_cancel == (1, 0)  # signalled, and stopped within the wait
     t0 = time.perf_counter()
     long.join(timeout=30)
     other.join(timeout=60)
     assert not long.is_alive() and time.perf_counter() - t0 < 30
     assert outcome == {"a": "cancelled: the job stopped at your request", "b": "finished"}  # the other session ran on
     sample(tiny, [0], steps=2, progress=False)  # outside a job the hook does nothing
+
+
+def test_cancel_waits_for_the_job_and_reports_one_still_in_its_layer():
+    """``cancel(wait=…)`` returns once the signalled jobs have ended, or at the timeout with the count still running
+    (a job between module forwards, e.g. quantizing a layer, cannot stop before its next forward)."""
+    jobs = wb.Jobs()
+    entered, release = threading.Event(), threading.Event()
+
+    def job():
+        with jobs.run("s"):
+            entered.set()
+            release.wait(30)  # no module forward here: the job cannot stop yet
+
+    worker = threading.Thread(target=job)
+    worker.start()
+    assert entered.wait(30)
+    assert jobs.cancel("s", wait=0.2) == (1, 1)
+    threading.Timer(0.3, release.set).start()
+    assert jobs.cancel("s", wait=30) == (1, 0)
+    worker.join(timeout=30)
+    assert jobs.cancel("s") == (0, 0)
