@@ -44,6 +44,8 @@ import gradio as gr  # noqa: E402
 
 log = logging.getLogger("ditlab.app")
 QUANTIZED = api.QuantCache(max_entries=6)  # bounded: at most 6 quantized copies in memory across all sessions
+LOADED_EXPORTS: dict[tuple, Path] = {}  # (session, model source, recipe JSON) → the QDIR folder that session loaded
+EXPORTS_LOCK = threading.Lock()
 JOBS = api.Jobs()  # cancel tokens of running jobs: Cancel stops a job at its next layer, freeing the worker
 RATE = api.RateLimiter()  # public mode: heavy jobs per client address per minute
 WORKDIR = Path(tempfile.mkdtemp(prefix="ditlab-app-"))  # exports and uploads of this process
@@ -89,8 +91,18 @@ def _recipe_outputs(pipe, recipe, message: str) -> tuple:
 
 
 def _quantized(source: str, recipe, request):
-    pipe = api.load(source)
-    return QUANTIZED.get(_session(request), pipe, recipe, lambda p, r: api.quantize(p, r, calib_settings=api.APP_CALIBRATION))
+    """The session's quantized copy of ``recipe`` (cached). A recipe that came from Load export is re-read from its
+    QDIR folder when the shared cache has dropped it, never re-quantized (an export may hold GPTQ/VQ4DiT weights or
+    other calibration settings that re-quantizing would not reproduce)."""
+    pipe, session = api.load(source), _session(request)
+
+    def make(p, r):
+        folder = LOADED_EXPORTS.get((session, p.source, r.to_json(indent=None)))
+        if folder is not None and folder.is_dir():
+            return api.load_qdir(folder)[0]
+        return api.quantize(p, r, calib_settings=api.APP_CALIBRATION)
+
+    return QUANTIZED.get(session, pipe, recipe, make)
 
 
 # ---------------------------------------------------------------- handlers
@@ -106,9 +118,9 @@ def generate(labels, n_per_label, seed, steps, guidance, scheduler=api.DEFAULT_S
     return grid, f"{info['n_images']} images · seed {info['seed']} · {api.SCHEDULER_NAMES[scheduler]} · {info['seconds']} s · {info['path']}"
 
 
-@guarded(11)
+@guarded(12)
 def load_model(kind, path):
-    """Loads a model (shipped / local folder / hub id); resets the recipe to fp."""
+    """Loads a model (shipped / local folder / hub id); resets the recipe to fp (and says so on the Recipe tab)."""
     source = api.model_source(kind, path)
     pipe = api.load(source)
     info = api.model_info(pipe)
@@ -116,7 +128,8 @@ def load_model(kind, path):
     choices = api.label_choices(pipe)
     names, timesteps = [layer.name for layer in api.layers(pipe)], api.calibration_timesteps(pipe)
     return (source, api.model_markdown(info), layers, memory, table, text, gr.update(choices=choices, value=[v for _, v in choices][:8]),
-            "fp", gr.update(choices=names, value=names[0]), gr.update(choices=timesteps, value=timesteps[0]), f"✓ loaded `{source}`")
+            "fp", gr.update(choices=names, value=names[0]), gr.update(choices=timesteps, value=timesteps[0]),
+            f"recipe reset to **fp** for the model `{source}`", f"✓ loaded `{source}`")
 
 
 @guarded(5)
@@ -215,14 +228,17 @@ def open_cell(setting, source, evt: gr.SelectData):
     return gr.Tabs(selected="outliers"), layer, t, f"opened {layer} at t={t}"
 
 
-@guarded(7)
+@guarded(9)
 def allocate(budget, source, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
-    """Runs the bit allocator at a budget and loads the result into the recipe table."""
+    """Runs the bit allocator at a budget and loads the result into the recipe table (the Allocate button only: a
+    slider move never replaces the user's table). Outputs: recipe views, preset (cleared), Recipe-tab status, figures, status."""
     pipe = api.load(source)
     with _job(request):
         alloc, alloc_fig, pareto_fig = api.allocation_views(pipe, budget)
     table, text, layers, memory, _ = _recipe_outputs(pipe, alloc.recipe, "")
-    return table, text, layers, memory, alloc_fig, pareto_fig, f"✓ {alloc.recipe.name}: average {alloc.avg_w_bits:.2f} weight bits, loaded into the recipe table"
+    note = f"✓ recipe **{alloc.recipe.name}** from Allocate (average {alloc.avg_w_bits:.2f} weight bits)"
+    return (table, text, layers, memory, None, note, alloc_fig, pareto_fig,
+            f"✓ {alloc.recipe.name}: average {alloc.avg_w_bits:.2f} weight bits, loaded into the recipe table")
 
 
 @guarded(3)
@@ -236,19 +252,28 @@ def export(recipe_json, source, request: gr.Request = None, progress=gr.Progress
     return str(api.export_zip(folder)), str(api.write_recipe(recipe, out)), f"✓ exported `{folder.name}`"
 
 
-@guarded(6)
+@guarded(8)
 def load_export(upload, path, request: gr.Request = None):
     """Loads an exported zip/folder back: its recipe fills the table and its quantized model is used by Compare."""
+    if not upload and not (path or "").strip():
+        raise ConfigError.invalid("export", "", "an exported .zip (upload it) or the path of a QDIR folder on the server")
     if not upload:
         api.check_server_path("export path", path)  # public mode: uploads only, no server paths
     folder = api.unpack_qdir(upload or path, WORKDIR)
     q, source = api.load_qdir(folder)
     pipe = api.load(source)
-    QUANTIZED.put(_session(request), pipe, q.recipe, q)
-    return (source, *_recipe_outputs(pipe, q.recipe, "")[:4], f"✓ loaded `{folder.name}` (recipe {q.recipe.name}, model {source})")
+    session = _session(request)
+    QUANTIZED.put(session, pipe, q.recipe, q)
+    with EXPORTS_LOCK:
+        for key in [k for k in LOADED_EXPORTS if k[0] == session]:  # one loaded export per session: the latest
+            del LOADED_EXPORTS[key]
+        LOADED_EXPORTS[(session, pipe.source, q.recipe.to_json(indent=None))] = folder
+    name = Path(upload).name if upload else folder.name
+    return (source, *_recipe_outputs(pipe, q.recipe, "")[:4], None, f"✓ recipe **{q.recipe.name}** from the export `{name}`",
+            f"✓ loaded `{name}` (recipe {q.recipe.name}, model {source})")
 
 
-CANCEL_WAIT = 10.0  # s: how long Cancel waits for the jobs to stop, so its message can say they did
+CANCEL_WAIT = 3.0  # s: how long Cancel waits for the jobs to stop, so its message can say they did (gradio_client gives up after 5 s)
 
 
 def cancel(request: gr.Request = None):
@@ -263,8 +288,12 @@ def cancel(request: gr.Request = None):
 
 
 def forget_session(request: gr.Request):
-    """When a browser session ends, its quantized copies leave the cache."""
-    QUANTIZED.drop_session(_session(request))
+    """When a browser session ends, its quantized copies leave the cache (and its loaded export is forgotten)."""
+    session = _session(request)
+    QUANTIZED.drop_session(session)
+    with EXPORTS_LOCK:
+        for key in [k for k in LOADED_EXPORTS if k[0] == session]:
+            del LOADED_EXPORTS[key]
 
 
 # ---------------------------------------------------------------- layout
@@ -353,7 +382,8 @@ def build() -> gr.Blocks:
             with gr.Tab("Outliers", id="outliers"):
                 with gr.Row():
                     o_layer = gr.Dropdown(LAYER_NAMES, value="transformer_blocks.0.ff.net.2", label="layer", elem_id="o_layer", scale=3)
-                    o_t = gr.Dropdown(TIMESTEPS, value=TIMESTEPS[0], label="timestep", elem_id="o_timestep")
+                    # allow_custom_value: API clients may send a timestep as text ('999') or int; the handler checks it by name
+                    o_t = gr.Dropdown(TIMESTEPS, value=TIMESTEPS[0], label="timestep", elem_id="o_timestep", allow_custom_value=True)
                     o_branch = gr.Radio(list(api.BRANCHES), value="cond", label="CFG branch", elem_id="o_branch")
                     o_run = gr.Button("Show", variant="primary", elem_id="outliers_run")
                     o_cancel = gr.Button("Cancel", variant="stop", elem_id="o_cancel", scale=0)
@@ -395,7 +425,7 @@ def build() -> gr.Blocks:
         recipe_views = [table, recipe_json, layers, memory]
         gen_run.click(generate, gen_inputs, gen_outputs, api_name="generate", **HEAVY)
         demo.load(generate, gen_inputs, gen_outputs, api_name=False)
-        load_btn.click(load_model, [kind, path], [source, model_md, layers, memory, table, recipe_json, c_labels, preset, o_layer, o_t, model_msg],
+        load_btn.click(load_model, [kind, path], [source, model_md, layers, memory, table, recipe_json, c_labels, preset, o_layer, o_t, table_msg, model_msg],
                        api_name="load_model")
         preset.input(apply_preset, [preset, source], recipe_views + [table_msg], api_name="apply_preset")
         table.input(table_edited, [table, recipe_json, source], [recipe_json, layers, memory, table_msg], api_name=False)
@@ -409,12 +439,11 @@ def build() -> gr.Blocks:
         s_event = s_run.click(sensitivity, [s_setting, s_metric, source], [s_fig, s_table, s_msg], api_name="sensitivity", **HEAVY)
         s_table.select(open_cell, [s_setting, source], [tabs, o_layer, o_t, s_msg], api_name=False).success(
             outliers, [o_layer, o_t, o_branch, source], [o_fig, o_table, o_map, o_msg], api_name=False, **HEAVY)
-        a_event = a_run.click(allocate, [budget, source], recipe_views + [a_fig, p_fig, a_msg], api_name="allocate", **HEAVY)
-        a_slide = budget.release(allocate, [budget, source], recipe_views + [a_fig, p_fig, a_msg], api_name=False, **HEAVY)
+        a_event = a_run.click(allocate, [budget, source], recipe_views + [preset, table_msg, a_fig, p_fig, a_msg], api_name="allocate", **HEAVY)
         e_event = e_run.click(recipe_for_run, [table, recipe_json, source], recipe_json, api_name=False).success(
             export, [recipe_json, source], [e_zip, e_recipe, e_msg], api_name="export", **HEAVY)
-        e_load.click(load_export, [e_upload, e_path], [source] + recipe_views + [e_msg], api_name="load_export")
-        jobs = [c_event, o_event, s_event, a_event, a_slide, e_event]
+        e_load.click(load_export, [e_upload, e_path], [source] + recipe_views + [preset, table_msg, e_msg], api_name="load_export")
+        jobs = [c_event, o_event, s_event, a_event, e_event]
         for button, note in ((c_cancel, c_status), (o_cancel, o_msg), (s_cancel, s_msg), (e_cancel, e_msg)):
             # queue=False: a Cancel is never stuck behind (or refused by) a full queue; scripts can POST to /gradio_api/run/cancel
             button.click(cancel, None, note, cancels=jobs, api_name="cancel" if button is c_cancel else False, queue=False)

@@ -46,12 +46,14 @@ def check_scorable(pipe: Pipeline) -> None:
                                   "other models get PSNR/SSIM vs FP only")
 
 
-def content_metrics(images: torch.Tensor, labels: Sequence[int]) -> dict:
-    """Classifier accuracy of uint8 ``images`` (B, 3, 32, 32) on their intended labels, the Fréchet distance to real
-    images, and the predictions (B,)."""
+def content_metrics(images: torch.Tensor, labels: Sequence[int], *, with_fd: bool = True) -> dict:
+    """Classifier accuracy of uint8 ``images`` (B, 3, 32, 32) on their intended labels, the predictions (B,) and, with
+    ``with_fd`` (needs B ≥ 2), the Fréchet distance of their classifier features to real images."""
     pred, feats = classify(load_classifier(), images)
-    real, _ = real_features()
-    return {"class_acc": metrics.accuracy(pred, torch.as_tensor(list(labels))), "fd": metrics.frechet_distance(feats, real), "pred": pred}
+    out = {"class_acc": metrics.accuracy(pred, torch.as_tensor(list(labels))), "pred": pred}
+    if with_fd:
+        out["fd"] = metrics.frechet_distance(feats, real_features()[0])
+    return out
 
 
 @dataclass(frozen=True)

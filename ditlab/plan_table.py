@@ -89,8 +89,11 @@ def row_config(row: dict, layer: str) -> LayerConfig:
     fields = {f: _coerce(f, row[f], layer) for f in CONFIG_COLUMNS if f in row}
     for f, v in fields.items():  # also on full-precision rows: w_bits 99 is a mistake even where bits are unused
         check_field(f, v, layer)
-    if fields.get("method") == "fp" or (fields.get("w_bits") == 16 and fields.get("a_bits") == 16):
+    if fields.get("method") == "fp":
         return FP
+    if fields.get("w_bits") == 16 and fields.get("a_bits") == 16:  # a method on a full-precision row would be dropped silently
+        raise ConfigError.invalid("w_bits", 16, f"2–8 (or a_bits 4–8) for method {fields.get('method')!r}: "
+                                  "with w_bits = a_bits = 16 it quantizes nothing; set the bits, or method fp", layer=layer)
     return LayerConfig.from_dict(fields, layer=layer)
 
 

@@ -81,14 +81,25 @@ def initial_noise(shape: tuple[int, ...], seed: int, count: int) -> torch.Tensor
     """(count, *shape) standard normal noise; row i depends only on (seed, i)."""
     rows = []
     for i in range(count):
-        state = int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, i]).generate_state(1, np.uint64)[0] & 0x7FFFFFFFFFFFFFFF)
+        state = int(np.random.SeedSequence([int(seed), i]).generate_state(1, np.uint64)[0] & 0x7FFFFFFFFFFFFFFF)  # 0 ≤ seed ≤ MAX_SEED
         rows.append(torch.randn(shape, generator=torch.Generator().manual_seed(state)))
     return torch.stack(rows)
 
 
-def validate_request(pipe: Pipeline, labels: Sequence[int] | None, prompts: Sequence[str] | None, steps: int, guidance: float, scheduler: str) -> None:
+MAX_SEED = 2**32 - 1  # seeds are 32-bit: larger ones would alias smaller ones (and be reported as what they are not)
+
+
+def check_seed(seed) -> None:
+    """Raises ConfigError naming ``seed`` unless it is an integer from 0 to MAX_SEED."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) <= MAX_SEED:
+        raise ConfigError.invalid("seed", seed, f"an integer from 0 to {MAX_SEED}")
+
+
+def validate_request(pipe: Pipeline, labels: Sequence[int] | None, prompts: Sequence[str] | None, steps: int, guidance: float, scheduler: str,
+                     seed: int = 0) -> None:
     """Raises ConfigError naming the field for any argument the sampler cannot honour."""
     check_scheduler(scheduler)
+    check_seed(seed)
     if not isinstance(steps, int) or not 1 <= steps <= 1000:
         raise ConfigError.invalid("steps", steps, "an integer from 1 to 1000")
     if not 0.0 <= float(guidance) <= 50.0:
@@ -172,7 +183,7 @@ def sample(
     progress: bool = True,
 ) -> SampleResult:
     """Generates one image per label (or prompt). ``transformer`` overrides the pipeline's (e.g. a quantized copy)."""
-    validate_request(pipe, labels, prompts, steps, guidance, scheduler)
+    validate_request(pipe, labels, prompts, steps, guidance, scheduler, seed)
     t0 = time.perf_counter()
     model = transformer if transformer is not None else pipe.transformer
     n = len(labels) if pipe.family == "dit" else len(prompts)

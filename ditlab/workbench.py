@@ -437,6 +437,8 @@ def unpack_qdir(path: str | os.PathLike, workdir: str | os.PathLike) -> Path:
         folder = Path(tempfile.mkdtemp(prefix="qdir-", dir=workdir))
         _safe_extract(src, folder, limits().max_upload_bytes)
     if not is_qdir(folder):
+        if src.is_dir():  # a server folder must be the QDIR itself (never a scan of, say, /tmp's subfolders)
+            raise ModelLoadError(f"{str(path)!r}: no ditlab_qdir.json in this folder; allowed: a QDIR folder written by Export or `ditlab quantize`")
         subs = [p for p in folder.iterdir() if p.is_dir() and is_qdir(p)]
         if len(subs) != 1:
             raise ModelLoadError(f"{src.name}: no ditlab_qdir.json inside; allowed: a folder or zip written by Export")
@@ -451,13 +453,26 @@ ALLOCATION_CANDIDATES = ("w8a8-rtn", "w4a8-rtn")  # per-layer choices the budget
 BRANCHES = ("cond", "uncond", "all")
 
 
+def _timestep_value(timestep, allowed: list[int]) -> int | None:
+    """A picker's timestep (an int, or its text as API clients send it) → int; None/"" → None (the first one)."""
+    if timestep is None or (isinstance(timestep, str) and not timestep.strip()):
+        return None
+    try:
+        value = float(timestep)
+        if value != int(value):
+            raise ValueError
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError.invalid("timestep", timestep, f"a timestep of the app's calibration schedule: {', '.join(map(str, allowed))}") from None
+
+
 def outlier_views(pipe: Pipeline, calib, layer: str, timestep, branch: str) -> tuple:
     """(OutlierResult, overview figure, errors table, model-wide map figure) of one layer input."""
     from . import outliers, plots
 
     if branch not in BRANCHES:
         raise ConfigError.invalid("CFG branch", branch, ", ".join(BRANCHES))
-    res = outliers.outlier_view(pipe, calib, layer, None if timestep in (None, "") else int(timestep), branch)
+    res = outliers.outlier_view(pipe, calib, layer, _timestep_value(timestep, calibration_timesteps(pipe)), branch)
     table = res.table().round(4)
     table["transform"] = [plots.LABELS.get(t, t) for t in table["transform"]]
     omap = outliers.outlier_map(calib, "cond" if branch == "all" else branch)

@@ -5,11 +5,14 @@ the app's sensitivity and calibration settings shrunk, so the whole module takes
 """
 
 import json
+import shutil
 import socket
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from ditlab import workbench
 from ditlab.config import PRESETS
@@ -52,6 +55,8 @@ def test_generate_on_the_shipped_model():
     for cleared in (None, 0, 2.5):  # a cleared or odd "images per class" names the field, no internal error
         assert _msg(app.generate([0], cleared, 0, 2, 4.0)).startswith("⚠️ images per class")
     assert _msg(app.generate([], 1, 0, None, 4.0)).startswith("⚠️ steps")
+    for seed in (-1, 2**32, 2**70):  # 32-bit seeds: a larger one would silently give another seed's images
+        assert _msg(app.generate([0], 1, seed, 2, 4.0)).startswith("⚠️ seed")
 
 
 def test_sampler_choice_changes_the_images_and_is_named():
@@ -69,6 +74,7 @@ def test_sampler_choice_changes_the_images_and_is_named():
 def test_load_model_shipped_local_and_bad_sources(tiny):
     out = app.load_model("local folder", tiny)
     assert out[0] == tiny and "DiTTransformer2DModel" in out[1] and _msg(out).startswith("✓")
+    assert out[7] == "fp" and "reset to **fp**" in out[-2]  # the Recipe tab's preset and status follow the reset
     assert len(out[4]) == len(workbench.list_linears(app.api.load(tiny).transformer))
     assert app.load_model("shipped", "")[0] == "shipped"
     assert "does not exist" in _msg(app.load_model("local folder", "/no/such/folder"))
@@ -88,6 +94,10 @@ def test_apply_preset_and_table_edit(tiny):
     out = app.table_edited(edited, text2, tiny)
     assert "a_bits = 3" in _msg(out) and "transformer_blocks.1.ff.net.2" in _msg(out)
     assert all(isinstance(o, dict) for o in out[:-1])  # gr.update(): the table and recipe stay as they were
+    fp_row = edited.astype(object)  # a method typed on a full-precision row (16/16 bits): said, not dropped silently
+    fp_row.loc[fp_row["name"] == "transformer_blocks.1.ff.net.2", ["method", "w_bits", "a_bits"]] = ["hadanorm", 16, 16]
+    out = app.table_edited(fp_row, text2, tiny)
+    assert "w_bits = 16" in _msg(out) and "hadanorm" in _msg(out) and "transformer_blocks.1.ff.net.2" in _msg(out)
     assert "preset name" in _msg(app.apply_preset("no-such-preset", tiny))
 
 
@@ -144,7 +154,19 @@ def test_outliers_sensitivity_cell_click_and_allocate(tiny):
     tabs, o_layer, o_t, note = app.open_cell("w4a8-rtn", tiny, Click())
     assert o_layer == styled.data["unit"][2] and o_t in timesteps and "opened" in note
     out = app.allocate(6.0, tiny)
+    name = json.loads(out[1])["name"]
     assert out[-1].startswith("✓") and json.loads(out[1])["overrides"]
+    assert out[4] is None and name in out[5]  # the preset picker is cleared and the Recipe tab's status names the recipe
+
+
+def test_the_budget_slider_alone_never_replaces_the_table():
+    """Only the Allocate button runs the allocator: no event of the budget slider writes the recipe table."""
+    config = app.demo.config
+    ids = {c["props"].get("elem_id"): c["id"] for c in config["components"]}
+    for dep in config["dependencies"]:
+        triggers = {component for component, _ in dep["targets"]}
+        if ids["budget"] in triggers:
+            assert ids["recipe_table"] not in dep["outputs"], dep
 
 
 def test_export_and_load_back(tiny, tmp_path):
@@ -153,9 +175,40 @@ def test_export_and_load_back(tiny, tmp_path):
     assert zip_path.endswith(".zip") and json.loads(open(recipe_path).read())["name"] == "w8a8-rtn" and msg.startswith("✓")
     out = app.load_export(zip_path, "")
     assert out[0] == tiny and json.loads(out[2])["name"] == "w8a8-rtn" and out[-1].startswith("✓")
+    assert out[5] is None and "w8a8-rtn" in out[6] and Path(zip_path).name in out[-1]  # names the uploaded file
     bad = tmp_path / "bad.zip"
     bad.write_bytes(b"nope")
     assert "not a zip" in _msg(app.load_export(str(bad), ""))
+    for nothing in ("", None, "  "):
+        assert _msg(app.load_export(None, nothing)).startswith("⚠️ export")
+    parent = tmp_path / "parent"  # a server folder must be the QDIR itself: its subfolders are not searched
+    shutil.copytree(Path(out[0]), parent / "not-a-qdir")
+    app.api.save(app.api.quantize(app.api.load(tiny), "w8a8-rtn", progress=False), app.api.load(tiny), parent / "qdir")
+    assert app.load_export(None, str(parent / "qdir"))[-1].startswith("✓")
+    assert "no ditlab_qdir.json" in _msg(app.load_export(None, str(parent)))
+
+
+def test_a_loaded_export_is_read_back_not_requantized_after_eviction(tiny, monkeypatch):
+    """Other sessions' Compares push the loaded export out of the shared cache; the next Compare reads its QDIR again."""
+    text = PRESETS["w4a8-rtn"].to_json()
+    zip_path, _, _ = app.export(text, tiny)
+    assert app.load_export(zip_path, "")[-1].startswith("✓")
+    loaded = app._quantized(tiny, PRESETS["w4a8-rtn"], None)
+    for n in range(app.QUANTIZED.max_entries):  # evict it
+        app.QUANTIZED.put(f"other-{n}", app.api.load(tiny), PRESETS["w8a8-rtn"], object())
+
+    def no_quantize(*args, **kwargs):
+        raise AssertionError("the loaded export was re-quantized")
+
+    monkeypatch.setattr(app.api, "quantize", no_quantize)
+    again = app._quantized(tiny, PRESETS["w4a8-rtn"], None)
+    assert again is not loaded
+    for name, buffer in loaded.pipe.transformer.state_dict().items():
+        assert torch.equal(buffer, again.pipe.transformer.state_dict()[name]), name
+    for n in range(app.QUANTIZED.max_entries):
+        app.QUANTIZED.drop_session(f"other-{n}")
+    app.forget_session(None)
+    assert not app.LOADED_EXPORTS
 
 
 # ---------------------------------------------------------------- the named API through gradio_client
@@ -208,7 +261,7 @@ def test_every_named_endpoint_over_http(client, tiny):
         result = client.predict(bad, LABELS, 1, 0, 3, 4.0, "cpu-int", api_name="/compare")
         assert result[-1].startswith("⚠️") and field in result[-1]
     timesteps = app.api.calibration_timesteps(app.api.load(tiny))
-    assert "transformer_blocks.0.attn1.to_q" in client.predict("transformer_blocks.0.attn1.to_q", timesteps[0], "uncond", api_name="/outliers")[-1]
+    assert "transformer_blocks.0.attn1.to_q" in client.predict("transformer_blocks.0.attn1.to_q", str(timesteps[0]), "uncond", api_name="/outliers")[-1]  # as view_api advertises it
     assert "cells computed" in client.predict("w4a8-rtn", "sqnr_db", api_name="/sensitivity")[-1]
     assert client.predict(5.0, api_name="/allocate")[-1].startswith("✓")
     zip_path, recipe_path, msg = client.predict(text, api_name="/export")

@@ -5,7 +5,7 @@ import torch
 
 from ditlab.errors import ConfigError
 from ditlab.models import load_pipeline
-from ditlab.sampling import initial_noise, sample
+from ditlab.sampling import MAX_SEED, initial_noise, sample
 from ditlab.testing import tiny_dit_pipeline, tiny_pixart_pipeline
 
 
@@ -24,6 +24,15 @@ def test_same_seed_same_images(tiny):
 
 def test_noise_of_an_image_does_not_depend_on_the_batch():
     assert torch.equal(initial_noise((3, 4, 4), 9, 5)[3], initial_noise((3, 4, 4), 9, 4)[3])
+
+
+def test_seeds_are_32_bit_and_never_alias(tiny):
+    """0 … 2³²−1 are distinct seeds; anything else is refused by name (it used to wrap: 2³² gave seed 0's images)."""
+    assert not torch.equal(initial_noise((3, 4, 4), 0, 1), initial_noise((3, 4, 4), MAX_SEED, 1))
+    sample(tiny, [0], steps=1, seed=MAX_SEED, progress=False)
+    for bad in (-1, MAX_SEED + 1, 2**70, 1.5, True, "3"):
+        with pytest.raises(ConfigError, match="seed"):
+            sample(tiny, [0], steps=1, seed=bad, progress=False)
 
 
 def test_image_barely_depends_on_batch_composition(tiny):
