@@ -107,18 +107,22 @@ def _quantized(source: str, recipe, request):
 
 # ---------------------------------------------------------------- handlers
 @guarded(2)
-def generate(labels, n_per_label, seed, steps, guidance, scheduler=api.DEFAULT_SCHEDULER, request: gr.Request = None,
+def generate(labels, n_per_label, seed, steps, guidance, scheduler=api.DEFAULT_SCHEDULER, source="shipped", request: gr.Request = None,
              progress=gr.Progress(track_tqdm=True)):
-    """A grid with one row per chosen class (FP model). ``scheduler`` may be omitted by API clients (default sampler)."""
+    """A grid with one row per chosen class from the session's FP model (``source``). API clients may omit
+    ``scheduler`` (default sampler) and ``source`` (the shipped model)."""
     n_per_label = api.whole_number(n_per_label, "images per class", 1, 16)
     api.check_request(max(1, len(labels or [])) * n_per_label, steps, guidance, seed)  # no labels: generate_grid names the field
     api.check_scheduler(scheduler)
+    pipe = api.load(source)
     with GRID_LOCK, _job(request):
-        grid, info = api.generate_grid(PIPE, labels, n_per_label, steps=int(steps), guidance=float(guidance), seed=int(seed), scheduler=scheduler)
-    return grid, f"{info['n_images']} images · seed {info['seed']} · {api.SCHEDULER_NAMES[scheduler]} · {info['seconds']} s · {info['path']}"
+        grid, info = api.generate_grid(pipe, labels, n_per_label, steps=int(steps), guidance=float(guidance), seed=int(seed), scheduler=scheduler)
+    took = f"sampled in {info['seconds']} s, cached" if info.get("cached") else f"{info['seconds']} s"
+    return grid, (f"{info['n_images']} images of `{source}` · seed {info['seed']} · {api.SCHEDULER_NAMES[scheduler]} · {took} · "
+                  f"{info['path']}")
 
 
-@guarded(12)
+@guarded(13)
 def load_model(kind, path):
     """Loads a model (shipped / local folder / hub id); resets the recipe to fp (and says so on the Recipe tab)."""
     source = api.model_source(kind, path)
@@ -128,7 +132,7 @@ def load_model(kind, path):
     choices = api.label_choices(pipe)
     names, timesteps = [layer.name for layer in api.layers(pipe)], api.calibration_timesteps(pipe)
     return (source, api.model_markdown(info), layers, memory, table, text, gr.update(choices=choices, value=[v for _, v in choices][:8]),
-            "fp", gr.update(choices=names, value=names[0]), gr.update(choices=timesteps, value=timesteps[0]),
+            gr.update(choices=choices, value=[v for _, v in choices][:10]), "fp", gr.update(choices=names, value=names[0]), gr.update(choices=timesteps, value=timesteps[0]),
             f"recipe reset to **fp** for the model `{source}`", f"✓ loaded `{source}`")
 
 
@@ -305,7 +309,7 @@ HEAVY = dict(concurrency_limit=2, concurrency_id="heavy")  # long jobs share 2 w
 
 def _generate_tab():
     with gr.Tab("Generate", id="generate"):
-        gr.Markdown(f"Full-precision samples of `{PIPE.source}` — one row per class.")
+        gr.Markdown("Full-precision samples of the session's model (the shipped one until you load another on the Model tab) — one row per class.")
         with gr.Row():
             with gr.Column(scale=1):
                 labels = gr.CheckboxGroup(LABEL_CHOICES, value=FIRST_SCREEN["labels"], label="classes", elem_id="labels")
@@ -423,9 +427,10 @@ def build() -> gr.Blocks:
                 e_msg = gr.Markdown(label="status", elem_id="e_msg")
 
         recipe_views = [table, recipe_json, layers, memory]
-        gen_run.click(generate, gen_inputs, gen_outputs, api_name="generate", **HEAVY)
+        gen_run.click(generate, gen_inputs + [source], gen_outputs, api_name="generate", **HEAVY)
         demo.load(generate, gen_inputs, gen_outputs, api_name=False)
-        load_btn.click(load_model, [kind, path], [source, model_md, layers, memory, table, recipe_json, c_labels, preset, o_layer, o_t, table_msg, model_msg],
+        load_btn.click(load_model, [kind, path], [source, model_md, layers, memory, table, recipe_json, c_labels, gen_inputs[0], preset, o_layer, o_t,
+                                                  table_msg, model_msg],
                        api_name="load_model")
         preset.input(apply_preset, [preset, source], recipe_views + [table_msg], api_name="apply_preset")
         table.input(table_edited, [table, recipe_json, source], [recipe_json, layers, memory, table_msg], api_name=False)

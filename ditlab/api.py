@@ -303,7 +303,8 @@ def generate_grid(pipe: Pipeline, labels: Sequence[int], n_per_label: int, *, st
     with _GRIDS_LOCK:
         if key in _GRIDS:
             _GRIDS.move_to_end(key)
-            return _GRIDS[key]
+            grid, info = _GRIDS[key]
+            return grid, {**info, "cached": True}
     batch = [y for y in labels for _ in range(n_per_label)]
     result = generate(pipe, batch, steps=steps, guidance=guidance, seed=seed, scheduler=scheduler, progress=progress)
     info = {"seconds": round(result.seconds, 2), "seed": seed, "n_images": len(batch), "path": "fp32 (torch, CPU)"}

@@ -59,6 +59,15 @@ def test_generate_on_the_shipped_model():
         assert _msg(app.generate([0], 1, seed, 2, 4.0)).startswith("⚠️ seed")
 
 
+def test_generate_uses_the_session_model_and_says_when_it_is_cached(tiny):
+    grid, status = app.generate([0, 1], 1, 0, 2, 4.0, "dpm++", tiny)
+    assert f"of `{tiny}`" in status and "cached" not in status
+    again, status2 = app.generate([0, 1], 1, 0, 2, 4.0, "dpm++", tiny)
+    assert (again == grid).all() and "cached" in status2
+    shipped, _ = app.generate([0, 1], 1, 0, 2, 4.0, "dpm++")
+    assert shipped.shape != grid.shape or not (shipped == grid).all()  # another model, other images
+
+
 def test_sampler_choice_changes_the_images_and_is_named():
     """The default sampler is DPM-Solver++ (the first choice); DDIM gives other images for the same seed; a sampler
     that does not exist is refused by name."""
@@ -74,7 +83,7 @@ def test_sampler_choice_changes_the_images_and_is_named():
 def test_load_model_shipped_local_and_bad_sources(tiny):
     out = app.load_model("local folder", tiny)
     assert out[0] == tiny and "DiTTransformer2DModel" in out[1] and _msg(out).startswith("✓")
-    assert out[7] == "fp" and "reset to **fp**" in out[-2]  # the Recipe tab's preset and status follow the reset
+    assert out[8] == "fp" and "reset to **fp**" in out[-2]  # the Recipe tab's preset and status follow the reset
     assert len(out[4]) == len(workbench.list_linears(app.api.load(tiny).transformer))
     assert app.load_model("shipped", "")[0] == "shipped"
     assert "does not exist" in _msg(app.load_model("local folder", "/no/such/folder"))
