@@ -41,6 +41,7 @@ if __name__ == "__main__":  # start sampling while gradio is imported and the UI
     threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
 
 import gradio as gr  # noqa: E402
+import pandas as pd  # noqa: E402
 
 log = logging.getLogger("ditlab.app")
 QUANTIZED = api.QuantCache(max_entries=6)  # bounded: at most 6 quantized copies in memory across all sessions
@@ -303,7 +304,19 @@ def forget_session(request: gr.Request):
 # ---------------------------------------------------------------- layout
 INTRO = ("# ditlab — post-training quantization lab for Diffusion Transformers\n"
          "Pick a **recipe** (how many bits each layer keeps), **compare** the quantized model with the full-precision one on the "
-         "same seeds, and see **why** a setting fails (activation outliers, per-layer sensitivity). Newcomer? Read docs/APP.md.")
+         "same seeds, and see **why** a setting fails (activation outliers, per-layer sensitivity).")
+HOW_TO = """1. **Generate** shows the full-precision model's images: the reference.
+2. **Model** loads another DiT (a local folder, or a hub id already in the local cache); the shipped tiny DiT is the default.
+3. **Recipe**: pick a preset (e.g. `w4a8-hadanorm`), then edit any layer's method and bits in the table, or bulk-edit
+   a kind of layer (`fc2`, `block 3`, a glob). The status line says at once if a value is not allowed, and why.
+4. **Compare** quantizes the model with the table's recipe and renders both models on the same seeds: images,
+   a difference heat map, PSNR / SSIM / class agreement and the per-step drift of the latents.
+5. **Outliers** shows why a layer is hard to quantize (activation outliers before and after SmoothQuant, Hadamard,
+   HadaNorm, ViDiT-Q); **Sensitivity & allocation** measures every layer's damage per timestep group and allocates
+   bits under a budget with the **Allocate** button.
+6. **Export** downloads the packed quantized weights and the recipe; loading the zip back restores both.
+
+Long jobs show progress and can be cancelled. The full guide is docs/APP.md in the repository."""
 HEAVY = dict(concurrency_limit=2, concurrency_id="heavy")  # long jobs share 2 workers (2 CPU cores)
 
 
@@ -330,6 +343,8 @@ def build() -> gr.Blocks:
     with gr.Blocks(title="ditlab") as demo:
         source = gr.State("shipped")  # the session's model source; models themselves are cached per process
         gr.Markdown(INTRO)
+        with gr.Accordion("New here? How to use ditlab", open=False, elem_id="how_to"):
+            gr.Markdown(HOW_TO)
         with gr.Tabs(elem_id="tabs") as tabs:
             gen_inputs, gen_run, gen_outputs = _generate_tab()
             with gr.Tab("Model", id="model"):
@@ -350,6 +365,8 @@ def build() -> gr.Blocks:
                     bulk_btn = gr.Button("Apply to layers", elem_id="bulk_apply", scale=1)
                 table_msg = gr.Markdown("Edit method / w_bits / a_bits / w_group_size / a_granularity in the table; it is checked as you type.",
                                         label="status", elem_id="table_msg")
+                with gr.Accordion("What each column accepts", open=False):
+                    gr.Markdown(api.table_help())
                 table = gr.Dataframe(api.recipe_table(PIPE, fp), label="per-layer recipe", interactive=True, static_columns=[0, 1, 2], max_height=480,
                                      datatype=["str", "str", "str", "str", "number", "number", "str", "str"], elem_id="recipe_table")
                 with gr.Accordion("Recipe JSON: import / export", open=False):
@@ -381,7 +398,8 @@ def build() -> gr.Blocks:
                     q_img = gr.Image(label="quantized", type="numpy", format="png", elem_id="q_images")
                     diff_img = gr.Image(label="|FP − quantized| heat map (×4)", type="numpy", format="png", elem_id="diff_images")
                 with gr.Row():
-                    metrics = gr.Dataframe(label="metrics", interactive=False, elem_id="metrics", scale=1)
+                    metrics = gr.Dataframe(pd.DataFrame(columns=["metric", "value", "meaning"]), label="metrics", interactive=False, elem_id="metrics",
+                                           scale=1, wrap=True, column_widths=["28%", "17%", "55%"])
                     divergence = gr.Plot(label="per-step divergence", elem_id="divergence", scale=1)
             with gr.Tab("Outliers", id="outliers"):
                 with gr.Row():
@@ -393,7 +411,8 @@ def build() -> gr.Blocks:
                     o_cancel = gr.Button("Cancel", variant="stop", elem_id="o_cancel", scale=0)
                 o_msg = gr.Markdown(label="status", elem_id="o_msg")
                 o_fig = gr.Plot(label="before / after each transform", elem_id="o_fig")
-                o_table = gr.Dataframe(label="A8 / A4 errors per transform (out_err = layer-output error)", interactive=False, elem_id="o_table")
+                o_table = gr.Dataframe(pd.DataFrame(columns=["transform", "kurtosis", "max_median", "err_a8", "err_a4", "out_err_a8", "out_err_a4"]),
+                                       label="A8 / A4 errors per transform (out_err = layer-output error)", interactive=False, elem_id="o_table")
                 o_map = gr.Plot(label="model-wide outlier map", elem_id="o_map")
             with gr.Tab("Sensitivity & allocation", id="sensitivity"):
                 with gr.Row():
@@ -403,7 +422,8 @@ def build() -> gr.Blocks:
                     s_cancel = gr.Button("Cancel", variant="stop", elem_id="s_cancel", scale=0)
                 s_msg = gr.Markdown(label="status", elem_id="s_msg")
                 s_fig = gr.Plot(label="layers × timestep groups", elem_id="s_fig")
-                s_table = gr.Dataframe(label="click a cell to open that layer and timestep in Outliers", interactive=False, max_height=360, elem_id="s_table")
+                s_table = gr.Dataframe(pd.DataFrame(columns=["unit", "timestep groups: press Run sensitivity"]),
+                                       label="click a cell to open that layer and timestep in Outliers", interactive=False, max_height=360, elem_id="s_table")
                 with gr.Row():
                     budget = gr.Slider(4.0, 8.0, value=6.0, step=0.25, label="budget: average weight bits (W8A8 / W4A8 per layer)", elem_id="budget")
                     a_run = gr.Button("Allocate → recipe table", elem_id="allocate_run")
@@ -412,8 +432,9 @@ def build() -> gr.Blocks:
                     a_fig = gr.Plot(label="allocated bits", elem_id="a_fig")
                     p_fig = gr.Plot(label="Pareto sweep", elem_id="pareto_fig")
             with gr.Tab("Export", id="export"):
-                gr.Markdown("Download the quantized model (a QDIR folder, zipped: packed weights, scales, recipe, manifest) and its recipe; "
-                            "load a previous export back (its recipe fills the table; Compare uses it without re-quantizing).")
+                gr.Markdown("Download the quantized model of the **current recipe** (the Recipe tab's table) — a QDIR folder, zipped: packed "
+                            "weights, scales, recipe, manifest — and its recipe; load a previous export back (its recipe fills the table; "
+                            "Compare uses it without re-quantizing).")
                 with gr.Row():
                     with gr.Column():
                         e_run = gr.Button("Quantize and export", variant="primary", elem_id="export_run")

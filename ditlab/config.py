@@ -89,6 +89,11 @@ _PARAM_RULES = {
 }
 
 
+def allowed_values(name: str) -> str:
+    """What a LayerConfig field accepts, in words (the text its ConfigError quotes)."""
+    return _FIELD_RULES[name][1]
+
+
 def check_field(name: str, value, layer: str | None = None) -> None:
     """Raises ConfigError if ``name`` is not a LayerConfig field or ``value`` is outside its domain."""
     if name not in _FIELD_RULES:

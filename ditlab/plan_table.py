@@ -53,7 +53,7 @@ def _coerce(field: str, value, layer: str):
     allowed = _FIELD_RULES[field][1]
     try:
         if field == "w_group_size":
-            if _missing(value) or str(value).strip().lower() in ("0", "none", "per-channel"):
+            if _missing(value) or str(value).strip().lower() in ("none", "per-channel"):  # 0 is refused, as in recipe JSON
                 return None
             f = float(value)
             if f != int(f):

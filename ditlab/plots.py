@@ -99,8 +99,11 @@ def outlier_figure(res) -> go.Figure:
         fig.add_trace(go.Bar(x=short, y=[v.err_out[bits] for v in res.views], name=f"A{bits} error", marker_color=color), row=2, col=1 + a + b)
     for col in (1, 1 + a, 1 + a + b):
         fig.update_yaxes(type="log", row=2, col=col)
+    fig.update_xaxes(tickangle=-30, row=2, col=1 + a + b)
+    # the legend (the key to the line colours and the A8/A4 bars) goes under the plots, clear of the colour bar
     fig.update_layout(title=_title(res), coloraxis={"colorscale": "Viridis", "colorbar": {"title": "|X'|/max", "len": 0.45, "y": 0.8}},
-                      height=720, barmode="group")
+                      legend={"orientation": "h", "x": 0.0, "y": -0.12, "xanchor": "left", "yanchor": "top"},
+                      margin={"b": 110}, height=760, barmode="group")
     return fig
 
 

@@ -199,6 +199,15 @@ def bulk_edit(pipe: Pipeline, table, base: Recipe, target: str, setting: str) ->
     return table_recipe(pipe, frame, current)
 
 
+def table_help() -> str:
+    """One Markdown line per editable column of the recipe table: what it accepts (from the recipe validator)."""
+    from .config import allowed_values
+
+    notes = {"w_group_size": "per-channel, or an integer ≥ 2 dividing the layer's in_features"}
+    cols = ("method", "w_bits", "a_bits", "w_group_size", "a_granularity")
+    return "\n".join(f"- **{c}**: {notes.get(c) or allowed_values(c)}" for c in cols)
+
+
 # ---------------------------------------------------------------- recipe JSON
 def parse_recipe(text, pipe: Pipeline | None = None) -> Recipe:
     """A Recipe from JSON text/bytes (or a preset name), size-limited, validated on ``pipe`` when given."""

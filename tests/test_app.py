@@ -107,6 +107,9 @@ def test_apply_preset_and_table_edit(tiny):
     fp_row.loc[fp_row["name"] == "transformer_blocks.1.ff.net.2", ["method", "w_bits", "a_bits"]] = ["hadanorm", 16, 16]
     out = app.table_edited(fp_row, text2, tiny)
     assert "w_bits = 16" in _msg(out) and "hadanorm" in _msg(out) and "transformer_blocks.1.ff.net.2" in _msg(out)
+    zero = edited.astype(object)  # group size 0 is refused as in recipe JSON (it used to mean per-channel here only)
+    zero.loc[zero["name"] == "transformer_blocks.1.ff.net.2", ["a_bits", "w_group_size"]] = [8, "0"]
+    assert "w_group_size" in _msg(app.table_edited(zero, text2, tiny))
     assert "preset name" in _msg(app.apply_preset("no-such-preset", tiny))
 
 
