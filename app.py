@@ -181,7 +181,12 @@ def import_recipe(text, upload, source):
     """Imports a recipe from pasted JSON or an uploaded .json file."""
     pipe = api.load(source)
     data = Path(upload).read_bytes()[: api.limits().max_recipe_bytes + 1] if upload else text
-    return _recipe_outputs(pipe, api.parse_recipe(data, pipe), "✓ recipe imported")
+    origin = f"the uploaded file `{Path(upload).name}`" + (" (the pasted text was not used)" if (text or "").strip() else "") if upload else "the pasted JSON"
+    try:
+        recipe = api.parse_recipe(data, pipe)
+    except DitlabError as exc:
+        raise type(exc)(f"{origin}: {exc}") from None
+    return _recipe_outputs(pipe, recipe, f"✓ recipe **{recipe.name}** imported from {origin}")
 
 
 @guarded(6)
@@ -199,8 +204,9 @@ def compare(recipe_json, labels, n_per_label, seed, steps, guidance, backend, so
         q = _quantized(source, recipe, request)
         c = api.compare(pipe, q, batch, steps=int(steps), guidance=float(guidance), seed=int(seed), scheduler=scheduler, backend=backend or None)
     rows = api.grid_rows(len(labels), n_per_label)
-    status = (f"recipe **{recipe.name}** · {len(batch)} images · seed {int(seed)} · {api.SCHEDULER_NAMES[scheduler]} · "
-              f"images by the **{api.BACKEND_NAMES.get(c.backend, c.backend)}**")
+    quantized_any = any(cfg is not None and not cfg.is_fp for cfg in recipe.resolve(api.list_linears(pipe.transformer)).values())
+    path = f"images by the **{api.BACKEND_NAMES.get(c.backend, c.backend)}**" if quantized_any else "**no layer is quantized**: both columns are the FP model"
+    status = f"recipe **{recipe.name}** · {len(batch)} images · seed {int(seed)} · {api.SCHEDULER_NAMES[scheduler]} · {path}"
     return (api.image_grid(c.fp_images, rows, scale=3), api.image_grid(c.q_images, rows, scale=3), api.image_grid(c.diff, rows, scale=3),
             api.compare_metrics(c.metrics), api.divergence_figure(c.divergence, c.timesteps), status)
 

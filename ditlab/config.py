@@ -337,7 +337,7 @@ class Recipe:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ConfigError.invalid("recipe JSON", f"line {exc.lineno} col {exc.colno}", "valid JSON") from None
+            raise ConfigError.invalid("recipe JSON", f"{exc.msg} at line {exc.lineno} col {exc.colno}", "valid JSON") from None
         except RecursionError:
             raise ConfigError.invalid("recipe JSON", "nested too deeply", "a recipe object {version, name, default, overrides, skip}") from None
         return cls.from_dict(data)
