@@ -124,6 +124,13 @@ def whole_number(value, field: str, lo: int, hi: int) -> int:
     return int(value)
 
 
+def real_number(value, field: str, lo: float, hi: float) -> float:
+    """``value`` as a float if it is a finite number from ``lo`` to ``hi``, else ConfigError naming ``field``."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value) or not lo <= float(value) <= hi:
+        raise ConfigError.invalid(field, value, f"a number from {lo:g} to {hi:g}")
+    return float(value)
+
+
 def check_request(n_images: int, steps, guidance, seed=0) -> None:
     """Raises ConfigError naming the field if a sampling request is outside the limits (or the seed is not an integer)."""
     lim = limits()

@@ -29,7 +29,7 @@ from .config import METHOD_NAMES, PRESETS, Recipe, check_field, get_preset, load
 from .errors import ConfigError, DitlabError, ModelLoadError
 from .models import LAYER_KINDS, Pipeline, list_linears
 from .plan_table import frame_to_recipe, plan_to_frame
-from .public import Limits, RateLimiter, allowed_dirs, check_request, check_server_path, check_source, client_address, limits, safe_name, whole_number  # noqa: F401 - policy lives in ditlab.public
+from .public import Limits, RateLimiter, allowed_dirs, check_request, check_server_path, check_source, client_address, limits, real_number, safe_name, whole_number  # noqa: F401 - policy lives in ditlab.public
 from .sampling import DEFAULT_SCHEDULER
 
 TABLE_COLUMNS = ("name", "kind", "shape", "method", "w_bits", "a_bits", "w_group_size", "a_granularity")

@@ -144,7 +144,7 @@ def test_main_path(page, url):
     page.fill("#c_n input[type=number]", "8")
     page.keyboard.press("Enter")
     page.click("#compare")
-    page.wait_for_timeout(2000)
+    _wait_text(page, "#c_status", "/100 steps")  # sampling runs (a Cancel while still queued would find no running job)
     page.click("#cancel")
     # Two messages race for #c_status: Cancel's own "cancelled 1 job(s); the worker is free" and, when the stopped job
     # returns before the browser drops its event, the job's "⚠️ cancelled: …". Both say "cancelled" (the CI run of

@@ -1,0 +1,521 @@
+"""ditlab — the Gradio app. Layout and wiring only: every handler is a short call into ``ditlab.api``.
+
+Run: ``python app.py`` (host/port from DITLAB_HOST / DITLAB_PORT, default 127.0.0.1:7860). The FP model is loaded once
+and shared read-only; each session's quantized copies live in a bounded LRU keyed by (session, recipe), never in
+``gr.State`` (which holds only the model source string). Named API endpoints: /load_model, /apply_preset, /compare,
+/outliers, /sensitivity, /allocate, /export (see docs/APP.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from ditlab import api, plots  # noqa: E402
+from ditlab.errors import ConfigError, DitlabError  # noqa: E402
+
+PIPE = api.load("shipped")  # loaded once, shared read-only by every session
+LABEL_CHOICES = api.label_choices(PIPE)
+SCHEDULER_CHOICES = api.scheduler_choices()
+GRID_LOCK = threading.Lock()  # one FP grid at a time: the first page load waits for the warm-up, then hits the cache
+FIRST_SCREEN = dict(labels=[v for _, v in LABEL_CHOICES], n_per_label=5, seed=0, steps=api.DEFAULT_STEPS, guidance=api.DEFAULT_GUIDANCE)
+
+
+def warm_up() -> None:
+    """Samples the first screen's grid (cached by ``generate_grid``), so the first visitor gets it at once. Without a
+    tqdm bar: gradio, imported meanwhile, patches tqdm for its progress bars and broke a bar already running here."""
+    with GRID_LOCK:
+        api.generate_grid(PIPE, FIRST_SCREEN["labels"], FIRST_SCREEN["n_per_label"], steps=FIRST_SCREEN["steps"],
+                          guidance=FIRST_SCREEN["guidance"], seed=FIRST_SCREEN["seed"], progress=False)
+
+
+if __name__ == "__main__":  # start sampling while gradio is imported and the UI is built (~half the time to first images)
+    api.generate(PIPE, [0], steps=1, progress=False)  # lazy imports first: an import lock held by gradio would stall the thread
+    threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
+
+import gradio as gr  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def _checked_by_the_handler(base):
+    """``base`` (a gradio input component) whose values reach the handler even when gradio would refuse them.
+
+    API clients can send what the widget never would (None, out of range, not a choice). Gradio's own check answers
+    with a generic error naming no field; with these components such a value reaches the handler, which refuses it
+    with "⚠️ <field> = <value> is not allowed; allowed: …" in the status output (every handler checks its inputs).
+    ``is_template`` makes gradio render the base component."""
+from gradio.events import Dependency
+
+    class Checked(base):
+        is_template = True
+
+        def preprocess(self, payload):
+            try:
+                return super().preprocess(payload)
+            except Exception:  # noqa: BLE001 - the handler names the field
+                return payload
+
+    Checked.__name__ = Checked.__qualname__ = f"Checked{base.__name__}"
+    return Checked
+
+
+Slider, Number, Dropdown, Radio, CheckboxGroup = (_checked_by_the_handler(c) for c in (gr.Slider, gr.Number, gr.Dropdown, gr.Radio, gr.CheckboxGroup))
+
+log = logging.getLogger("ditlab.app")
+QUANTIZED = api.QuantCache(max_entries=6)  # bounded: at most 6 quantized copies in memory across all sessions
+LOADED_EXPORTS: dict[tuple, Path] = {}  # (session, model source, recipe JSON) → the QDIR folder that session loaded
+EXPORTS_LOCK = threading.Lock()
+JOBS = api.Jobs()  # cancel tokens of running jobs: Cancel stops a job at its next layer, freeing the worker
+RATE = api.RateLimiter()  # public mode: heavy jobs per client address per minute
+WORKDIR = Path(tempfile.mkdtemp(prefix="ditlab-app-"))  # exports and uploads of this process
+PRESET_NAMES = list(api.PRESETS)
+LAYER_NAMES = [layer.name for layer in api.layers(PIPE)]
+TIMESTEPS = api.calibration_timesteps(PIPE)
+
+
+# ---------------------------------------------------------------- handler helpers
+def guarded(n_outputs: int):
+    """Catches errors: shows a one-line message (toast + the last output, a status Markdown) and leaves every other
+    output, e.g. the user's table, untouched. A DitlabError is the user's message; anything else is a bug, logged
+    with its traceback on the server and summarised in one line for the user."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except DitlabError as exc:
+                message = str(exc)
+            except Exception as exc:  # noqa: BLE001 - never a traceback in the page
+                log.exception("%s failed", fn.__name__)
+                message = f"internal error in {fn.__name__} ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+            gr.Warning(message)
+            return (*[gr.update()] * (n_outputs - 1), f"⚠️ {message}")
+        return inner
+    return wrap
+
+
+def _session(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "local"
+
+
+def _job(request: gr.Request | None):
+    """Starts a heavy job of this session: the public-mode rate limit first, then a cancellable job context."""
+    RATE.check(api.client_address(request))
+    return JOBS.run(_session(request))
+
+
+def _recipe_outputs(pipe, recipe, message: str) -> tuple:
+    """(recipe table, recipe JSON, model layers table, memory table, message) for a new current recipe."""
+    return api.recipe_table(pipe, recipe), recipe.to_json(), api.layers_frame(pipe, recipe), api.memory_frame(pipe, recipe), message
+
+
+def _quantized(source: str, recipe, request):
+    """The session's quantized copy of ``recipe`` (cached). A recipe that came from Load export is re-read from its
+    QDIR folder when the shared cache has dropped it, never re-quantized (an export may hold GPTQ/VQ4DiT weights or
+    other calibration settings that re-quantizing would not reproduce)."""
+    pipe, session = api.load(source), _session(request)
+
+    def make(p, r):
+        folder = LOADED_EXPORTS.get((session, p.source, r.to_json(indent=None)))
+        if folder is not None and folder.is_dir():
+            return api.load_qdir(folder)[0]
+        return api.quantize(p, r, calib_settings=api.APP_CALIBRATION)
+
+    return QUANTIZED.get(session, pipe, recipe, make)
+
+
+# ---------------------------------------------------------------- handlers
+@guarded(2)
+def generate(labels, n_per_label, seed, steps, guidance, scheduler=api.DEFAULT_SCHEDULER, source="shipped", request: gr.Request = None,
+             progress=gr.Progress(track_tqdm=True)):
+    """A grid with one row per chosen class from the session's FP model (``source``). API clients may omit
+    ``scheduler`` (default sampler) and ``source`` (the shipped model)."""
+    n_per_label = api.whole_number(n_per_label, "images per class", 1, 16)
+    api.check_request(max(1, len(labels or [])) * n_per_label, steps, guidance, seed)  # no labels: generate_grid names the field
+    api.check_scheduler(scheduler)
+    pipe = api.load(source)
+    with GRID_LOCK, _job(request):
+        grid, info = api.generate_grid(pipe, labels, n_per_label, steps=int(steps), guidance=float(guidance), seed=int(seed), scheduler=scheduler)
+    took = f"sampled in {info['seconds']} s, cached" if info.get("cached") else f"{info['seconds']} s"
+    return grid, (f"{info['n_images']} images of `{source}` · seed {info['seed']} · {api.SCHEDULER_NAMES[scheduler]} · {took} · "
+                  f"{info['path']}")
+
+
+@guarded(13)
+def load_model(kind, path):
+    """Loads a model (shipped / local folder / hub id); resets the recipe to fp (and says so on the Recipe tab)."""
+    source = api.model_source(kind, path)
+    pipe = api.load(source)
+    info = api.model_info(pipe)
+    table, text, layers, memory, _ = _recipe_outputs(pipe, api.PRESETS["fp"], "")
+    choices = api.label_choices(pipe)
+    names, timesteps = [layer.name for layer in api.layers(pipe)], api.calibration_timesteps(pipe)
+    return (source, api.model_markdown(info), layers, memory, table, text, gr.update(choices=choices, value=[v for _, v in choices][:8]),
+            gr.update(choices=choices, value=[v for _, v in choices][:10]), "fp", gr.update(choices=names, value=names[0]), gr.update(choices=timesteps, value=timesteps[0]),
+            f"recipe reset to **fp** for the model `{source}`", f"✓ loaded `{source}`")
+
+
+@guarded(5)
+def apply_preset(preset, source):
+    """Replaces the recipe with a preset (or imported recipe JSON)."""
+    pipe = api.load(source)
+    return _recipe_outputs(pipe, api.parse_recipe(preset, pipe), f"✓ preset **{preset}** loaded" if preset in api.PRESETS else "✓ recipe imported")
+
+
+@guarded(4)
+def table_edited(table, recipe_json, source):
+    """Validates the edited table; the recipe JSON follows it (an invalid edit keeps the table and says why)."""
+    pipe = api.load(source)
+    recipe = api.table_recipe(pipe, table, api.parse_recipe(recipe_json))
+    return recipe.to_json(), api.layers_frame(pipe, recipe), api.memory_frame(pipe, recipe), f"✓ table valid · recipe **{recipe.name}**"
+
+
+def recipe_for_run(table, recipe_json, source):
+    """Before Compare/Export: the table's recipe, or stop the chain with the table's error."""
+    try:
+        return api.table_recipe(api.load(source), table, api.parse_recipe(recipe_json)).to_json()
+    except DitlabError as exc:
+        raise gr.Error(str(exc), print_exception=False) from None
+
+
+def download_recipe(recipe_json):
+    """The current recipe as a .json file."""
+    try:
+        return str(api.write_recipe(api.parse_recipe(recipe_json), tempfile.mkdtemp(dir=WORKDIR)))
+    except DitlabError as exc:
+        raise gr.Error(str(exc), print_exception=False) from None
+
+
+@guarded(5)
+def bulk_edit(table, recipe_json, target, setting, source):
+    """Applies one setting to every layer a kind / block / pattern selects."""
+    pipe = api.load(source)
+    recipe = api.bulk_edit(pipe, table, api.parse_recipe(recipe_json), target, setting)
+    return _recipe_outputs(pipe, recipe, f"✓ {target} → {setting}")
+
+
+@guarded(5)
+def import_recipe(text, upload, source):
+    """Imports a recipe from pasted JSON or an uploaded .json file."""
+    pipe = api.load(source)
+    data = Path(upload).read_bytes()[: api.limits().max_recipe_bytes + 1] if upload else text
+    origin = f"the uploaded file `{Path(upload).name}`" + (" (the pasted text was not used)" if (text or "").strip() else "") if upload else "the pasted JSON"
+    try:
+        recipe = api.parse_recipe(data, pipe)
+    except DitlabError as exc:
+        raise type(exc)(f"{origin}: {exc}") from None
+    return _recipe_outputs(pipe, recipe, f"✓ recipe **{recipe.name}** imported from {origin}")
+
+
+@guarded(6)
+def compare(recipe_json, labels, n_per_label, seed, steps, guidance, backend, source="shipped", scheduler=api.DEFAULT_SCHEDULER,
+            request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
+    """FP vs quantized images (same seeds), difference heat map, metrics and per-step divergence. ``source`` is the
+    session's state; ``scheduler`` may be omitted by API clients (default sampler)."""
+    pipe = api.load(source)
+    recipe = api.parse_recipe(recipe_json, pipe)
+    n_per_label = api.whole_number(n_per_label, "images per class", 1, 8)
+    api.check_request(max(1, len(labels or [])) * n_per_label, steps, guidance, seed)
+    api.check_scheduler(scheduler)
+    batch = [y for y in api.class_ids(labels, pipe.num_classes) for _ in range(n_per_label)]
+    with _job(request):
+        q = _quantized(source, recipe, request)
+        c = api.compare(pipe, q, batch, steps=int(steps), guidance=float(guidance), seed=int(seed), scheduler=scheduler, backend=backend or None)
+    rows = api.grid_rows(len(labels), n_per_label)
+    quantized_any = any(cfg is not None and not cfg.is_fp for cfg in recipe.resolve(api.list_linears(pipe.transformer)).values())
+    path = f"images by the **{api.BACKEND_NAMES.get(c.backend, c.backend)}**" if quantized_any else "**no layer is quantized**: both columns are the FP model"
+    status = f"recipe **{recipe.name}** · {len(batch)} images · seed {int(seed)} · {api.SCHEDULER_NAMES[scheduler]} · {path}"
+    return (api.image_grid(c.fp_images, rows, scale=3), api.image_grid(c.q_images, rows, scale=3), api.image_grid(c.diff, rows, scale=3),
+            api.compare_metrics(c.metrics), api.divergence_figure(c.divergence, c.timesteps), status)
+
+
+@guarded(4)
+def outliers(layer, timestep, branch, source, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
+    """Before/after views of one layer's input at one timestep and CFG branch, and the model-wide map."""
+    pipe = api.load(source)
+    with _job(request):
+        res, fig, table, omap = api.outlier_views(pipe, api.calibrate(pipe, **api.APP_CALIBRATION), layer, timestep, branch)
+    return fig, table, omap, f"{res.layer} ({res.kind}) · t={res.timestep} · {res.branch} branch · {res.rows} rows × {res.in_features} channels"
+
+
+@guarded(3)
+def sensitivity(setting, metric, source, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
+    """Layers × timestep-groups sensitivity of one setting (cached on disk)."""
+    pipe = api.load(source)
+    with _job(request):
+        res = api.sensitivity_run(pipe, setting, lambda p: api.calibrate(p, **api.APP_CALIBRATION))
+    _, styled = api.sensitivity_table(res, metric)
+    return plots.sensitivity_figure(res, metric), styled, f"{res.setting}: {res.n_computed} cells computed, {res.n_cached} cached, {res.seconds:.1f} s"
+
+
+@guarded(4)
+def open_cell(setting, source, evt: gr.SelectData):
+    """A click on a sensitivity cell opens that layer and timestep group in Outliers."""
+    pipe = api.load(source)
+    res = api.sensitivity_run(pipe, setting, lambda p: api.calibrate(p, **api.APP_CALIBRATION), progress=False)
+    layer, t = api.cell_target(pipe, res, api.calibrate(pipe, **api.APP_CALIBRATION, progress=False), *evt.index)
+    return gr.Tabs(selected="outliers"), layer, t, f"opened {layer} at t={t}"
+
+
+@guarded(9)
+def allocate(budget, source, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
+    """Runs the bit allocator at a budget and loads the result into the recipe table (the Allocate button only: a
+    slider move never replaces the user's table). Outputs: recipe views, preset (cleared), Recipe-tab status, figures, status."""
+    pipe = api.load(source)
+    with _job(request):
+        alloc, alloc_fig, pareto_fig = api.allocation_views(pipe, budget)
+    table, text, layers, memory, _ = _recipe_outputs(pipe, alloc.recipe, "")
+    note = f"✓ recipe **{alloc.recipe.name}** from Allocate (average {alloc.avg_w_bits:.2f} weight bits)"
+    return (table, text, layers, memory, None, note, alloc_fig, pareto_fig,
+            f"✓ {alloc.recipe.name}: average {alloc.avg_w_bits:.2f} weight bits, loaded into the recipe table")
+
+
+@guarded(3)
+def export(recipe_json, source, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
+    """Quantizes (cached) and writes the quantized model folder as a zip, plus the recipe JSON."""
+    pipe = api.load(source)
+    recipe = api.parse_recipe(recipe_json, pipe)
+    out = Path(tempfile.mkdtemp(dir=WORKDIR))
+    with _job(request):
+        folder = api.save(_quantized(source, recipe, request), pipe, out / api.safe_name(recipe.name))
+    return str(api.export_zip(folder)), str(api.write_recipe(recipe, out)), f"✓ exported `{folder.name}`"
+
+
+@guarded(8)
+def load_export(upload, path, request: gr.Request = None):
+    """Loads an exported zip/folder back: its recipe fills the table and its quantized model is used by Compare."""
+    if not upload and not (path or "").strip():
+        raise ConfigError.invalid("export", "", "an exported .zip (upload it) or the path of a QDIR folder on the server")
+    if not upload:
+        api.check_server_path("export path", path)  # public mode: uploads only, no server paths
+    folder = api.unpack_qdir(upload or path, WORKDIR)
+    q, source = api.load_qdir(folder)
+    pipe = api.load(source)
+    session = _session(request)
+    QUANTIZED.put(session, pipe, q.recipe, q)
+    with EXPORTS_LOCK:
+        for key in [k for k in LOADED_EXPORTS if k[0] == session]:  # one loaded export per session: the latest
+            del LOADED_EXPORTS[key]
+        LOADED_EXPORTS[(session, pipe.source, q.recipe.to_json(indent=None))] = folder
+    name = Path(upload).name if upload else folder.name
+    return (source, *_recipe_outputs(pipe, q.recipe, "")[:4], None, f"✓ recipe **{q.recipe.name}** from the export `{name}`",
+            f"✓ loaded `{name}` (recipe {q.recipe.name}, model {source})")
+
+
+CANCEL_WAIT = 3.0  # s: how long Cancel waits for the jobs to stop, so its message can say they did (gradio_client gives up after 5 s)
+
+
+def cancel(request: gr.Request = None):
+    """Stops this session's running jobs at their next layer and reports the outcome (the Cancel buttons; scripts:
+    /cancel). Not queued: it answers even while every worker is busy."""
+    signalled, running = JOBS.cancel(_session(request), wait=CANCEL_WAIT)
+    if not signalled:
+        return "nothing to cancel: no job of yours is running"
+    if running:
+        return f"cancelling {signalled} job(s): {running} still finishing its current layer"
+    return f"cancelled {signalled} job(s); the worker is free"
+
+
+def forget_session(request: gr.Request):
+    """When a browser session ends, its quantized copies leave the cache (and its loaded export is forgotten)."""
+    session = _session(request)
+    QUANTIZED.drop_session(session)
+    with EXPORTS_LOCK:
+        for key in [k for k in LOADED_EXPORTS if k[0] == session]:
+            del LOADED_EXPORTS[key]
+
+
+# ---------------------------------------------------------------- layout
+INTRO = ("# ditlab — post-training quantization lab for Diffusion Transformers\n"
+         "Pick a **recipe** (how many bits each layer keeps), **compare** the quantized model with the full-precision one on the "
+         "same seeds, and see **why** a setting fails (activation outliers, per-layer sensitivity).")
+HOW_TO = """1. **Generate** shows the full-precision model's images: the reference.
+2. **Model** loads another DiT (a local folder, or a hub id already in the local cache); the shipped tiny DiT is the default.
+3. **Recipe**: pick a preset (e.g. `w4a8-hadanorm`), then edit any layer's method and bits in the table, or bulk-edit
+   a kind of layer (`fc2`, `block 3`, a glob). The status line says at once if a value is not allowed, and why.
+4. **Compare** quantizes the model with the table's recipe and renders both models on the same seeds: images,
+   a difference heat map, PSNR / SSIM / class agreement and the per-step drift of the latents.
+5. **Outliers** shows why a layer is hard to quantize (activation outliers before and after SmoothQuant, Hadamard,
+   HadaNorm, ViDiT-Q); **Sensitivity & allocation** measures every layer's damage per timestep group and allocates
+   bits under a budget with the **Allocate** button.
+6. **Export** downloads the packed quantized weights and the recipe; loading the zip back restores both.
+
+Long jobs show progress and can be cancelled. The full guide is docs/APP.md in the repository."""
+HEAVY = dict(concurrency_limit=2, concurrency_id="heavy")  # long jobs share 2 workers (2 CPU cores)
+
+
+def _generate_tab():
+    with gr.Tab("Generate", id="generate"):
+        gr.Markdown("Full-precision samples of the session's model (the shipped one until you load another on the Model tab) — one row per class.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                labels = CheckboxGroup(LABEL_CHOICES, value=FIRST_SCREEN["labels"], label="classes", elem_id="labels")
+                n_per_label = Slider(1, 16, value=FIRST_SCREEN["n_per_label"], step=1, label="images per class", elem_id="n_per_label")
+                seed = Number(FIRST_SCREEN["seed"], precision=0, label="seed", elem_id="seed")
+                steps = Slider(1, 100, value=FIRST_SCREEN["steps"], step=1, label="steps", elem_id="steps")
+                guidance = Slider(1.0, 10.0, value=FIRST_SCREEN["guidance"], step=0.5, label="CFG scale", elem_id="guidance")
+                scheduler = Radio(SCHEDULER_CHOICES, value=api.DEFAULT_SCHEDULER, label="sampler", elem_id="scheduler")
+                run = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column(scale=2):
+                grid = gr.Image(label="samples (one row per class)", type="numpy", elem_id="grid", format="png")
+                status = gr.Markdown(label="status", elem_id="status")
+    return [labels, n_per_label, seed, steps, guidance, scheduler], run, [grid, status]
+
+
+def build() -> gr.Blocks:
+    fp = api.PRESETS["fp"]
+    with gr.Blocks(title="ditlab") as demo:
+        source = gr.State("shipped")  # the session's model source; models themselves are cached per process
+        gr.Markdown(INTRO)
+        with gr.Accordion("New here? How to use ditlab", open=False, elem_id="how_to"):
+            gr.Markdown(HOW_TO)
+        with gr.Tabs(elem_id="tabs") as tabs:
+            gen_inputs, gen_run, gen_outputs = _generate_tab()
+            with gr.Tab("Model", id="model"):
+                with gr.Row():
+                    kind = Radio(list(api.MODEL_KINDS), value="shipped", label="model", elem_id="model_kind")
+                    path = gr.Textbox(label="local folder or hub id", placeholder="/path/to/pipeline or facebook/DiT-XL-2-256", elem_id="model_path")
+                    load_btn = gr.Button("Load", elem_id="load_model")
+                model_md = gr.Markdown(api.model_markdown(api.model_info(PIPE)), elem_id="model_info")
+                model_msg = gr.Markdown(label="status", elem_id="model_msg")
+                memory = gr.Dataframe(api.memory_frame(PIPE, fp), label="weight memory: FP vs the current recipe", interactive=False, elem_id="memory")
+                layers = gr.Dataframe(api.layers_frame(PIPE, fp), label="quantizable linear layers", interactive=False, max_height=360, elem_id="layers")
+            with gr.Tab("Recipe", id="recipe"):
+                with gr.Row():
+                    preset = Dropdown(PRESET_NAMES, value="fp", label="preset", elem_id="preset", scale=2)
+                    target = Dropdown(list(api.BULK_TARGETS), value="fc2", allow_custom_value=True, label="bulk edit: layers (kind, 'block N', glob)",
+                                         elem_id="bulk_target", scale=2)
+                    setting = gr.Textbox("W8", label="set to (e.g. W8, W4A8, FP, hadanorm W4A4 g64)", elem_id="bulk_setting", scale=2)
+                    bulk_btn = gr.Button("Apply to layers", elem_id="bulk_apply", scale=1)
+                table_msg = gr.Markdown("Edit method / w_bits / a_bits / w_group_size / a_granularity in the table; it is checked as you type.",
+                                        label="status", elem_id="table_msg")
+                with gr.Accordion("What each column accepts", open=False):
+                    gr.Markdown(api.table_help())
+                table = gr.Dataframe(api.recipe_table(PIPE, fp), label="per-layer recipe", interactive=True, static_columns=[0, 1, 2], max_height=480,
+                                     datatype=["str", "str", "str", "str", "number", "number", "str", "str"], elem_id="recipe_table")
+                with gr.Accordion("Recipe JSON: import / export", open=False):
+                    recipe_json = gr.Code(fp.to_json(), language="json", label="current recipe (what Compare and Export use)", interactive=False,
+                                          elem_id="recipe_json")
+                    with gr.Row():
+                        paste = gr.Textbox(label="paste a recipe JSON", lines=4, elem_id="recipe_paste")
+                        upload = gr.File(label="or upload a .json", file_types=[".json"], type="filepath", elem_id="recipe_upload")
+                    with gr.Row():
+                        import_btn = gr.Button("Import", elem_id="recipe_import")
+                        download_btn = gr.DownloadButton("Download recipe JSON", elem_id="recipe_download")
+            with gr.Tab("Compare", id="compare"):
+                with gr.Row():
+                    c_labels = CheckboxGroup(LABEL_CHOICES, value=[v for _, v in LABEL_CHOICES][:8], label="classes", elem_id="c_labels", scale=3)
+                    c_n = Slider(1, 8, value=1, step=1, label="images per class", elem_id="c_n")
+                    c_seed = Number(0, precision=0, label="seed", elem_id="c_seed")
+                with gr.Row():
+                    c_steps = Slider(1, 100, value=20, step=1, label="steps", elem_id="c_steps")
+                    c_cfg = Slider(1.0, 10.0, value=api.DEFAULT_GUIDANCE, step=0.5, label="CFG scale", elem_id="c_cfg")
+                    c_backend = Radio(api.backends.available(), value=api.default_backend(), label="execution path of the quantized layers",
+                                         elem_id="c_backend")
+                    c_sched = Radio(SCHEDULER_CHOICES, value=api.DEFAULT_SCHEDULER, label="sampler", elem_id="c_scheduler")
+                with gr.Row():
+                    c_run = gr.Button("Compare", variant="primary", elem_id="compare")
+                    c_cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                c_status = gr.Markdown(label="status", elem_id="c_status")
+                with gr.Row():
+                    fp_img = gr.Image(label="full precision (fp32, CPU)", type="numpy", format="png", elem_id="fp_images")
+                    q_img = gr.Image(label="quantized", type="numpy", format="png", elem_id="q_images")
+                    diff_img = gr.Image(label="|FP − quantized| heat map (×4)", type="numpy", format="png", elem_id="diff_images")
+                with gr.Row():
+                    metrics = gr.Dataframe(pd.DataFrame(columns=["metric", "value", "meaning"]), label="metrics", interactive=False, elem_id="metrics",
+                                           scale=1, wrap=True, column_widths=["28%", "17%", "55%"])
+                    divergence = gr.Plot(label="per-step divergence", elem_id="divergence", scale=1)
+            with gr.Tab("Outliers", id="outliers"):
+                with gr.Row():
+                    o_layer = Dropdown(LAYER_NAMES, value="transformer_blocks.0.ff.net.2", label="layer", elem_id="o_layer", scale=3)
+                    # allow_custom_value: API clients may send a timestep as text ('999') or int; the handler checks it by name
+                    o_t = Dropdown(TIMESTEPS, value=TIMESTEPS[0], label="timestep", elem_id="o_timestep", allow_custom_value=True)
+                    o_branch = Radio(list(api.BRANCHES), value="cond", label="CFG branch", elem_id="o_branch")
+                    o_run = gr.Button("Show", variant="primary", elem_id="outliers_run")
+                    o_cancel = gr.Button("Cancel", variant="stop", elem_id="o_cancel", scale=0)
+                o_msg = gr.Markdown(label="status", elem_id="o_msg")
+                o_fig = gr.Plot(label="before / after each transform", elem_id="o_fig")
+                o_table = gr.Dataframe(pd.DataFrame(columns=["transform", "kurtosis", "max_median", "err_a8", "err_a4", "out_err_a8", "out_err_a4"]),
+                                       label="A8 / A4 errors per transform (out_err = layer-output error)", interactive=False, elem_id="o_table")
+                o_map = gr.Plot(label="model-wide outlier map", elem_id="o_map")
+            with gr.Tab("Sensitivity & allocation", id="sensitivity"):
+                with gr.Row():
+                    s_setting = Dropdown([p for p in PRESET_NAMES if p != "fp"], value="w4a8-rtn", label="setting", elem_id="s_setting")
+                    s_metric = Dropdown(["sqnr_db", "ssim", "psnr", "agreement"], value="sqnr_db", label="metric", elem_id="s_metric")
+                    s_run = gr.Button("Run sensitivity", variant="primary", elem_id="sensitivity_run")
+                    s_cancel = gr.Button("Cancel", variant="stop", elem_id="s_cancel", scale=0)
+                s_msg = gr.Markdown(label="status", elem_id="s_msg")
+                s_fig = gr.Plot(label="layers × timestep groups", elem_id="s_fig")
+                s_table = gr.Dataframe(pd.DataFrame(columns=["unit", "timestep groups: press Run sensitivity"]),
+                                       label="click a cell to open that layer and timestep in Outliers", interactive=False, max_height=360, elem_id="s_table")
+                with gr.Row():
+                    budget = Slider(4.0, 8.0, value=6.0, step=0.25, label="budget: average weight bits (W8A8 / W4A8 per layer)", elem_id="budget")
+                    a_run = gr.Button("Allocate → recipe table", elem_id="allocate_run")
+                a_msg = gr.Markdown(label="status", elem_id="a_msg")
+                with gr.Row():
+                    a_fig = gr.Plot(label="allocated bits", elem_id="a_fig")
+                    p_fig = gr.Plot(label="Pareto sweep", elem_id="pareto_fig")
+            with gr.Tab("Export", id="export"):
+                gr.Markdown("Download the quantized model of the **current recipe** (the Recipe tab's table) — a QDIR folder, zipped: packed "
+                            "weights, scales, recipe, manifest — and its recipe; load a previous export back (its recipe fills the table; "
+                            "Compare uses it without re-quantizing).")
+                with gr.Row():
+                    with gr.Column():
+                        e_run = gr.Button("Quantize and export", variant="primary", elem_id="export_run")
+                        e_cancel = gr.Button("Cancel", variant="stop", elem_id="e_cancel")
+                    e_zip = gr.File(label="quantized model (.zip)", elem_id="export_zip")
+                    e_recipe = gr.File(label="recipe (.json)", elem_id="export_recipe")
+                with gr.Row():
+                    e_upload = gr.File(label="load an exported .zip", file_types=[".zip"], type="filepath", elem_id="export_upload")
+                    e_path = gr.Textbox(label="or a QDIR folder on the server", elem_id="export_path")
+                    e_load = gr.Button("Load export", elem_id="export_load")
+                e_msg = gr.Markdown(label="status", elem_id="e_msg")
+
+        recipe_views = [table, recipe_json, layers, memory]
+        gen_run.click(generate, gen_inputs + [source], gen_outputs, api_name="generate", **HEAVY)
+        demo.load(generate, gen_inputs, gen_outputs, api_name=False)
+        load_btn.click(load_model, [kind, path], [source, model_md, layers, memory, table, recipe_json, c_labels, gen_inputs[0], preset, o_layer, o_t,
+                                                  table_msg, model_msg],
+                       api_name="load_model")
+        preset.input(apply_preset, [preset, source], recipe_views + [table_msg], api_name="apply_preset")
+        table.input(table_edited, [table, recipe_json, source], [recipe_json, layers, memory, table_msg], api_name=False)
+        bulk_btn.click(bulk_edit, [table, recipe_json, target, setting, source], recipe_views + [table_msg], api_name="bulk_edit")
+        import_btn.click(import_recipe, [paste, upload, source], recipe_views + [table_msg], api_name="import_recipe")
+        download_btn.click(download_recipe, recipe_json, download_btn, api_name=False)
+        c_event = c_run.click(recipe_for_run, [table, recipe_json, source], recipe_json, api_name=False).success(
+            compare, [recipe_json, c_labels, c_n, c_seed, c_steps, c_cfg, c_backend, source, c_sched], [fp_img, q_img, diff_img, metrics, divergence, c_status],
+            api_name="compare", **HEAVY)
+        o_event = o_run.click(outliers, [o_layer, o_t, o_branch, source], [o_fig, o_table, o_map, o_msg], api_name="outliers", **HEAVY)
+        s_event = s_run.click(sensitivity, [s_setting, s_metric, source], [s_fig, s_table, s_msg], api_name="sensitivity", **HEAVY)
+        s_table.select(open_cell, [s_setting, source], [tabs, o_layer, o_t, s_msg], api_name=False).success(
+            outliers, [o_layer, o_t, o_branch, source], [o_fig, o_table, o_map, o_msg], api_name=False, **HEAVY)
+        a_event = a_run.click(allocate, [budget, source], recipe_views + [preset, table_msg, a_fig, p_fig, a_msg], api_name="allocate", **HEAVY)
+        e_event = e_run.click(recipe_for_run, [table, recipe_json, source], recipe_json, api_name=False).success(
+            export, [recipe_json, source], [e_zip, e_recipe, e_msg], api_name="export", **HEAVY)
+        e_load.click(load_export, [e_upload, e_path], [source] + recipe_views + [preset, table_msg, e_msg], api_name="load_export")
+        jobs = [c_event, o_event, s_event, a_event, e_event]
+        for button, note in ((c_cancel, c_status), (o_cancel, o_msg), (s_cancel, s_msg), (e_cancel, e_msg)):
+            # queue=False: a Cancel is never stuck behind (or refused by) a full queue; scripts can POST to /gradio_api/run/cancel
+            button.click(cancel, None, note, cancels=jobs, api_name="cancel" if button is c_cancel else False, queue=False)
+        demo.unload(forget_session)
+    return demo
+
+
+demo = build()
+demo.queue(max_size=32, default_concurrency_limit=4)
+
+if __name__ == "__main__":
+    on_spaces = bool(os.environ.get("SPACE_ID"))  # Hugging Face Spaces serve 0.0.0.0:7860 (GRADIO_SERVER_NAME)
+    demo.launch(
+        server_name=os.environ.get("DITLAB_HOST") or os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_spaces else "127.0.0.1"),
+        server_port=int(os.environ.get("DITLAB_PORT") or os.environ.get("GRADIO_SERVER_PORT") or "7860"),
+        share=False,
+        footer_links=["api"],
+    )
