@@ -6,6 +6,7 @@ Every command prints either a table/JSON on stdout or one clear line on stderr w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -203,8 +204,49 @@ def _add_bench(sub) -> None:
 
     p = sub.add_parser("bench", help="run a benchmark and print a markdown table; `bench all` regenerates docs/RESULTS.md")
     p.add_argument("part", choices=sorted([*BENCHMARKS, "kernels", *PARTS]), help="what to measure (all/quality/claims/…: docs/RESULTS.md parts)")
-    p.add_argument("--out", default=None, help="also append the table to this markdown file")
+    p.add_argument("--out", default=None, help="sampling and kernels only: also append the table to this markdown file")
     add_arguments(p)
+
+
+# The options each non-results part honours (`bench sampling --model M --steps S --guidance G`, `bench kernels
+# --kernel-m --kernel-repeats`); every other option given to them is refused by name instead of silently ignored.
+BENCH_OPTIONS = {"sampling": ("model", "steps", "guidance", "out"), "kernels": ("kernel_m", "kernel_repeats", "out")}
+
+
+def _given_bench_options(args) -> list[str]:
+    """The ``bench`` options given on the command line (as settings field names), in the parser's order."""
+    from .results.common import ResultsSettings
+
+    names = [f.name for f in dataclasses.fields(ResultsSettings)] + ["docs", "resume", "out"]
+    defaults = {"full": False, "resume": False}
+    return [n for n in names if getattr(args, n, None) not in (None, defaults.get(n, None))]
+
+
+def _parts_using(name: str) -> str:
+    """'quality, vq, mixed, all, claims' — the bench parts that use the option of field ``name`` (for refusal messages)."""
+    from .results.common import PART_FIELDS
+
+    if name in ("docs", "full"):
+        return "the results parts (all, claims, quality, act, vq, mixed, speed, pareto, report)"
+    if name == "resume":
+        return "quality, all"
+    parts = [part for part, fields in PART_FIELDS.items() if name in fields]
+    groups = {"all": tuple(PART_FIELDS), "claims": ("act", "vq", "mixed")}
+    parts += [group for group, members in groups.items() if any(name in PART_FIELDS[m] for m in members)]
+    parts += [part for part, fields in BENCH_OPTIONS.items() if name in fields]
+    return ", ".join(parts)
+
+
+def _check_bench_options(args) -> None:
+    """ConfigError naming the first option given that ``args.part`` does not use (sampling, kernels: only theirs;
+    the results parts: everything but --out)."""
+    from .errors import ConfigError
+    from .results.common import option
+
+    allowed = BENCH_OPTIONS.get(args.part)
+    for name in _given_bench_options(args):
+        if (allowed is not None and name not in allowed) or (allowed is None and name == "out"):
+            raise ConfigError(f"{option(name)} is not used by `bench {args.part}`; it is used by: {_parts_using(name)}", field=option(name))
 
 
 def _repo_script(relative: str):
@@ -221,22 +263,57 @@ def _repo_script(relative: str):
     return module
 
 
+def _append_table(out: str | None, table: str) -> None:
+    """Appends ``table`` to the markdown file ``out`` (``bench --out``), if given."""
+    if out:
+        with open(out, "a") as f:
+            f.write(table + "\n")
+
+
+def _bench_kernels(args) -> int:
+    """``bench kernels``: benchmarks/bench_kernels.py with --kernel-m/--kernel-repeats, its tables printed (and appended to --out)."""
+    import contextlib
+    import io
+
+    from .results.common import ResultsSettings
+
+    d = ResultsSettings()
+    argv = ["--m", str(args.kernel_m or d.kernel_m), "--repeats", str(args.kernel_repeats or d.kernel_repeats)]
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = _repo_script("benchmarks/bench_kernels.py").main(argv)
+    print(buffer.getvalue(), end="")
+    _append_table(args.out, buffer.getvalue())
+    return code
+
+
+def _bench_sampling(args) -> int:
+    """``bench sampling``: fp32 vs bf16 sampling time with --model/--steps/--guidance (defaults: bench_sampling's)."""
+    from .bench import bench_sampling, markdown_table
+
+    given = {"source": args.model, "steps": args.steps, "guidance": args.guidance}
+    kwargs = {k: v for k, v in given.items() if v is not None}
+    flags = "".join(f" --{k} {v}" for k, v in (("model", args.model), ("steps", args.steps), ("guidance", args.guidance)) if v is not None)
+    table = markdown_table(bench_sampling(**kwargs), "python -m ditlab bench sampling" + flags)
+    print(table)
+    _append_table(args.out, table)
+    return 0
+
+
 def _cmd_bench(args) -> int:
-    from .bench import BENCHMARKS, markdown_table
+    from .cli_args import writable_file
     from .results import PARTS
 
+    _check_bench_options(args)
+    if args.out is not None:
+        writable_file(args.out, "--out")
     if args.part in PARTS:
         from .results.cli import main
 
         return main(args)
     if args.part == "kernels":
-        return _repo_script("benchmarks/bench_kernels.py").main([])
-    table = markdown_table(BENCHMARKS[args.part](), "python -m ditlab bench " + args.part)
-    print(table)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(table + "\n")
-    return 0
+        return _bench_kernels(args)
+    return _bench_sampling(args)
 
 
 def _add_kernels(sub) -> None:

@@ -28,3 +28,62 @@ def int_list(text: str) -> tuple[int, ...]:
     if not values:
         raise argparse.ArgumentTypeError("give at least one value, e.g. 2,4,8")
     return values
+
+
+def _reason(exc: OSError) -> str:
+    """'permission denied', 'no such file or directory', … (lower case, no errno number)."""
+    import os
+
+    return os.strerror(exc.errno).lower() if exc.errno else str(exc)
+
+
+def writable_folder(path: str, option: str, shown: str | None = None) -> "Path":
+    """``path`` as a folder that exists (created with its parents if missing) and accepts new files; otherwise a
+    ConfigError naming ``option`` and ``shown`` (default ``path``). Called before long work, so an unwritable output
+    fails in a second, not after it."""
+    import tempfile
+    from pathlib import Path
+
+    from .errors import ConfigError
+
+    folder = Path(str(path)).expanduser()
+    if not str(path).strip():
+        raise ConfigError.invalid(option, path, "a folder path (not empty)")
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError.invalid(option, str(path), "a folder (this is a file)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ConfigError.invalid(option, shown or str(path), f"a writable folder (cannot write there: {_reason(exc)})") from None
+    return folder
+
+
+def writable_file(path: str, option: str, suffixes: tuple[str, ...] = ()) -> "Path":
+    """``path`` as a file that can be written: not a folder, ending in one of ``suffixes`` (if given), in a folder
+    that exists (created if missing) and accepts new files; otherwise a ConfigError naming ``option``."""
+    from pathlib import Path
+
+    from .errors import ConfigError
+
+    what = f"a {' or '.join(suffixes)} file path" if suffixes else "a file path"
+    if not str(path).strip():
+        raise ConfigError.invalid(option, path, f"{what} (not empty)")
+    file = Path(str(path)).expanduser()
+    if file.is_dir():
+        raise ConfigError.invalid(option, str(path), f"{what} (this is a folder)")
+    if suffixes and file.suffix.lower() not in suffixes:
+        raise ConfigError.invalid(option, str(path), what)
+    writable_folder(str(file.parent), option, shown=str(path))
+    return file
+
+
+def refuse_qdir(model: str, hint: str) -> None:
+    """ConfigError naming --model when ``model`` is a QDIR (a quantized folder): the analysis commands measure
+    what quantizing an FP model does, so they need the FP model. ``hint`` says what to pass instead."""
+    from .errors import ConfigError
+    from .qdir import is_qdir
+
+    if str(model).strip() and is_qdir(str(model).strip()):
+        raise ConfigError.invalid("--model", model, f"a full-precision model, not a QDIR (already quantized); {hint}")

@@ -1,0 +1,117 @@
+"""Regression tests of the CLI audit fixes (/tmp/review_cli/REPORT.md): bad input is refused in one line naming the
+option, with exit code 2, before any long work; results files are replaced only by complete runs.
+
+Most tests call ``ditlab.cli.main`` in-process (seconds, not a subprocess per case); ``one_line_error`` checks the
+message the user sees."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from ditlab import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def call(*args: str, capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``python -m ditlab ARGS`` run in this process."""
+    try:
+        code = cli.main(list(args))
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(capsys, *args: str) -> str:
+    """Runs the command, asserts exit code 2 and exactly one stderr line without a traceback; returns that line."""
+    code, _, err = call(*args, capsys=capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# ---- 1. bench: every setting is checked before any work; results files are replaced only when complete -------------
+def test_a_typo_in_presets_is_refused_before_any_measurement(tmp_path, capsys, monkeypatch):
+    from ditlab.results import common
+
+    monkeypatch.setattr(common, "evaluate_row", lambda *a, **k: pytest.fail("measured before the presets were checked"))
+    line = one_line_error(capsys, "bench", "quality", "--presets", "w8a8-rtn,typo", "--docs", str(tmp_path))
+    assert "--presets = 'typo'" in line and "w8a8-rtn" in line
+    assert not (tmp_path / "results" / "quality.json").exists()
+
+
+def test_a_failed_run_keeps_the_complete_results_file(tmp_path, monkeypatch):
+    from ditlab import results
+    from ditlab.results import quality
+
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
+    complete = {"part": "quality", "complete": True, "data": {"rows": []}}
+    (results_dir / "quality.json").write_text(json.dumps(complete))
+    calls = []
+
+    def row(pipe, name, settings):
+        calls.append(name)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return {"recipe": name, "psnr": None, "class_acc": None, "ratio_fp16": None, "seconds_quantize": 0.0, "seconds_sample": 0.0}
+
+    monkeypatch.setattr(quality, "evaluate_row", row)
+    with pytest.raises(RuntimeError):
+        results.run("quality", results.ResultsSettings(presets=("fp", "w8a8-rtn")), docs_dir=tmp_path, say=lambda _: None)
+    assert json.loads((results_dir / "quality.json").read_text()) == complete
+    partial = json.loads((results_dir / "quality.partial.json").read_text())
+    assert not partial["complete"] and [r["recipe"] for r in partial["data"]["rows"]] == ["fp"]
+
+
+def test_results_documents_are_readable_by_everyone(tmp_path):
+    from ditlab.results.common import write_doc
+
+    path = write_doc(tmp_path, {"part": "quality", "data": {}})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--n-per-label", "0"], "--n-per-label"),
+    (["--act-steps", "0"], "--act-steps"),
+    (["--calib-samples", "-1"], "--calib-samples"),
+    (["--vq-params", "5"], "--vq-params: '5' is not a JSON object"),
+    (["--vq-params", "{bad"], "--vq-params: '{bad' is not valid JSON"),
+    (["--pareto-measure", "abc"], "--pareto-measure: 'abc' is not a comma-separated list of numbers"),
+])
+def test_bench_values_are_checked_by_the_parser(args, needle, capsys):
+    assert needle in one_line_error(capsys, "bench", "act", *args)
+
+
+@pytest.mark.parametrize("docs,needle", [("/proc/nope", "a writable folder"), (__file__, "this is a file")])
+def test_bench_docs_must_be_a_writable_folder(docs, needle, capsys):
+    line = one_line_error(capsys, "bench", "report", "--docs", docs)
+    assert line.startswith("ditlab bench: error: --docs = ") and needle in line
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["sampling", "--n-per-label", "1"], "--n-per-label is not used by `bench sampling`"),
+    (["kernels", "--model", "x"], "--model is not used by `bench kernels`"),
+    (["quality", "--out", "x.md"], "--out is not used by `bench quality`; it is used by: sampling, kernels"),
+    (["sampling", "--out", "/proc/x.md"], "--out = '/proc/x.md'"),
+])
+def test_bench_refuses_options_a_part_ignores(args, needle, capsys):
+    assert needle in one_line_error(capsys, "bench", *args)
+
+
+def test_bench_kernels_honours_its_options(tmp_path, capsys):
+    out = tmp_path / "k.md"
+    code, stdout, _ = call("bench", "kernels", "--kernel-m", "8", "--kernel-repeats", "1", "--out", str(out), capsys=capsys)
+    assert code == 0 and "--m 8 --repeats 1" in stdout and "--m 8 --repeats 1" in out.read_text()
