@@ -43,7 +43,7 @@ class _Parser(argparse.ArgumentParser):
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="generate Shapes-10 and train the shipped tiny DiT and classifier")
     p.add_argument("--out", default="assets", help="folder that receives tiny-dit/ and classifier/ (default: assets)")
-    p.add_argument("--steps", type=int, default=None, help="DiT optimisation steps (default 7500)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="DiT optimisation steps (default 7500)")
     p.add_argument("--init", choices=["diffusers", "adaln-zero"], default="adaln-zero",
                    help="DiT weight init: DiT's adaLN-Zero reference init (default; what the shipped model used) or diffusers' defaults")
     from .train import LOSS_WEIGHTINGS
@@ -57,8 +57,11 @@ def _add_train(sub) -> None:
 def _cmd_train(args) -> int:
     from dataclasses import replace
 
-    from .train import TrainConfig, train_all
+    from .cli_args import writable_folder
+    from .train import TrainConfig, check_outputs, train_all
 
+    check_outputs(args.out, args.only)  # before minutes of data generation and training
+    writable_folder(args.out, "--out")
     cfg = replace(TrainConfig(), init=args.init, **({} if args.steps is None else {"steps": args.steps}),
                   **({} if args.loss_weighting is None else {"loss_weighting": args.loss_weighting}))
     command = (f"python -m ditlab train --out {args.out}" + (f" --steps {args.steps}" if args.steps else "")

@@ -115,3 +115,37 @@ def test_bench_kernels_honours_its_options(tmp_path, capsys):
     out = tmp_path / "k.md"
     code, stdout, _ = call("bench", "kernels", "--kernel-m", "8", "--kernel-repeats", "1", "--out", str(out), capsys=capsys)
     assert code == 0 and "--m 8 --repeats 1" in stdout and "--m 8 --repeats 1" in out.read_text()
+
+
+# ---- 2. train: counts, --only dit and --out are checked before the data is generated -------------------------------
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fails the test if training would start (the data generation is its first step)."""
+    from ditlab import data
+
+    monkeypatch.setattr(data, "make_dataset", lambda *a, **k: pytest.fail("data generated before the arguments were checked"))
+
+
+@pytest.mark.parametrize("steps", ["0", "-5"])
+def test_train_refuses_steps_below_1(steps, tmp_path, capsys, no_training):
+    assert "argument --steps" in one_line_error(capsys, "train", "--steps", steps, "--out", str(tmp_path))
+
+
+def test_train_only_dit_needs_the_classifier_first(tmp_path, capsys, no_training):
+    line = one_line_error(capsys, "train", "--only", "dit", "--out", str(tmp_path / "new"))
+    assert "--only = 'dit'" in line and "metrics.json is missing" in line
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("out,needle", [("/proc/x", "a writable folder"), (__file__, "this is a file")])
+def test_train_out_must_be_writable(out, needle, capsys, no_training):
+    line = one_line_error(capsys, "train", "--only", "classifier", "--out", out)
+    assert "--out = " in line and needle in line
+
+
+def test_train_config_is_checked_by_the_library(tmp_path, no_training):
+    from ditlab.errors import ConfigError
+    from ditlab.train import TrainConfig, train_all
+
+    with pytest.raises(ConfigError, match="steps = 0"):
+        train_all(tmp_path, TrainConfig(steps=0))
