@@ -13,7 +13,7 @@ import os
 import sys
 
 from . import cli_analysis
-from .cli_args import positive_int as _positive_int
+from .cli_args import MAX_N_PER_LABEL, n_per_label as _n_per_label, positive_int as _positive_int
 from .errors import DitlabError
 
 
@@ -81,14 +81,14 @@ def _label_list(text: str) -> list[int]:
     return labels
 
 
-def _add_sampling_args(p, *, labels: bool) -> None:
-    p.add_argument("--model", default="shipped", help="pipeline folder or hub id (default: the shipped tiny DiT)")
+def _add_sampling_args(p, *, labels: bool, n_per_label: int) -> None:
+    p.add_argument("--model", default="shipped", help="pipeline folder, QDIR or hub id (default: the shipped tiny DiT)")
     if labels:
         p.add_argument("--labels", type=_label_list, default=None, help="comma-separated class ids (default: every class)")
-    p.add_argument("--n-per-label", type=_positive_int, default=None, help="images per label")
+    p.add_argument("--n-per-label", type=_n_per_label, default=n_per_label, help=f"images per label, 1 to {MAX_N_PER_LABEL} (default {n_per_label})")
     p.add_argument("--steps", type=_positive_int, default=25, help="denoising steps (default 25)")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = off; default 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     from .sampling import DEFAULT_SCHEDULER, SCHEDULERS
 
     p.add_argument("--scheduler", choices=SCHEDULERS, default=DEFAULT_SCHEDULER, help=f"sampler (default {DEFAULT_SCHEDULER})")
@@ -119,30 +119,57 @@ def _cmd_info(args) -> int:
 
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate a grid of images (one row per label)")
-    _add_sampling_args(p, labels=True)
+    _add_sampling_args(p, labels=True, n_per_label=8)
     p.add_argument("--recipe", default="fp", help="quantize first: a preset name or a recipe JSON file (default fp)")
-    p.add_argument("--out", default="grid.png", help="output PNG path (default grid.png)")
+    p.add_argument("--out", default="grid.png", help=f"output image path, {' or '.join(IMAGE_SUFFIXES)} (default grid.png)")
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def _qdir_recipe(pipe, recipe: str):
+    """The Recipe a QDIR was quantized with (None for an FP model); a QDIR with a --recipe other than fp is refused."""
+    stored = getattr(pipe.transformer, "ditlab_recipe", None)
+    if stored is not None and recipe != "fp":
+        raise DitlabError(f"--recipe {recipe!r}: --model is already quantized (a QDIR); omit --recipe")
+    return stored
+
+
+def _checked_labels(pipe, labels: list[int] | None) -> list[int]:
+    """``labels`` (default: every class), each a class id of ``pipe``; otherwise a ConfigError naming --labels that
+    lists each bad id once (before any quantizing or sampling)."""
+    from .errors import ConfigError
+
+    if labels is None:
+        return list(range(pipe.num_classes))
+    bad = sorted({y for y in labels if not 0 <= y < pipe.num_classes})
+    if bad:
+        shown = bad[0] if len(bad) == 1 else bad
+        raise ConfigError.invalid("--labels", shown, f"class ids from 0 to {pipe.num_classes - 1}" if pipe.num_classes else "none (the model is not class-conditional)")
+    return labels
 
 
 def _cmd_sample(args) -> int:
     from . import api, backends
+    from .cli_args import writable_file
 
+    writable_file(args.out, "--out", IMAGE_SUFFIXES)  # before loading, quantizing and sampling
     pipe = api.load(args.model)
+    stored = _qdir_recipe(pipe, args.recipe)
+    labels = _checked_labels(pipe, args.labels)
     if args.recipe != "fp":
         pipe = api.quantize(pipe, args.recipe, progress=sys.stderr.isatty()).pipe
-    labels = args.labels if args.labels is not None else list(range(pipe.num_classes))
-    n = args.n_per_label or 8
-    result = api.generate(pipe, [y for y in labels for _ in range(n)], steps=args.steps, seed=args.seed, scheduler=args.scheduler,
+    result = api.generate(pipe, [y for y in labels for _ in range(args.n_per_label)], steps=args.steps, seed=args.seed, scheduler=args.scheduler,
                           guidance=api.DEFAULT_GUIDANCE if args.cfg is None else args.cfg, progress=sys.stderr.isatty())
     path = api.save_grid(result.images, args.out, rows=len(labels))
-    print(json.dumps({"out": str(path), "recipe": args.recipe, "backend": backends.current(), "n_images": len(result.images),
-                      "seconds_sample": round(result.seconds, 3)}))
+    print(json.dumps({"out": str(path), "recipe": stored.name if stored is not None else args.recipe, "backend": backends.current(),
+                      "n_images": len(result.images), "seconds_sample": round(result.seconds, 3)}))
     return 0
 
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="score generated images with the shipped classifier (JSON on stdout)")
-    _add_sampling_args(p, labels=False)
+    _add_sampling_args(p, labels=False, n_per_label=10)
     p.add_argument("--recipe", default="fp", help="quantization recipe: a preset name or a recipe JSON file (default fp)")
     p.add_argument("--json", action="store_true", help="print one JSON object (the default output)")
 
@@ -151,16 +178,17 @@ def _cmd_eval(args) -> int:
     from . import api
     from .evaluation import SampleSettings
 
-    settings = SampleSettings(n_per_label=args.n_per_label or 10, steps=args.steps, seed=args.seed, scheduler=args.scheduler,
+    settings = SampleSettings(n_per_label=args.n_per_label, steps=args.steps, seed=args.seed, scheduler=args.scheduler,
                               guidance=api.DEFAULT_GUIDANCE if args.cfg is None else args.cfg)
     pipe = api.load(args.model)
     quantized = None
-    if getattr(pipe.transformer, "ditlab_recipe", None) is not None:  # a QDIR: compare with the FP model it came from
-        if args.recipe != "fp":
-            raise DitlabError(f"--recipe {args.recipe!r}: --model is already quantized (a QDIR); omit --recipe")
-        quantized = api.Quantized(pipe=pipe, recipe=pipe.transformer.ditlab_recipe, report=None, seconds_quantize=0.0)
+    stored = _qdir_recipe(pipe, args.recipe)
+    if stored is not None:  # a QDIR: compare with the FP model it came from
+        quantized = api.Quantized(pipe=pipe, recipe=stored, report=None, seconds_quantize=0.0)
         pipe = api.load(api.qdir_source(args.model))
     result = api.evaluate(pipe, quantized.recipe if quantized else args.recipe, settings=settings, progress=sys.stderr.isatty(), quantized=quantized)
+    if quantized is not None:  # the model evaluated is the QDIR; its FP source is the reference
+        result = {**result, "model": str(args.model), "fp_model": pipe.source}
     print(_json(result))
     return 0
 
@@ -194,6 +222,9 @@ def _add_calibrate(sub) -> None:
 
 def _cmd_calibrate(args) -> int:
     from . import api
+    from .cli_args import refuse_qdir
+
+    refuse_qdir(args.model, "pass the FP model it was quantized from (e.g. --model shipped); quantize calibrates it when a recipe needs statistics")
 
     stats = api.calibrate(api.load(args.model), n_samples=args.n_samples, steps=args.steps, progress=sys.stderr.isatty())
     print(json.dumps({"layers": len(stats), "timesteps": stats.timesteps, "settings": stats.settings}, default=str))

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import sys
 
-from .cli_args import int_list, positive_int
+from .cli_args import int_list, positive_int, refuse_qdir, writable_file, writable_folder
+
+FP_HINT = "pass the FP model it was quantized from (e.g. --model shipped)"
 
 
 def _common(p) -> None:
@@ -35,6 +37,8 @@ def add_outliers(sub) -> None:
 def cmd_outliers(args) -> int:
     from .outliers import cli_outliers
 
+    refuse_qdir(args.model, FP_HINT + "; outliers measures the FP activations every method starts from")
+
     print(cli_outliers(args.model, args.layer, args.timestep, args.branch, n_samples=args.n_samples, steps=args.steps,
                        metric=args.metric, as_json=args.json, progress=sys.stderr.isatty()))
     return 0
@@ -57,9 +61,17 @@ def add_sensitivity(sub) -> None:
     p.add_argument("--metric", default="sqnr_db", help="column of the table: sqnr_db, ssim, psnr, agreement, class_acc (default sqnr_db)")
 
 
+def _check_cost_args(args) -> None:
+    """--model not a QDIR and --cache-dir writable, before any sensitivity measurement."""
+    refuse_qdir(args.model, FP_HINT + " and the quantization to measure as --setting (a preset or recipe JSON)")
+    if args.cache_dir is not None:
+        writable_folder(args.cache_dir, "--cache-dir")
+
+
 def cmd_sensitivity(args) -> int:
     from .sensitivity import cli_sensitivity
 
+    _check_cost_args(args)
     layers = [x.strip() for x in args.layers.split(",") if x.strip()] if args.layers else None
     print(cli_sensitivity(args.model, args.setting, n_images=args.n_images, steps=args.steps, groups=args.groups, unit=args.unit,
                           layers=layers, metric=args.metric, as_json=args.json, cache_dir=args.cache_dir, progress=sys.stderr.isatty()))
@@ -80,6 +92,10 @@ def add_allocate(sub) -> None:
 
 def cmd_allocate(args) -> int:
     from .allocation import cli_allocate
+
+    _check_cost_args(args)
+    if args.out is not None:
+        writable_file(args.out, "--out", (".json",))
 
     print(cli_allocate(args.model, args.budget_bits, setting=args.setting, w_bits=args.w_bits, a_bits=args.a_bits, split=args.split,
                        metric=args.metric, n_images=args.n_images, steps=args.steps, groups=args.groups, out=args.out,

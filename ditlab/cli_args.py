@@ -19,6 +19,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+MAX_N_PER_LABEL = 100  # sample/eval run every image in one batch (twice with CFG); the app caps a request at 64 images
+
+
+def n_per_label(text: str) -> int:
+    """An integer from 1 to MAX_N_PER_LABEL (images per label of ``sample`` and ``eval``)."""
+    value = positive_int(text)
+    if value > MAX_N_PER_LABEL:
+        raise argparse.ArgumentTypeError(f"{value} is more than {MAX_N_PER_LABEL} images per label (all are sampled in one batch)")
+    return value
+
+
 def int_list(text: str) -> tuple[int, ...]:
     """A non-empty comma-separated list of integers, e.g. ``2,4,8``."""
     try:
@@ -56,7 +67,7 @@ def writable_folder(path: str, option: str, shown: str | None = None) -> "Path":
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        raise ConfigError.invalid(option, shown or str(path), f"a writable folder (cannot write there: {_reason(exc)})") from None
+        raise ConfigError.invalid(option, shown or str(path), f"{'a file in ' if shown else ''}a writable folder (cannot write there: {_reason(exc)})") from None
     return folder
 
 
@@ -87,3 +98,27 @@ def refuse_qdir(model: str, hint: str) -> None:
 
     if str(model).strip() and is_qdir(str(model).strip()):
         raise ConfigError.invalid("--model", model, f"a full-precision model, not a QDIR (already quantized); {hint}")
+
+
+def save_text(path, text: str) -> None:
+    """Writes ``text`` to ``path`` atomically (``atomic.write_atomic``: the old file or the complete new one), with
+    the mode of a normal new file (0666 less the umask; mkstemp alone would leave it 0600)."""
+    import os
+    from pathlib import Path
+
+    from .atomic import write_atomic
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+
+    write_atomic(Path(path), write)
+
+
+def _umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -74,7 +74,7 @@ def test_results_documents_are_readable_by_everyone(tmp_path):
     from ditlab.results.common import write_doc
 
     path = write_doc(tmp_path, {"part": "quality", "data": {}})
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644 & ~_umask()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_umask()
 
 
 def _umask() -> int:
@@ -149,3 +149,83 @@ def test_train_config_is_checked_by_the_library(tmp_path, no_training):
 
     with pytest.raises(ConfigError, match="steps = 0"):
         train_all(tmp_path, TrainConfig(steps=0))
+
+
+# ---- 3. output paths, cache and docs folders: one line naming the option, before any work --------------------------
+@pytest.fixture
+def no_sampling(monkeypatch):
+    """Fails the test if a model would be quantized or sampled."""
+    from ditlab import api
+
+    monkeypatch.setattr(api, "generate", lambda *a, **k: pytest.fail("sampled before the arguments were checked"))
+    monkeypatch.setattr(api, "quantize", lambda *a, **k: pytest.fail("quantized before the arguments were checked"))
+
+
+@pytest.mark.parametrize("out,needle", [
+    ("/tmp", "(this is a folder)"), ("x.txt", "a .png or .jpg or .jpeg or .webp file path"), ("noext", "file path"),
+    ("", "(not empty)"), ("/proc/x.png", "a file in a writable folder"),
+])
+def test_sample_out_is_checked_first(out, needle, capsys, no_sampling):
+    line = one_line_error(capsys, "sample", "--n-per-label", "1", "--steps", "2", "--out", out)
+    assert line.startswith("ditlab sample: error: --out = ") and needle in line
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["allocate", "--budget-bits", "5", "--out", "/tmp"], "--out = '/tmp'"),
+    (["allocate", "--budget-bits", "5", "--out", "/proc/x.json"], "--out = '/proc/x.json'"),
+    (["sensitivity", "--cache-dir", "/proc/nope"], "--cache-dir = '/proc/nope'"),
+    (["sensitivity", "--cache-dir", __file__], "(this is a file)"),
+])
+def test_analysis_outputs_are_checked_first(args, needle, capsys, no_sampling):
+    assert needle in one_line_error(capsys, *args)
+
+
+def test_allocate_out_creates_parent_folders(tmp_path):
+    from ditlab.allocation import _save_recipe
+    from ditlab.config import load_recipe
+
+    out = tmp_path / "new" / "deeper" / "alloc.json"
+    _save_recipe(load_recipe("w4a8-rtn"), str(out))
+    assert load_recipe(str(out)).name == "w4a8-rtn"
+
+
+# ---- 4. the analysis commands refuse a QDIR (they measure an FP model) ---------------------------------------------
+@pytest.fixture
+def fake_qdir(tmp_path) -> str:
+    """A folder that is_qdir() recognises (the refusal must come before loading it)."""
+    from ditlab.qdir import MANIFEST
+
+    (tmp_path / MANIFEST).write_text("{}")
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("args", [["sensitivity"], ["allocate", "--budget-bits", "5"], ["outliers"], ["calibrate"]])
+def test_analysis_commands_refuse_a_qdir(args, fake_qdir, capsys, no_sampling):
+    line = one_line_error(capsys, *args, "--model", fake_qdir)
+    assert "--model = " in line and "not a QDIR" in line and "FP model" in line
+
+
+def test_sensitivity_library_refuses_a_quantized_pipeline():
+    from types import SimpleNamespace
+
+    from ditlab.errors import ConfigError
+    from ditlab.sensitivity import _refuse_quantized
+
+    with pytest.raises(ConfigError, match="not a QDIR"):
+        _refuse_quantized(SimpleNamespace(transformer=SimpleNamespace(ditlab_recipe="w8a8"), source="q"))
+
+
+def test_allocate_refuses_an_impossible_budget_before_measuring(capsys, no_sampling):
+    line = one_line_error(capsys, "allocate", "--budget-bits", "3", "--w-bits", "4,8")
+    assert "budget_bits = 3.0" in line and "at least 4" in line and "HiGHS" not in line
+
+
+# ---- 10, 11, 13. sample/eval: labels named once and checked before quantizing; QDIR metadata; the image cap ------
+@pytest.mark.parametrize("labels,shown", [("99", "--labels = 99 is"), ("99,98,3", "--labels = [98, 99] is")])
+def test_sample_labels_are_checked_before_quantizing(labels, shown, capsys, no_sampling):
+    assert shown in one_line_error(capsys, "sample", "--recipe", "w4a16-gptq", "--labels", labels, "--steps", "2")
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_n_per_label_is_capped(command, capsys, no_sampling):
+    assert "argument --n-per-label: 101 is more than 100" in one_line_error(capsys, command, "--n-per-label", "101")

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..atomic import write_atomic
+from ..cli_args import save_text
 from ..sampling import DEFAULT_SCHEDULER
 from .provenance import REPO, _current_provenance, machine_info, machine_line, measured_on_current_model, model_provenance, now_utc  # noqa: F401 - re-exported
 
@@ -211,25 +211,12 @@ def _loadavg() -> float | None:
 
 
 def write_doc(results_dir: Path, doc: dict, name: str | None = None) -> Path:
-    """Writes ``doc`` to ``results_dir/<name or part>.json`` atomically, readable by everyone (mode 0644 less the umask)."""
+    """Writes ``doc`` to ``results_dir/<name or part>.json`` atomically, readable by everyone (not mkstemp's 0600)."""
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{name or doc['part']}.json"
-    text = json.dumps(_clean(doc), indent=1, allow_nan=False) + "\n"
-
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(text)
-        os.chmod(tmp, 0o644 & ~_umask())  # mkstemp creates 0600; a results file is for everyone to read
-
-    write_atomic(path, write)
+    save_text(path, json.dumps(_clean(doc), indent=1, allow_nan=False) + "\n")  # atomic, readable by everyone
     return path
-
-
-def _umask() -> int:
-    """The process umask (read by setting and restoring it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def read_doc(results_dir: Path, part: str, *, partial: bool = False) -> dict | None:
