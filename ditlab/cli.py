@@ -34,10 +34,17 @@ def _json(obj) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that exits with code 2 and one line (no usage dump) on a bad argument."""
+    """argparse that exits with code 2 and one line (no usage dump) on a bad argument, prefixed with the command
+    ("ditlab: error: …" at the top, "ditlab sample: error: …" for a subcommand)."""
 
     def error(self, message: str):  # noqa: D401 - argparse API
-        self.exit(2, f"ditlab {self.prog.split()[-1]}: error: {message}\n")
+        self.exit(2, f"{command_name(self.prog)}: error: {message}\n")
+
+
+def command_name(prog: str) -> str:
+    """'ditlab sample' from argparse's prog 'python -m ditlab sample' (what the error lines start with)."""
+    words = prog.split()
+    return " ".join(words[words.index("ditlab"):]) if "ditlab" in words else "ditlab " + words[-1]
 
 
 def _add_train(sub) -> None:
@@ -391,15 +398,39 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add, _ in COMMANDS.values():
         add(sub)
+    for command in sub.choices.values():  # -v also after the subcommand (`ditlab info -v`)
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress details")
+    parser.subcommands = sub.choices
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line; an unknown option is reported by its subcommand ("ditlab info: error: unrecognized
+    arguments: --bogus"), not by the top-level parser."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _quiet_broken_pipe() -> int:
+    """Exit status after stdout's reader went away (e.g. `| head`): no traceback, and no second one at shutdown."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
-        return COMMANDS[args.command][1](args)
+        code = COMMANDS[args.command][1](args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter shutdown
+        return code
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except DitlabError as exc:
         print(f"ditlab {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -192,7 +192,7 @@ def _place(tmp: Path, out: Path, overwrite: bool) -> None:
     if not is_qdir(out):
         raise DitlabError(f"{out}: exists and is not a QDIR; refusing to overwrite it (choose another --out)")
     if not overwrite:
-        raise DitlabError(f"{out}: a QDIR already exists there; pass overwrite=True (CLI: --force) to replace it")
+        raise DitlabError(f"{out}: a QDIR already exists there; pass overwrite=True (CLI: --overwrite) to replace it")
     if _exchange(tmp, out):  # out is the new QDIR, tmp the old one: there is never a moment without a QDIR at out
         shutil.rmtree(tmp, ignore_errors=True)
         return

@@ -229,3 +229,39 @@ def test_sample_labels_are_checked_before_quantizing(labels, shown, capsys, no_s
 @pytest.mark.parametrize("command", ["sample", "eval"])
 def test_n_per_label_is_capped(command, capsys, no_sampling):
     assert "argument --n-per-label: 101 is more than 100" in one_line_error(capsys, command, "--n-per-label", "101")
+
+
+# ---- 5, 6, 7. broken pipes, the --overwrite hint, parser errors named by their subcommand ---------------------------
+def test_a_closed_stdout_pipe_is_not_a_traceback():
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "ditlab", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
+    proc.stdout.close()  # like `| head` exiting before the table is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_the_existing_qdir_message_names_the_real_flag(tmp_path):
+    from ditlab.qdir import MANIFEST, _place
+
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / MANIFEST).write_text("{}")
+    (tmp_path / "new").mkdir()
+    with pytest.raises(Exception, match=r"\(CLI: --overwrite\)"):
+        _place(tmp_path / "new", tmp_path / "q", overwrite=False)
+
+
+@pytest.mark.parametrize("args,prefix", [
+    (["info", "--bogus"], "ditlab info: error: unrecognized arguments: --bogus"),
+    (["allocate", "--budget-bits", "5", "--unit", "group"], "ditlab allocate: error: unrecognized arguments: --unit group"),
+    ([], "ditlab: error: the following arguments are required: command"),
+    (["sample", "--steps", "x"], "ditlab sample: error: argument --steps"),
+])
+def test_parser_errors_name_the_subcommand(args, prefix, capsys):
+    assert one_line_error(capsys, *args).startswith(prefix)
+
+
+def test_verbose_also_after_the_subcommand():
+    assert cli.parse_args(["info", "-v"]).verbose and not cli.parse_args(["info"]).verbose
