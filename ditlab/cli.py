@@ -181,6 +181,19 @@ def _add_eval(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object (the default output)")
 
 
+def _load_fp_source(qdir: str):
+    """The FP pipeline a QDIR was quantized from (``qdir.fp_source``); a ModelLoadError saying it is the recorded source."""
+    from . import api
+    from .errors import ModelLoadError
+    from .qdir import fp_source
+
+    source = fp_source(qdir)
+    try:
+        return api.load(source)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"--model {qdir}: the FP source recorded in the QDIR ({source}) cannot be loaded: {exc}") from None
+
+
 def _cmd_eval(args) -> int:
     from . import api
     from .evaluation import SampleSettings
@@ -192,7 +205,7 @@ def _cmd_eval(args) -> int:
     stored = _qdir_recipe(pipe, args.recipe)
     if stored is not None:  # a QDIR: compare with the FP model it came from
         quantized = api.Quantized(pipe=pipe, recipe=stored, report=None, seconds_quantize=0.0)
-        pipe = api.load(api.qdir_source(args.model))
+        pipe = _load_fp_source(args.model)
     result = api.evaluate(pipe, quantized.recipe if quantized else args.recipe, settings=settings, progress=sys.stderr.isatty(), quantized=quantized)
     if quantized is not None:  # the model evaluated is the QDIR; its FP source is the reference
         result = {**result, "model": str(args.model), "fp_model": pipe.source}

@@ -265,3 +265,58 @@ def test_parser_errors_name_the_subcommand(args, prefix, capsys):
 
 def test_verbose_also_after_the_subcommand():
     assert cli.parse_args(["info", "-v"]).verbose and not cli.parse_args(["info"]).verbose
+
+
+# ---- 9, 11. a QDIR records a source valid from any folder; sample/eval report the QDIR -----------------------------
+@pytest.fixture(scope="module")
+def qdir_w8a8(tmp_path_factory) -> Path:
+    """A w8a8-rtn QDIR of the shipped model, quantized from the relative path a user in the checkout would type."""
+    from ditlab import api
+
+    out = tmp_path_factory.mktemp("qdir") / "w8a8"
+    old = Path.cwd()
+    os.chdir(ROOT)
+    try:
+        pipe = api.load("assets/tiny-dit")
+        api.save(api.quantize(pipe, "w8a8-rtn", progress=False), pipe, out)
+    finally:
+        os.chdir(old)
+    return out
+
+
+def _manifest(qdir: Path) -> dict:
+    from ditlab.qdir import MANIFEST
+
+    return json.loads((qdir / MANIFEST).read_text())
+
+
+def test_qdir_records_the_shipped_model_portably(qdir_w8a8):
+    assert _manifest(qdir_w8a8)["source"] == "shipped"
+
+
+def test_old_qdir_with_a_relative_source_loads_from_any_folder(qdir_w8a8, tmp_path, monkeypatch):
+    from ditlab.qdir import MANIFEST, fp_source
+
+    old = tmp_path / "old"
+    import shutil
+
+    shutil.copytree(qdir_w8a8, old)
+    manifest = {**_manifest(old), "source": "assets/tiny-dit"}  # what QDIRs made in the checkout recorded before
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    monkeypatch.chdir(tmp_path)
+    assert fp_source(old) == "shipped"
+    manifest["source"] = "models/gone"
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    assert fp_source(old) == "models/gone"  # unknown: returned as recorded (a hub id), the CLI names it on failure
+
+
+def test_sample_and_eval_report_the_qdir(qdir_w8a8, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the checkout: the recorded source must not depend on it
+    code, out, err = call("sample", "--model", str(qdir_w8a8), "--labels", "0", "--n-per-label", "1", "--steps", "2",
+                          "--out", str(tmp_path / "g.png"), capsys=capsys)
+    assert code == 0, err
+    assert json.loads(out)["recipe"] == "w8a8-rtn"
+    code, out, err = call("eval", "--model", str(qdir_w8a8), "--n-per-label", "1", "--steps", "2", capsys=capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["model"] == str(qdir_w8a8) and result["fp_model"] == "shipped"
