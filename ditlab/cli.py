@@ -158,9 +158,10 @@ def _checked_labels(pipe, labels: list[int] | None) -> list[int]:
 
 def _cmd_sample(args) -> int:
     from . import api, backends
-    from .cli_args import writable_file
+    from .cli_args import check_recipe, writable_file
 
     writable_file(args.out, "--out", IMAGE_SUFFIXES)  # before loading, quantizing and sampling
+    check_recipe(args.recipe)
     pipe = api.load(args.model)
     stored = _qdir_recipe(pipe, args.recipe)
     labels = _checked_labels(pipe, args.labels)
@@ -196,8 +197,10 @@ def _load_fp_source(qdir: str):
 
 def _cmd_eval(args) -> int:
     from . import api
+    from .cli_args import check_recipe
     from .evaluation import SampleSettings
 
+    check_recipe(args.recipe)  # before loading the model
     settings = SampleSettings(n_per_label=args.n_per_label, steps=args.steps, seed=args.seed, scheduler=args.scheduler,
                               guidance=api.DEFAULT_GUIDANCE if args.cfg is None else args.cfg)
     pipe = api.load(args.model)
@@ -223,6 +226,9 @@ def _add_quantize(sub) -> None:
 
 def _cmd_quantize(args) -> int:
     from . import api
+    from .cli_args import check_recipe
+
+    check_recipe(args.recipe)  # before loading the model
 
     pipe = api.load(args.model)
     quantized = api.quantize(pipe, args.recipe, progress=sys.stderr.isatty())
@@ -427,6 +433,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _check_model_option(args) -> None:
+    """An empty --model is refused (it used to load the shipped model silently; say `--model shipped` for that)."""
+    from .errors import ConfigError
+
+    model = getattr(args, "model", None)
+    if model is not None and not str(model).strip():
+        raise ConfigError.invalid("--model", model, "a pipeline folder, QDIR or hub id, or shipped (the default)")
+
+
 def _quiet_broken_pipe() -> int:
     """Exit status after stdout's reader went away (e.g. `| head`): no traceback, and no second one at shutdown."""
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -439,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
+        _check_model_option(args)
         code = COMMANDS[args.command][1](args)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter shutdown
         return code

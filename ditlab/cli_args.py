@@ -122,3 +122,27 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def check_recipe(spec: str, option: str = "--recipe"):
+    """The Recipe ``spec`` names (a preset or a recipe JSON file), loaded before any model is; a broken JSON file is
+    reported as ``option`` = the file with the JSON error (not only its line and column)."""
+    import json
+    from pathlib import Path
+
+    from .config import load_recipe
+    from .errors import ConfigError
+
+    try:
+        return load_recipe(spec)
+    except ConfigError as exc:
+        if exc.field == "recipe":  # an unknown preset, a missing or unreadable file
+            raise ConfigError.invalid(option, exc.value, exc.allowed) from None
+        if not str(exc.field or "").startswith("recipe JSON"):
+            raise
+        try:
+            json.loads(Path(spec).expanduser().read_bytes())
+            detail = f"{exc.value}"
+        except (ValueError, OSError) as parse:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            detail = f"{exc.value}: {getattr(parse, 'msg', None) or getattr(parse, 'reason', None) or parse}"
+        raise ConfigError.invalid(option, spec, f"{exc.allowed} ({detail})") from None

@@ -320,3 +320,30 @@ def test_sample_and_eval_report_the_qdir(qdir_w8a8, tmp_path, capsys, monkeypatc
     assert code == 0, err
     result = json.loads(out)
     assert result["model"] == str(qdir_w8a8) and result["fp_model"] == "shipped"
+
+
+# ---- 10, 12. the option is named, and options that would be ignored or clamped are refused ---------------------------
+@pytest.fixture
+def truncated_recipe(tmp_path) -> str:
+    path = tmp_path / "truncated.json"
+    path.write_text('{"version": 1, "name": "x", "default": {"method": "rtn"')
+    return str(path)
+
+
+@pytest.mark.parametrize("command", [["sample"], ["eval"], ["quantize", "--out", "/tmp/never-written"]])
+def test_a_truncated_recipe_names_the_file_and_the_json_error(command, truncated_recipe, capsys, no_sampling):
+    line = one_line_error(capsys, *command, "--recipe", truncated_recipe)
+    assert f"--recipe = '{truncated_recipe}'" in line and "line 1 col" in line and "Expecting" in line
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["sensitivity", "--layers", ","], "--layers = ','"),
+    (["sensitivity", "--groups", "5", "--steps", "2"], "--groups = 5 is not allowed; allowed: at most --steps (2)"),
+    (["sensitivity", "--setting", "typo"], "--setting = 'typo'"),
+    (["outliers", "--timestep", "499"], "--timestep 499 is used only by the layer view"),
+    (["outliers", "--metric", "absmax", "--layer", "transformer_blocks.2.ff.net.2"], "--metric absmax is used only by the model-wide map"),
+    (["info", "--model", ""], "--model = ''"),
+    (["info", "--model", " "], "--model = ' '"),
+])
+def test_ignored_or_clamped_options_are_refused_by_name(args, needle, capsys, no_sampling):
+    assert needle in one_line_error(capsys, *args)
