@@ -347,3 +347,23 @@ def test_a_truncated_recipe_names_the_file_and_the_json_error(command, truncated
 ])
 def test_ignored_or_clamped_options_are_refused_by_name(args, needle, capsys, no_sampling):
     assert needle in one_line_error(capsys, *args)
+
+
+# ---- 14. docs: RESULTS.md is what `bench report` generates (with the corrected 3-bit VQ sentence); help defaults ------
+def test_results_md_is_regenerated_with_the_packed_vq_sentence(tmp_path):
+    import shutil
+
+    from ditlab.results import report
+
+    shutil.copytree(ROOT / "docs" / "results", tmp_path / "results")
+    path = report.assemble(tmp_path, tmp_path / "results")
+    text = path.read_text()
+    assert "6-bit indices packed four in three bytes" in text and "stored in a byte" not in text
+    assert text == (ROOT / "docs" / "RESULTS.md").read_text()
+
+
+@pytest.mark.parametrize("command,defaults", [("sample", ["(default 8)", "(default 0)"]), ("eval", ["(default 10)", "(default 0)"])])
+def test_sampling_help_states_the_defaults(command, defaults):
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "command").choices[command]
+    helps = {a.dest: a.help for a in sub._actions}
+    assert defaults[0] in helps["n_per_label"] and defaults[1] in helps["seed"]
