@@ -13,7 +13,7 @@ import os
 import sys
 
 from . import cli_analysis
-from .cli_args import MAX_N_PER_LABEL, n_per_label as _n_per_label, positive_int as _positive_int
+from .cli_args import MAX_N_PER_LABEL, guidance_scale, n_per_label as _n_per_label, positive_int as _positive_int, seed as _seed
 from .errors import DitlabError
 
 
@@ -94,8 +94,8 @@ def _add_sampling_args(p, *, labels: bool, n_per_label: int) -> None:
         p.add_argument("--labels", type=_label_list, default=None, help="comma-separated class ids (default: every class)")
     p.add_argument("--n-per-label", type=_n_per_label, default=n_per_label, help=f"images per label, 1 to {MAX_N_PER_LABEL} (default {n_per_label})")
     p.add_argument("--steps", type=_positive_int, default=25, help="denoising steps (default 25)")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = off; default 4)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    p.add_argument("--cfg", type=guidance_scale, default=None, help="classifier-free guidance scale, 0 to 50 (1 = off; default 4)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the initial noise (default 0)")
     from .sampling import DEFAULT_SCHEDULER, SCHEDULERS
 
     p.add_argument("--scheduler", choices=SCHEDULERS, default=DEFAULT_SCHEDULER, help=f"sampler (default {DEFAULT_SCHEDULER})")

@@ -19,6 +19,28 @@ def positive_int(text: str) -> int:
     return value
 
 
+def guidance_scale(text: str) -> float:
+    """A CFG scale from 0 to 50 (what the sampler accepts; 1 = no guidance)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 50.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text} is not a number from 0 to 50 (1 = no guidance)")
+    return value
+
+
+def seed(text: str) -> int:
+    """A seed from 0 to 2**32 - 1 (``sampling.MAX_SEED``: larger ones would alias smaller ones)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"{value} is not an integer from 0 to {2**32 - 1}")
+    return value
+
+
 MAX_N_PER_LABEL = 100  # sample/eval run every image in one batch (twice with CFG); the app caps a request at 64 images
 
 

@@ -367,3 +367,13 @@ def test_sampling_help_states_the_defaults(command, defaults):
     sub = next(a for a in cli.build_parser()._actions if a.dest == "command").choices[command]
     helps = {a.dest: a.help for a in sub._actions}
     assert defaults[0] in helps["n_per_label"] and defaults[1] in helps["seed"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["sample", "--cfg", "51"], "argument --cfg: 51 is not a number from 0 to 50"),
+    (["eval", "--cfg", "nan"], "argument --cfg: nan"),
+    (["sample", "--seed", "-1"], "argument --seed: -1 is not an integer from 0 to"),
+    (["bench", "quality", "--guidance", "99"], "argument --guidance: 99"),
+])
+def test_cfg_and_seed_are_named_by_their_option(args, needle, capsys, no_sampling):
+    assert needle in one_line_error(capsys, *args)

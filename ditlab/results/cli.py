@@ -8,7 +8,7 @@ import json
 import math
 import sys
 
-from ..cli_args import positive_int
+from ..cli_args import guidance_scale, positive_int, seed
 from ..sampling import SCHEDULERS
 from .common import ResultsSettings, full_settings
 
@@ -51,8 +51,8 @@ def add_arguments(p) -> None:
     g.add_argument("--model", default=None, help=f"model (default {d.model})")
     g.add_argument("--n-per-label", type=positive_int, default=None, help=f"images per class (default {d.n_per_label}; --full 50)")
     g.add_argument("--steps", type=positive_int, default=None, help=f"sampling steps (default {d.steps})")
-    g.add_argument("--guidance", type=float, default=None, help=f"CFG scale (default {d.guidance:g})")
-    g.add_argument("--seed", type=int, default=None, help=f"seed of the initial noise (default {d.seed})")
+    g.add_argument("--guidance", type=guidance_scale, default=None, help=f"CFG scale (default {d.guidance:g})")
+    g.add_argument("--seed", type=seed, default=None, help=f"seed of the initial noise (default {d.seed})")
     g.add_argument("--scheduler", choices=SCHEDULERS, default=None, help=f"sampler (default {d.scheduler})")
     g.add_argument("--presets", type=_names, default=None, help="comma-separated presets (default: all)")
     g.add_argument("--calib-samples", type=positive_int, default=None, help=f"calibration images (default {d.calib_samples})")
