@@ -262,7 +262,10 @@ def _add_bench(sub) -> None:
     from .results import PARTS
     from .results.cli import add_arguments
 
-    p = sub.add_parser("bench", help="run a benchmark and print a markdown table; `bench all` regenerates docs/RESULTS.md")
+    p = sub.add_parser("bench", help="run a benchmark and print a markdown table; `bench all` regenerates docs/RESULTS.md",
+                       description="`bench sampling` takes --model, --steps, --guidance and --out; `bench kernels` takes --kernel-m, "
+                                   "--kernel-repeats and --out; the results parts take the options below except --out. An option "
+                                   "a part does not use is refused, naming the parts that use it.")
     p.add_argument("part", choices=sorted([*BENCHMARKS, "kernels", *PARTS]), help="what to measure (all/quality/claims/…: docs/RESULTS.md parts)")
     p.add_argument("--out", default=None, help="sampling and kernels only: also append the table to this markdown file")
     add_arguments(p)
