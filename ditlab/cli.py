@@ -281,8 +281,8 @@ def _given_bench_options(args) -> list[str]:
     from .results.common import ResultsSettings
 
     names = [f.name for f in dataclasses.fields(ResultsSettings)] + ["docs", "resume", "out"]
-    defaults = {"full": False, "resume": False}
-    return [n for n in names if getattr(args, n, None) not in (None, defaults.get(n, None))]
+    flags = ("full", "resume")  # store_true: False when not given; every other option defaults to None
+    return [n for n in names if getattr(args, n, None) is not None and not (n in flags and getattr(args, n) is False)]
 
 
 def _parts_using(name: str) -> str:
