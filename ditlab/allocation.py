@@ -145,7 +145,9 @@ def solve_choice(damage: np.ndarray, cost: np.ndarray, groups: np.ndarray, caps:
         cons = [LinearConstraint(one_hot, 1.0, 1.0), LinearConstraint(np.array(rows), -np.inf, np.array(ub))]
         res = milp(c=np.asarray(damage, float), constraints=cons, integrality=np.ones(v), bounds=Bounds(0, 1))
         if res.x is None:
-            raise AllocationError(f"no allocation meets the budget ({res.message.strip()}); allowed: a budget at or above the smallest candidate bits")
+            log.info("milp found no allocation: %s", res.message.strip())  # solver internals: for -v, not the message
+            raise AllocationError("no allocation meets the budget; allowed: a budget at or above the smallest candidate bits "
+                                  "(with --split, for both the quality and the content layers' share)")
         x = np.round(res.x).astype(bool)
         used = [int(cost[(groups == g) & x].sum()) for g in range(len(caps))]
         over = [u - c for u, c in zip(used, caps)]
@@ -160,6 +162,16 @@ def _avg_bits_check(name: str, value) -> float:
     if value is None or not isinstance(value, (int, float)) or isinstance(value, bool) or not 1.0 <= float(value) <= 16.0:
         raise AllocationError(f"{name} = {value!r} is not allowed; allowed: a number from 1 to 16 (average weight bits)")
     return float(value)
+
+
+def check_budget(budget_bits: float, w_bits: Sequence[int]) -> float:
+    """``budget_bits`` if some allocation of the ``w_bits`` candidates can meet it (from 1 to 16 and at least the
+    smallest candidate); AllocationError naming the field otherwise. Cheap: called before the sensitivity runs."""
+    budget = _avg_bits_check("budget_bits", budget_bits)
+    if w_bits and budget < min(w_bits):
+        raise AllocationError(f"budget_bits = {budget_bits!r} is not allowed; allowed: at least {min(w_bits)} "
+                              f"(the smallest weight-bits candidate, --w-bits {','.join(map(str, w_bits))})")
+    return budget
 
 
 def solve(sensitivity, budget_bits: float | None = None, *, budget_bytes: int | None = None, w_bits: Sequence[int] | None = None,
@@ -326,24 +338,36 @@ def candidate_recipes(setting, w_bits: Sequence[int] = (2, 4, 8), a_bits: Sequen
     return [base.replace(default=base.default.replace(w_bits=int(w), a_bits=int(a)), name=f"{base.name}@w{w}a{a}") for w in w_bits for a in a_bits]
 
 
+def _save_recipe(recipe: Recipe, out: str) -> None:
+    """Writes the recipe JSON to ``out`` atomically (parent folders created), readable by everyone."""
+    from pathlib import Path
+
+    from .cli_args import save_text
+
+    path = Path(out).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_text(path, recipe.to_json() + "\n")
+
+
 def cli_allocate(model: str = "shipped", budget_bits: float = 5.0, *, setting: str = "w4a8-rtn", w_bits: Sequence[int] = (2, 4, 8),
                  a_bits: Sequence[int] = (8,), split: float | None = 1.0, metric: str = "decoupled", n_images: int = 10, steps: int = 10,
                  groups: int = 4, out: str | None = None, as_json: bool = False, cache_dir: str | None = None, progress: bool = True) -> str:
     """``python -m ditlab allocate``: sensitivity of ``setting`` at every (w, a) candidate (cached), then the milp
     allocation at ``budget_bits``; writes the recipe JSON to ``out`` if given. Returns a summary (text or JSON)."""
     from . import api
-    from .config import save_recipe
-    from .sensitivity import SensitivitySettings, run_sensitivity
+    from .sensitivity import SensitivitySettings, _refuse_quantized, run_sensitivity
 
     check_metric(metric)  # before minutes of sensitivity measurements
+    check_budget(budget_bits, w_bits)
     pipe = api.load(model)
+    _refuse_quantized(pipe)
     st = SensitivitySettings(n_images=n_images, steps=steps, n_groups=groups)
     recipes = candidate_recipes(setting, w_bits, a_bits)
     calib = api.calibrate(pipe, progress=progress) if any(api.needs_calibration(pipe, r) for r in recipes) else None
     results = [run_sensitivity(pipe, r, settings=st, calib=calib, cache_dir=cache_dir, progress=progress) for r in recipes]
     alloc = solve(results, budget_bits, metric=metric, split=split, name=f"alloc-{setting}-{budget_bits:g}b")
     if out:
-        save_recipe(alloc.recipe, out)
+        _save_recipe(alloc.recipe, out)
     if as_json:
         return json.dumps({"recipe": alloc.recipe.to_dict(), "avg_w_bits": alloc.avg_w_bits, "avg_a_bits": alloc.avg_a_bits,
                            "bytes": alloc.bytes, "predicted_damage": alloc.predicted_damage, "budget_bits": budget_bits, "out": out,

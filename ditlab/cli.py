@@ -6,13 +6,14 @@ Every command prints either a table/JSON on stdout or one clear line on stderr w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
 
 from . import cli_analysis
-from .cli_args import positive_int as _positive_int
+from .cli_args import MAX_N_PER_LABEL, guidance_scale, n_per_label as _n_per_label, positive_int as _positive_int, seed as _seed
 from .errors import DitlabError
 
 
@@ -33,16 +34,23 @@ def _json(obj) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that exits with code 2 and one line (no usage dump) on a bad argument."""
+    """argparse that exits with code 2 and one line (no usage dump) on a bad argument, prefixed with the command
+    ("ditlab: error: …" at the top, "ditlab sample: error: …" for a subcommand)."""
 
     def error(self, message: str):  # noqa: D401 - argparse API
-        self.exit(2, f"ditlab {self.prog.split()[-1]}: error: {message}\n")
+        self.exit(2, f"{command_name(self.prog)}: error: {message}\n")
+
+
+def command_name(prog: str) -> str:
+    """'ditlab sample' from argparse's prog 'python -m ditlab sample' (what the error lines start with)."""
+    words = prog.split()
+    return " ".join(words[words.index("ditlab"):]) if "ditlab" in words else "ditlab " + words[-1]
 
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="generate Shapes-10 and train the shipped tiny DiT and classifier")
     p.add_argument("--out", default="assets", help="folder that receives tiny-dit/ and classifier/ (default: assets)")
-    p.add_argument("--steps", type=int, default=None, help="DiT optimisation steps (default 7500)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="DiT optimisation steps (default 7500)")
     p.add_argument("--init", choices=["diffusers", "adaln-zero"], default="adaln-zero",
                    help="DiT weight init: DiT's adaLN-Zero reference init (default; what the shipped model used) or diffusers' defaults")
     from .train import LOSS_WEIGHTINGS
@@ -56,8 +64,11 @@ def _add_train(sub) -> None:
 def _cmd_train(args) -> int:
     from dataclasses import replace
 
-    from .train import TrainConfig, train_all
+    from .cli_args import writable_folder
+    from .train import TrainConfig, check_outputs, train_all
 
+    check_outputs(args.out, args.only)  # before minutes of data generation and training
+    writable_folder(args.out, "--out")
     cfg = replace(TrainConfig(), init=args.init, **({} if args.steps is None else {"steps": args.steps}),
                   **({} if args.loss_weighting is None else {"loss_weighting": args.loss_weighting}))
     command = (f"python -m ditlab train --out {args.out}" + (f" --steps {args.steps}" if args.steps else "")
@@ -77,14 +88,14 @@ def _label_list(text: str) -> list[int]:
     return labels
 
 
-def _add_sampling_args(p, *, labels: bool) -> None:
-    p.add_argument("--model", default="shipped", help="pipeline folder or hub id (default: the shipped tiny DiT)")
+def _add_sampling_args(p, *, labels: bool, n_per_label: int) -> None:
+    p.add_argument("--model", default="shipped", help="pipeline folder, QDIR or hub id (default: the shipped tiny DiT)")
     if labels:
         p.add_argument("--labels", type=_label_list, default=None, help="comma-separated class ids (default: every class)")
-    p.add_argument("--n-per-label", type=_positive_int, default=None, help="images per label")
+    p.add_argument("--n-per-label", type=_n_per_label, default=n_per_label, help=f"images per label, 1 to {MAX_N_PER_LABEL} (default {n_per_label})")
     p.add_argument("--steps", type=_positive_int, default=25, help="denoising steps (default 25)")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--cfg", type=guidance_scale, default=None, help="classifier-free guidance scale, 0 to 50 (1 = off; default 4)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the initial noise (default 0)")
     from .sampling import DEFAULT_SCHEDULER, SCHEDULERS
 
     p.add_argument("--scheduler", choices=SCHEDULERS, default=DEFAULT_SCHEDULER, help=f"sampler (default {DEFAULT_SCHEDULER})")
@@ -115,48 +126,92 @@ def _cmd_info(args) -> int:
 
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate a grid of images (one row per label)")
-    _add_sampling_args(p, labels=True)
+    _add_sampling_args(p, labels=True, n_per_label=8)
     p.add_argument("--recipe", default="fp", help="quantize first: a preset name or a recipe JSON file (default fp)")
-    p.add_argument("--out", default="grid.png", help="output PNG path (default grid.png)")
+    p.add_argument("--out", default="grid.png", help=f"output image path, {' or '.join(IMAGE_SUFFIXES)} (default grid.png)")
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def _qdir_recipe(pipe, recipe: str):
+    """The Recipe a QDIR was quantized with (None for an FP model); a QDIR with a --recipe other than fp is refused."""
+    stored = getattr(pipe.transformer, "ditlab_recipe", None)
+    if stored is not None and recipe != "fp":
+        raise DitlabError(f"--recipe {recipe!r}: --model is already quantized (a QDIR); omit --recipe")
+    return stored
+
+
+def _checked_labels(pipe, labels: list[int] | None) -> list[int]:
+    """``labels`` (default: every class), each a class id of ``pipe``; otherwise a ConfigError naming --labels that
+    lists each bad id once (before any quantizing or sampling)."""
+    from .errors import ConfigError
+
+    if labels is None:
+        return list(range(pipe.num_classes))
+    bad = sorted({y for y in labels if not 0 <= y < pipe.num_classes})
+    if bad:
+        shown = bad[0] if len(bad) == 1 else bad
+        raise ConfigError.invalid("--labels", shown, f"class ids from 0 to {pipe.num_classes - 1}" if pipe.num_classes else "none (the model is not class-conditional)")
+    return labels
 
 
 def _cmd_sample(args) -> int:
     from . import api, backends
+    from .cli_args import check_recipe, writable_file
 
+    writable_file(args.out, "--out", IMAGE_SUFFIXES)  # before loading, quantizing and sampling
+    check_recipe(args.recipe)
     pipe = api.load(args.model)
+    stored = _qdir_recipe(pipe, args.recipe)
+    labels = _checked_labels(pipe, args.labels)
     if args.recipe != "fp":
         pipe = api.quantize(pipe, args.recipe, progress=sys.stderr.isatty()).pipe
-    labels = args.labels if args.labels is not None else list(range(pipe.num_classes))
-    n = args.n_per_label or 8
-    result = api.generate(pipe, [y for y in labels for _ in range(n)], steps=args.steps, seed=args.seed, scheduler=args.scheduler,
+    result = api.generate(pipe, [y for y in labels for _ in range(args.n_per_label)], steps=args.steps, seed=args.seed, scheduler=args.scheduler,
                           guidance=api.DEFAULT_GUIDANCE if args.cfg is None else args.cfg, progress=sys.stderr.isatty())
     path = api.save_grid(result.images, args.out, rows=len(labels))
-    print(json.dumps({"out": str(path), "recipe": args.recipe, "backend": backends.current(), "n_images": len(result.images),
-                      "seconds_sample": round(result.seconds, 3)}))
+    print(json.dumps({"out": str(path), "recipe": stored.name if stored is not None else args.recipe, "backend": backends.current(),
+                      "n_images": len(result.images), "seconds_sample": round(result.seconds, 3)}))
     return 0
 
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="score generated images with the shipped classifier (JSON on stdout)")
-    _add_sampling_args(p, labels=False)
+    _add_sampling_args(p, labels=False, n_per_label=10)
     p.add_argument("--recipe", default="fp", help="quantization recipe: a preset name or a recipe JSON file (default fp)")
     p.add_argument("--json", action="store_true", help="print one JSON object (the default output)")
 
 
+def _load_fp_source(qdir: str):
+    """The FP pipeline a QDIR was quantized from (``qdir.fp_source``); a ModelLoadError saying it is the recorded source."""
+    from . import api
+    from .errors import ModelLoadError
+    from .qdir import fp_source
+
+    source = fp_source(qdir)
+    try:
+        return api.load(source)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"--model {qdir}: the FP source recorded in the QDIR ({source}) cannot be loaded: {exc}") from None
+
+
 def _cmd_eval(args) -> int:
     from . import api
+    from .cli_args import check_recipe
     from .evaluation import SampleSettings
 
-    settings = SampleSettings(n_per_label=args.n_per_label or 10, steps=args.steps, seed=args.seed, scheduler=args.scheduler,
+    check_recipe(args.recipe)  # before loading the model
+    settings = SampleSettings(n_per_label=args.n_per_label, steps=args.steps, seed=args.seed, scheduler=args.scheduler,
                               guidance=api.DEFAULT_GUIDANCE if args.cfg is None else args.cfg)
     pipe = api.load(args.model)
     quantized = None
-    if getattr(pipe.transformer, "ditlab_recipe", None) is not None:  # a QDIR: compare with the FP model it came from
-        if args.recipe != "fp":
-            raise DitlabError(f"--recipe {args.recipe!r}: --model is already quantized (a QDIR); omit --recipe")
-        quantized = api.Quantized(pipe=pipe, recipe=pipe.transformer.ditlab_recipe, report=None, seconds_quantize=0.0)
-        pipe = api.load(api.qdir_source(args.model))
+    stored = _qdir_recipe(pipe, args.recipe)
+    if stored is not None:  # a QDIR: compare with the FP model it came from
+        quantized = api.Quantized(pipe=pipe, recipe=stored, report=None, seconds_quantize=0.0)
+        pipe = _load_fp_source(args.model)
     result = api.evaluate(pipe, quantized.recipe if quantized else args.recipe, settings=settings, progress=sys.stderr.isatty(), quantized=quantized)
+    if quantized is not None:  # the model evaluated is the QDIR; its FP source is the reference
+        result = {**result, "model": str(args.model), "fp_model": pipe.source}
     print(_json(result))
     return 0
 
@@ -171,6 +226,9 @@ def _add_quantize(sub) -> None:
 
 def _cmd_quantize(args) -> int:
     from . import api
+    from .cli_args import check_recipe
+
+    check_recipe(args.recipe)  # before loading the model
 
     pipe = api.load(args.model)
     quantized = api.quantize(pipe, args.recipe, progress=sys.stderr.isatty())
@@ -190,6 +248,9 @@ def _add_calibrate(sub) -> None:
 
 def _cmd_calibrate(args) -> int:
     from . import api
+    from .cli_args import refuse_qdir
+
+    refuse_qdir(args.model, "pass the FP model it was quantized from (e.g. --model shipped); quantize calibrates it when a recipe needs statistics")
 
     stats = api.calibrate(api.load(args.model), n_samples=args.n_samples, steps=args.steps, progress=sys.stderr.isatty())
     print(json.dumps({"layers": len(stats), "timesteps": stats.timesteps, "settings": stats.settings}, default=str))
@@ -201,10 +262,54 @@ def _add_bench(sub) -> None:
     from .results import PARTS
     from .results.cli import add_arguments
 
-    p = sub.add_parser("bench", help="run a benchmark and print a markdown table; `bench all` regenerates docs/RESULTS.md")
+    p = sub.add_parser("bench", help="run a benchmark and print a markdown table; `bench all` regenerates docs/RESULTS.md",
+                       description="`bench sampling` takes --model, --steps, --guidance and --out; `bench kernels` takes --kernel-m, "
+                                   "--kernel-repeats and --out; the results parts take the options below except --out. An option "
+                                   "a part does not use is refused, naming the parts that use it.")
     p.add_argument("part", choices=sorted([*BENCHMARKS, "kernels", *PARTS]), help="what to measure (all/quality/claims/…: docs/RESULTS.md parts)")
-    p.add_argument("--out", default=None, help="also append the table to this markdown file")
+    p.add_argument("--out", default=None, help="sampling and kernels only: also append the table to this markdown file")
     add_arguments(p)
+
+
+# The options each non-results part honours (`bench sampling --model M --steps S --guidance G`, `bench kernels
+# --kernel-m --kernel-repeats`); every other option given to them is refused by name instead of silently ignored.
+BENCH_OPTIONS = {"sampling": ("model", "steps", "guidance", "out"), "kernels": ("kernel_m", "kernel_repeats", "out")}
+
+
+def _given_bench_options(args) -> list[str]:
+    """The ``bench`` options given on the command line (as settings field names), in the parser's order."""
+    from .results.common import ResultsSettings
+
+    names = [f.name for f in dataclasses.fields(ResultsSettings)] + ["docs", "resume", "out"]
+    flags = ("full", "resume")  # store_true: False when not given; every other option defaults to None
+    return [n for n in names if getattr(args, n, None) is not None and not (n in flags and getattr(args, n) is False)]
+
+
+def _parts_using(name: str) -> str:
+    """'quality, vq, mixed, all, claims' — the bench parts that use the option of field ``name`` (for refusal messages)."""
+    from .results.common import PART_FIELDS
+
+    if name in ("docs", "full"):
+        return "the results parts (all, claims, quality, act, vq, mixed, speed, pareto, report)"
+    if name == "resume":
+        return "quality, all"
+    parts = [part for part, fields in PART_FIELDS.items() if name in fields]
+    groups = {"all": tuple(PART_FIELDS), "claims": ("act", "vq", "mixed")}
+    parts += [group for group, members in groups.items() if any(name in PART_FIELDS[m] for m in members)]
+    parts += [part for part, fields in BENCH_OPTIONS.items() if name in fields]
+    return ", ".join(parts)
+
+
+def _check_bench_options(args) -> None:
+    """ConfigError naming the first option given that ``args.part`` does not use (sampling, kernels: only theirs;
+    the results parts: everything but --out)."""
+    from .errors import ConfigError
+    from .results.common import option
+
+    allowed = BENCH_OPTIONS.get(args.part)
+    for name in _given_bench_options(args):
+        if (allowed is not None and name not in allowed) or (allowed is None and name == "out"):
+            raise ConfigError(f"{option(name)} is not used by `bench {args.part}`; it is used by: {_parts_using(name)}", field=option(name))
 
 
 def _repo_script(relative: str):
@@ -221,22 +326,57 @@ def _repo_script(relative: str):
     return module
 
 
+def _append_table(out: str | None, table: str) -> None:
+    """Appends ``table`` to the markdown file ``out`` (``bench --out``), if given."""
+    if out:
+        with open(out, "a") as f:
+            f.write(table + "\n")
+
+
+def _bench_kernels(args) -> int:
+    """``bench kernels``: benchmarks/bench_kernels.py with --kernel-m/--kernel-repeats, its tables printed (and appended to --out)."""
+    import contextlib
+    import io
+
+    from .results.common import ResultsSettings
+
+    d = ResultsSettings()
+    argv = ["--m", str(args.kernel_m or d.kernel_m), "--repeats", str(args.kernel_repeats or d.kernel_repeats)]
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = _repo_script("benchmarks/bench_kernels.py").main(argv)
+    print(buffer.getvalue(), end="")
+    _append_table(args.out, buffer.getvalue())
+    return code
+
+
+def _bench_sampling(args) -> int:
+    """``bench sampling``: fp32 vs bf16 sampling time with --model/--steps/--guidance (defaults: bench_sampling's)."""
+    from .bench import bench_sampling, markdown_table
+
+    given = {"source": args.model, "steps": args.steps, "guidance": args.guidance}
+    kwargs = {k: v for k, v in given.items() if v is not None}
+    flags = "".join(f" --{k} {v}" for k, v in (("model", args.model), ("steps", args.steps), ("guidance", args.guidance)) if v is not None)
+    table = markdown_table(bench_sampling(**kwargs), "python -m ditlab bench sampling" + flags)
+    print(table)
+    _append_table(args.out, table)
+    return 0
+
+
 def _cmd_bench(args) -> int:
-    from .bench import BENCHMARKS, markdown_table
+    from .cli_args import writable_file
     from .results import PARTS
 
+    _check_bench_options(args)
+    if args.out is not None:
+        writable_file(args.out, "--out")
     if args.part in PARTS:
         from .results.cli import main
 
         return main(args)
     if args.part == "kernels":
-        return _repo_script("benchmarks/bench_kernels.py").main([])
-    table = markdown_table(BENCHMARKS[args.part](), "python -m ditlab bench " + args.part)
-    print(table)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(table + "\n")
-    return 0
+        return _bench_kernels(args)
+    return _bench_sampling(args)
 
 
 def _add_kernels(sub) -> None:
@@ -280,15 +420,49 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add, _ in COMMANDS.values():
         add(sub)
+    for command in sub.choices.values():  # -v also after the subcommand (`ditlab info -v`)
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress details")
+    parser.subcommands = sub.choices
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line; an unknown option is reported by its subcommand ("ditlab info: error: unrecognized
+    arguments: --bogus"), not by the top-level parser."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _check_model_option(args) -> None:
+    """An empty --model is refused (it used to load the shipped model silently; say `--model shipped` for that)."""
+    from .errors import ConfigError
+
+    model = getattr(args, "model", None)
+    if model is not None and not str(model).strip():
+        raise ConfigError.invalid("--model", model, "a pipeline folder, QDIR or hub id, or shipped (the default)")
+
+
+def _quiet_broken_pipe() -> int:
+    """Exit status after stdout's reader went away (e.g. `| head`): no traceback, and no second one at shutdown."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
-        return COMMANDS[args.command][1](args)
+        _check_model_option(args)
+        code = COMMANDS[args.command][1](args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter shutdown
+        return code
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except DitlabError as exc:
         print(f"ditlab {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import sys
 
-from .cli_args import int_list, positive_int
+from .cli_args import check_recipe, int_list, positive_int, refuse_qdir, writable_file, writable_folder
+from .errors import ConfigError
+
+FP_HINT = "pass the FP model it was quantized from (e.g. --model shipped)"
 
 
 def _common(p) -> None:
@@ -25,9 +28,9 @@ def add_outliers(sub) -> None:
     p = sub.add_parser("outliers", help="activation outliers: the model-wide layers × timesteps map, or one layer before/after each transform")
     _common(p)
     p.add_argument("--layer", default=None, help="a linear layer name (see `info`); without it, the model-wide map")
-    p.add_argument("--timestep", type=int, default=None, help="diffusion timestep of the layer view (default: the first calibrated one)")
+    p.add_argument("--timestep", type=int, default=None, help="with --layer: diffusion timestep of the layer view (default: the first calibrated one)")
     p.add_argument("--branch", choices=("cond", "uncond"), default="cond", help="CFG branch (default cond)")
-    p.add_argument("--metric", default="max_median", help="metric of the model-wide map: max_median (default), absmax or token_p100_p50")
+    p.add_argument("--metric", default=None, help="without --layer: metric of the model-wide map: max_median (default), absmax or token_p100_p50")
     p.add_argument("--n-samples", type=positive_int, default=8, help="calibration images (default 8; cached)")
     p.add_argument("--steps", type=positive_int, default=10, help="calibration sampler steps (default 10)")
 
@@ -35,9 +38,19 @@ def add_outliers(sub) -> None:
 def cmd_outliers(args) -> int:
     from .outliers import cli_outliers
 
+    refuse_qdir(args.model, FP_HINT + "; outliers measures the FP activations every method starts from")
+    _check_outlier_view(args)
     print(cli_outliers(args.model, args.layer, args.timestep, args.branch, n_samples=args.n_samples, steps=args.steps,
-                       metric=args.metric, as_json=args.json, progress=sys.stderr.isatty()))
+                       metric=args.metric or "max_median", as_json=args.json, progress=sys.stderr.isatty()))
     return 0
+
+
+def _check_outlier_view(args) -> None:
+    """--timestep belongs to the layer view (--layer), --metric to the model-wide map: refused by name where unused."""
+    if args.layer is None and args.timestep is not None:
+        raise ConfigError(f"--timestep {args.timestep} is used only by the layer view; add --layer NAME (or omit --timestep for the map)", field="--timestep")
+    if args.layer is not None and args.metric is not None:
+        raise ConfigError(f"--metric {args.metric} is used only by the model-wide map; omit --layer for the map (the layer view shows every metric)", field="--metric")
 
 
 def _cost_args(p) -> None:
@@ -57,10 +70,31 @@ def add_sensitivity(sub) -> None:
     p.add_argument("--metric", default="sqnr_db", help="column of the table: sqnr_db, ssim, psnr, agreement, class_acc (default sqnr_db)")
 
 
+def _check_cost_args(args) -> None:
+    """--model not a QDIR and --cache-dir writable, before any sensitivity measurement."""
+    refuse_qdir(args.model, FP_HINT + " and the quantization to measure as --setting (a preset or recipe JSON)")
+    check_recipe(args.setting, "--setting")
+    if args.groups > args.steps:
+        raise ConfigError.invalid("--groups", args.groups, f"at most --steps ({args.steps}): each timestep group needs at least one step")
+    if args.cache_dir is not None:
+        writable_folder(args.cache_dir, "--cache-dir")
+
+
+def _layer_names(text: str | None) -> list[str] | None:
+    """--layers as a list of names (None: every layer); an empty list (e.g. ``--layers ,``) is refused by name."""
+    if text is None:
+        return None
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise ConfigError.invalid("--layers", text, "comma-separated layer or unit names (see `python -m ditlab info`), or omit it for every layer")
+    return names
+
+
 def cmd_sensitivity(args) -> int:
     from .sensitivity import cli_sensitivity
 
-    layers = [x.strip() for x in args.layers.split(",") if x.strip()] if args.layers else None
+    _check_cost_args(args)
+    layers = _layer_names(args.layers)
     print(cli_sensitivity(args.model, args.setting, n_images=args.n_images, steps=args.steps, groups=args.groups, unit=args.unit,
                           layers=layers, metric=args.metric, as_json=args.json, cache_dir=args.cache_dir, progress=sys.stderr.isatty()))
     return 0
@@ -80,6 +114,10 @@ def add_allocate(sub) -> None:
 
 def cmd_allocate(args) -> int:
     from .allocation import cli_allocate
+
+    _check_cost_args(args)
+    if args.out is not None:
+        writable_file(args.out, "--out", (".json",))
 
     print(cli_allocate(args.model, args.budget_bits, setting=args.setting, w_bits=args.w_bits, a_bits=args.a_bits, split=args.split,
                        metric=args.metric, n_images=args.n_images, steps=args.steps, groups=args.groups, out=args.out,

@@ -38,7 +38,7 @@ from . import __version__
 from .atomic import fsync_path, fsync_tree, save_safetensors
 from .config import Recipe, load_recipe
 from .errors import DitlabError, ModelLoadError
-from .models import FAMILIES, SHIPPED_ALIASES, Pipeline, _from_pretrained, check_fits_in_memory, _load_labels, _load_text_encoder, read_model_index, resolve_source
+from .models import FAMILIES, SHIPPED_ALIASES, SHIPPED_MODEL, Pipeline, _from_pretrained, check_fits_in_memory, _load_labels, _load_text_encoder, read_model_index, resolve_source
 from .nn import MODULE_CODECS, MODULE_TYPES, codec_for
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def _place(tmp: Path, out: Path, overwrite: bool) -> None:
     if not is_qdir(out):
         raise DitlabError(f"{out}: exists and is not a QDIR; refusing to overwrite it (choose another --out)")
     if not overwrite:
-        raise DitlabError(f"{out}: a QDIR already exists there; pass overwrite=True (CLI: --force) to replace it")
+        raise DitlabError(f"{out}: a QDIR already exists there; pass overwrite=True (CLI: --overwrite) to replace it")
     if _exchange(tmp, out):  # out is the new QDIR, tmp the old one: there is never a moment without a QDIR at out
         shutil.rmtree(tmp, ignore_errors=True)
         return
@@ -228,7 +228,7 @@ def save_quantized(model: nn.Module, recipe: Recipe | str | None, source, out_di
         (tmp / "recipe.json").write_text(recipe.to_json() + "\n")
         manifest = {"format": FORMAT, "version": QDIR_VERSION, "ditlab_version": __version__, "family": family,
                     "transformer_class": cls_name, "recipe": recipe.name, "layers": specs, "weights": WEIGHTS,
-                    "sha256": _sha256(tmp / WEIGHTS), "source": str(source.source if isinstance(source, Pipeline) else source),
+                    "sha256": _sha256(tmp / WEIGHTS), "source": portable_source(source.source if isinstance(source, Pipeline) else source),
                     "extra": extra or {}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: its presence marks a complete QDIR
         fsync_tree(tmp)  # on disk before the rename makes it visible: a power loss never leaves a QDIR of empty files
@@ -241,6 +241,36 @@ def save_quantized(model: nn.Module, recipe: Recipe | str | None, source, out_di
         raise
     log.info("saved QDIR %s (%d quantized layers, recipe %s)", out, len(specs), recipe.name)
     return out
+
+
+def portable_source(source) -> str:
+    """The FP source as the manifest records it, valid from any working directory: "shipped" for the shipped
+    model (under any alias or path), an absolute path for another local folder, a hub id unchanged."""
+    text = str(source or "").strip()
+    if text in SHIPPED_ALIASES:
+        return "shipped"
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        return text  # a hub id
+    path = path.resolve()
+    return "shipped" if path == SHIPPED_MODEL.resolve() else str(path)
+
+
+def fp_source(qdir: str | os.PathLike) -> str:
+    """The FP model a QDIR was quantized from, loadable from any working directory. QDIRs written before sources were
+    recorded portably may hold a path relative to where they were made (e.g. "assets/tiny-dit"): it is looked up
+    from the working directory, then the ditlab checkout, then the QDIR's folder; otherwise returned as recorded
+    (a hub id)."""
+    folder = Path(qdir).expanduser()
+    recorded = str(_read_manifest(folder).get("source") or "shipped").strip()
+    path = Path(recorded).expanduser()
+    if recorded in SHIPPED_ALIASES or path.is_absolute():
+        return portable_source(recorded)
+    checkout = SHIPPED_MODEL.resolve().parent.parent
+    for base in (Path.cwd(), checkout, folder.resolve().parent):
+        if (base / path).is_dir():
+            return portable_source(base / path)
+    return recorded
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -304,6 +304,14 @@ def measure(pipe: Pipeline, recipe: "str | Recipe | Sequence[Recipe]", *, settin
             "bytes_fp16": sum(r.bytes_fp16 for r in reports) // len(reports), "n_images": len(labels), "seconds": time.perf_counter() - t0}
 
 
+def _refuse_quantized(pipe) -> None:
+    """ConfigError naming the model when it is already quantized (a QDIR): sensitivity measures what quantizing each
+    layer of an FP model does."""
+    if getattr(pipe.transformer, "ditlab_recipe", None) is not None:
+        raise ConfigError.invalid("model", pipe.source, "a full-precision model, not a QDIR (already quantized); pass the FP model "
+                                  "it was quantized from and the quantization as the setting")
+
+
 def cli_sensitivity(model: str = "shipped", setting: str = "w4a8-rtn", *, n_images: int = 10, steps: int = 10, groups: int = 4,
                     unit: str = "layer", layers: Sequence[str] | None = None, metric: str = "sqnr_db", as_json: bool = False,
                     cache_dir: str | None = None, progress: bool = True) -> str:
@@ -314,6 +322,7 @@ def cli_sensitivity(model: str = "shipped", setting: str = "w4a8-rtn", *, n_imag
     if not as_json and metric not in TABLE_METRICS:  # before minutes of measurements
         raise ConfigError.invalid("metric", metric, ", ".join(TABLE_METRICS))
     pipe = api.load(model)
+    _refuse_quantized(pipe)
     st = SensitivitySettings(n_images=n_images, steps=steps, n_groups=groups, unit=unit)
     calib = api.calibrate(pipe, progress=progress) if api.needs_calibration(pipe, setting_recipe(setting)) else None
     res = run_sensitivity(pipe, setting, settings=st, layers=layers, calib=calib, cache_dir=cache_dir, progress=progress)

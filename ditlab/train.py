@@ -300,8 +300,38 @@ held-out accuracy on {cfg.n_heldout} images of data seed {cfg.heldout_seed}: **{
     )
 
 
+POSITIVE_FIELDS = ("n_train", "n_heldout", "hidden_heads", "head_dim", "num_layers", "patch_size", "steps", "batch_size",
+                   "clf_epochs", "clf_batch_size", "threads")
+ONLY = ("all", "classifier", "dit")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """ConfigError naming the field for a count below 1 (e.g. ``steps = 0`` would write an untrained model)."""
+    from .errors import ConfigError
+
+    for name in POSITIVE_FIELDS:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError.invalid(name, value, "an integer ≥ 1")
+
+
+def check_outputs(out_dir: str | Path, only: str = "all") -> None:
+    """ConfigError before any work: ``only`` unknown, or ``only="dit"`` without the trained classifier in ``out_dir``
+    (its metrics.json goes into the DiT's PROVENANCE.md)."""
+    from .errors import ConfigError
+
+    if only not in ONLY:
+        raise ConfigError.invalid("--only", only, ", ".join(ONLY))
+    metrics = Path(out_dir) / "classifier" / "metrics.json"
+    if only == "dit" and not metrics.is_file():
+        raise ConfigError.invalid("--only", only, f"all or classifier: --only dit needs a trained classifier in the output folder ({metrics} is missing)")
+
+
 def train_all(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), command: str = "python -m ditlab train", only: str = "all") -> dict:
-    """Generates the data, trains the classifier and the DiT, writes ``out_dir/classifier`` and ``out_dir/tiny-dit``."""
+    """Generates the data, trains the classifier and the DiT, writes ``out_dir/classifier`` and ``out_dir/tiny-dit``.
+    The settings and ``only`` are checked first (``check_config``, ``check_outputs``), before minutes of data generation."""
+    check_config(cfg)
+    check_outputs(out_dir, only)
     torch.set_num_threads(cfg.threads)
     out_dir = Path(out_dir)
     t0 = time.time()

@@ -1,8 +1,8 @@
 """``python -m ditlab bench all``: regenerate docs/RESULTS.md — quality of every preset, the seed papers' claims checked
 (ViDiT-Q, HadaNorm, VQ4DiT, mixed precision), speed and memory, a quality–size Pareto plot.
 
-One module per part; each measuring part writes one JSON document to ``docs/results/<part>.json`` (saved after every
-row), and ``report.assemble`` renders RESULTS.md and its PNGs from those documents alone, so a part can be rerun
+One module per part; each measuring part writes one JSON document to ``docs/results/<part>.json`` (only when the part
+completes; its progress after every row goes to ``<part>.partial.json``, which ``--resume`` reads), and ``report.assemble`` renders RESULTS.md and its PNGs from those documents alone, so a part can be rerun
 without redoing the others (``bench report`` only reassembles).
 
     quality  every preset of ditlab.config.PRESETS on the shipped model       (quality.py)
@@ -19,7 +19,7 @@ import logging
 import time
 from pathlib import Path
 
-from .common import REPO, ResultsSettings, Say, full_settings, read_doc  # noqa: F401 - re-exported
+from .common import REPO, ResultsSettings, Say, check_settings, full_settings, read_doc  # noqa: F401 - re-exported
 
 log = logging.getLogger("ditlab.results")
 
@@ -45,6 +45,7 @@ def run(part: str, settings: ResultsSettings = ResultsSettings(), *, docs_dir: s
         from ..errors import ConfigError
 
         raise ConfigError.invalid("part", part, ", ".join(PARTS))
+    check_settings(settings)  # every preset name and count before any measurement
     t_all = time.perf_counter()
     pipe = None
     for name in todo:
@@ -66,7 +67,7 @@ def _run_one(name: str, pipe, settings: ResultsSettings, results_dir: Path, say:
     from . import act, mixed, quality, speed, vq
 
     if name == "quality":
-        return quality.run(pipe, settings, results_dir, say, resume=read_doc(results_dir, "quality") if resume else None)
+        return quality.run(pipe, settings, results_dir, say, resume=read_doc(results_dir, "quality", partial=True) if resume else None)
     if name == "act":
         return act.run(pipe, settings, results_dir, say)
     if name == "vq":

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..atomic import write_atomic
+from ..cli_args import save_text
 from ..sampling import DEFAULT_SCHEDULER
 from .provenance import REPO, _current_provenance, machine_info, machine_line, measured_on_current_model, model_provenance, now_utc  # noqa: F401 - re-exported
 
@@ -79,6 +79,34 @@ class ResultsSettings:
         out["presets"] = self.preset_names()
         out["vq_params"] = dict(self.vq_params)
         return out
+
+
+POSITIVE_INTS = ("n_per_label", "steps", "calib_samples", "calib_steps", "act_steps", "sens_images", "sens_steps", "sens_groups",
+                 "n_random", "kernel_m", "kernel_repeats")
+
+
+def option(name: str) -> str:
+    """The ``bench`` option of a settings field (``n_per_label`` → ``--n-per-label``)."""
+    return "--" + name.replace("_", "-")
+
+
+def check_settings(settings: ResultsSettings) -> None:
+    """ConfigError naming the ``bench`` option for a bad setting: counts below 1, an unknown preset, vq params that
+    are not key/value pairs. Called before any measurement, so a typo never costs a run or its results file."""
+    from ..config import load_recipe
+    from ..errors import ConfigError
+
+    for name in POSITIVE_INTS:
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError.invalid(option(name), value, "an integer ≥ 1")
+    for name in settings.presets:
+        try:
+            load_recipe(name)
+        except ConfigError as exc:
+            raise ConfigError.invalid("--presets", name, exc.allowed or str(exc)) from None
+    if not all(isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) for pair in settings.vq_params):
+        raise ConfigError.invalid("--vq-params", settings.vq_params, 'a JSON object, e.g. {"iterations": 2}')
 
 
 FULL = dict(n_per_label=50, n_random=10, pareto_measure=(2.5, 3.0, 3.5, 4.0, 6.0, 7.0), kernel_repeats=10, full=True)
@@ -161,7 +189,18 @@ class Part:
                 "model": model_provenance(self.settings.model), "complete": self.complete, "data": self.data}
 
     def save(self) -> Path:
-        return write_doc(self.results_dir, self.doc())
+        """Writes the document: complete → ``<part>.json`` (atomically, and the progress file is removed); not yet
+        complete → ``<part>.partial.json``, so a failed or interrupted run never replaces the last complete results."""
+        if not self.complete:
+            return write_doc(self.results_dir, self.doc(), name=partial_name(self.part))
+        path = write_doc(self.results_dir, self.doc())
+        (Path(self.results_dir) / f"{partial_name(self.part)}.json").unlink(missing_ok=True)
+        return path
+
+
+def partial_name(part: str) -> str:
+    """The file stem of a part's in-progress document (``quality.partial``)."""
+    return f"{part}.partial"
 
 
 def _loadavg() -> float | None:
@@ -171,20 +210,23 @@ def _loadavg() -> float | None:
         return None
 
 
-def write_doc(results_dir: Path, doc: dict) -> Path:
+def write_doc(results_dir: Path, doc: dict, name: str | None = None) -> Path:
+    """Writes ``doc`` to ``results_dir/<name or part>.json`` atomically, readable by everyone (not mkstemp's 0600)."""
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"{doc['part']}.json"
-    text = json.dumps(_clean(doc), indent=1, allow_nan=False) + "\n"
-    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+    path = results_dir / f"{name or doc['part']}.json"
+    save_text(path, json.dumps(_clean(doc), indent=1, allow_nan=False) + "\n")  # atomic, readable by everyone
     return path
 
 
-def read_doc(results_dir: Path, part: str) -> dict | None:
-    path = Path(results_dir) / f"{part}.json"
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
+def read_doc(results_dir: Path, part: str, *, partial: bool = False) -> dict | None:
+    """The part's complete document; with ``partial``, its in-progress one first (what an interrupted run measured)."""
+    names = [partial_name(part), part] if partial else [part]
+    for name in names:
+        path = Path(results_dir) / f"{name}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
 
 
 def caption(doc: dict) -> str:

@@ -66,7 +66,7 @@ def claim_c(docs: dict) -> str:
     if not v:
         return text + _verdicts(claims.vq_verdicts(None))
     text += (f"{caption(v)}\n\nWeight-only (activations in float). RTN and GPTQ: groups of 64 input channels, asymmetric. VQ: "
-             "2 bits = k 256, d 4; 3 bits = k 64, d 2 (6-bit indices stored in a byte, hence ×fp16 0.25). VQ4DiT's quantize "
+             "2 bits = k 256, d 4; 3 bits = k 64, d 2 (6-bit indices packed four in three bytes, so 3 bits per weight; × fp16 also counts the codebooks). VQ4DiT's quantize "
              "time includes its zero-data calibration (column 'VQ4DiT calib s'). Rows of presets come from the quality run "
              "when its settings match.\n\n")
     text += md_table(["recipe", "class acc", "FD", "PSNR (dB)", "SSIM", "× fp16", "quantize s", "VQ4DiT calib s"],
