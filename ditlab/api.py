@@ -155,10 +155,10 @@ def save(quantized: Quantized, source: Pipeline, out_dir: str | Path, *, overwri
 
 
 def qdir_source(folder: str | Path) -> str:
-    """The FP model a QDIR was quantized from (as recorded in its manifest; "shipped" resolves to the shipped model)."""
+    """The FP model a QDIR was quantized from, loadable from any working directory (see ``qdir.fp_source``)."""
     from . import qdir
 
-    return str(qdir._read_manifest(Path(folder).expanduser()).get("source") or "shipped")
+    return qdir.fp_source(folder)
 
 
 def weight_bytes(pipe: Pipeline) -> tuple[int, int]:

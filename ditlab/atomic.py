@@ -19,6 +19,7 @@ def write_atomic(path: Path, write: Callable[[str], object], suffix: str = "") -
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp" + suffix, dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode a plain open() would give it
     try:
         write(tmp)
         fsync_path(tmp)
@@ -26,6 +27,19 @@ def write_atomic(path: Path, write: Callable[[str], object], suffix: str = "") -
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process umask: from /proc on Linux (reading it with os.umask would change it for a moment, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def fsync_path(path: str | os.PathLike) -> None:

@@ -123,27 +123,13 @@ def refuse_qdir(model: str, hint: str) -> None:
 
 
 def save_text(path, text: str) -> None:
-    """Writes ``text`` to ``path`` atomically (``atomic.write_atomic``: the old file or the complete new one), with
-    the mode of a normal new file (0666 less the umask; mkstemp alone would leave it 0600)."""
-    import os
+    """Writes ``text`` to ``path`` atomically (``atomic.write_atomic``: the old file or the complete new one, with
+    the mode of a normal new file)."""
     from pathlib import Path
 
     from .atomic import write_atomic
 
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-
-    write_atomic(Path(path), write)
-
-
-def _umask() -> int:
-    """The process umask (read by setting and restoring it)."""
-    import os
-
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    write_atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def check_recipe(spec: str, option: str = "--recipe"):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ModelLoadError
+from .errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,13 @@ def available_memory() -> int | None:
     """Bytes a model may take: $DITLAB_MAX_MODEL_BYTES if set, else the available RAM (psutil or /proc/meminfo)."""
     override = os.environ.get("DITLAB_MAX_MODEL_BYTES", "").strip()
     if override:
-        return int(float(override))
+        try:
+            value = float(override)
+            if not value > 0 or value != value or value == float("inf"):
+                raise ValueError
+            return int(value)
+        except ValueError:
+            raise ConfigError.invalid("DITLAB_MAX_MODEL_BYTES", override, "a positive number of bytes, e.g. 8e9") from None
     try:
         import psutil
 

@@ -301,3 +301,17 @@ def test_full_disk_as_the_safetensors_writer_reports_it(tiny, tmp_path, monkeypa
     assert "\n" not in err and "no space left" in err, err
     assert list(tmp_path.iterdir()) == []
     assert calib_cache.save(tmp_path / "cache", "k" * 32, _layers(1.0), {}) is False  # logged, not raised
+
+
+def test_atomic_writes_get_a_normal_file_mode(tmp_path):
+    """mkstemp creates 0600 files; a result or export written atomically must be readable as a plain write's would be."""
+    import os
+
+    from ditlab.atomic import write_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "out.json", lambda tmp: open(tmp, "w").write("{}"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o644

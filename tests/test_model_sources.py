@@ -209,3 +209,15 @@ def test_non_finite_calibration_through_the_cli(poisoned, capsys, monkeypatch, t
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("ditlab quantize: error:") and "transformer_blocks.1." in err and err.count("\n") == 0
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "0", "nan", "inf"])
+def test_a_bad_memory_limit_is_refused_by_name(monkeypatch, value):
+    from ditlab import models
+    from ditlab.errors import ConfigError
+
+    monkeypatch.setenv("DITLAB_MAX_MODEL_BYTES", value)
+    with pytest.raises(ConfigError, match="DITLAB_MAX_MODEL_BYTES"):
+        models.available_memory()
+    monkeypatch.setenv("DITLAB_MAX_MODEL_BYTES", "8e9")
+    assert models.available_memory() == 8_000_000_000
