@@ -134,10 +134,7 @@ def save_text(path, text: str) -> None:
 
 def check_recipe(spec: str, option: str = "--recipe"):
     """The Recipe ``spec`` names (a preset or a recipe JSON file), loaded before any model is; a broken JSON file is
-    reported as ``option`` = the file with the JSON error (not only its line and column)."""
-    import json
-    from pathlib import Path
-
+    reported with its name and the JSON error ("--recipe 'x.json': recipe JSON = 'Expecting … at line 1 col 2' …")."""
     from .config import load_recipe
     from .errors import ConfigError
 
@@ -148,9 +145,4 @@ def check_recipe(spec: str, option: str = "--recipe"):
             raise ConfigError.invalid(option, exc.value, exc.allowed) from None
         if not str(exc.field or "").startswith("recipe JSON"):
             raise
-        try:
-            json.loads(Path(spec).expanduser().read_bytes())
-            detail = f"{exc.value}"
-        except (ValueError, OSError) as parse:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            detail = f"{exc.value}: {getattr(parse, 'msg', None) or getattr(parse, 'reason', None) or parse}"
-        raise ConfigError.invalid(option, spec, f"{exc.allowed} ({detail})") from None
+        raise ConfigError(f"{option} {spec!r}: {exc}", field=exc.field, value=exc.value, allowed=exc.allowed) from None

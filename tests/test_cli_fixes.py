@@ -333,7 +333,7 @@ def truncated_recipe(tmp_path) -> str:
 @pytest.mark.parametrize("command", [["sample"], ["eval"], ["quantize", "--out", "/tmp/never-written"]])
 def test_a_truncated_recipe_names_the_file_and_the_json_error(command, truncated_recipe, capsys, no_sampling):
     line = one_line_error(capsys, *command, "--recipe", truncated_recipe)
-    assert f"--recipe = '{truncated_recipe}'" in line and "line 1 col" in line and "Expecting" in line
+    assert f"--recipe '{truncated_recipe}'" in line and "recipe JSON" in line and "line 1 col" in line and "Expecting" in line
 
 
 @pytest.mark.parametrize("args,needle", [
