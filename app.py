@@ -44,31 +44,33 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
-def _checked_by_the_handler(base):
-    """``base`` (a gradio input component) whose values reach the handler even when gradio would refuse them.
+def _let_the_handlers_check_inputs() -> None:
+    """API clients can send what a widget never would (None, out of range, not a choice). Gradio's own check in
+    ``preprocess`` answers with a generic error naming no field; with this, such a value reaches the handler, which
+    refuses it with "⚠️ <field> = <value> is not allowed; allowed: …" in the status output (every handler checks its
+    inputs). Patched on the classes, not on instances (gradio rebuilds a component per session when an event updates
+    it) and not through subclasses (gradio writes a .pyi stub beside the module of every component subclass)."""
+    for cls in (gr.Slider, gr.Number, gr.Dropdown, gr.Radio, gr.CheckboxGroup):
+        strict = cls.preprocess
+        if getattr(strict, "lets_the_handler_check", False):
+            continue
 
-    API clients can send what the widget never would (None, out of range, not a choice). Gradio's own check answers
-    with a generic error naming no field; with these components such a value reaches the handler, which refuses it
-    with "⚠️ <field> = <value> is not allowed; allowed: …" in the status output (every handler checks its inputs).
-    ``is_template`` makes gradio render the base component."""
-
-    class Checked(base):
-        is_template = True
-
-        def preprocess(self, payload):
+        def preprocess(self, payload, _strict=strict):
             try:
-                return super().preprocess(payload)
+                return _strict(self, payload)
             except Exception:  # noqa: BLE001 - the handler names the field
                 return payload
 
-    Checked.__name__ = Checked.__qualname__ = f"Checked{base.__name__}"
-    return Checked
+        preprocess.lets_the_handler_check = True
+        cls.preprocess = preprocess
 
 
-Slider, Number, Dropdown, Radio, CheckboxGroup = (_checked_by_the_handler(c) for c in (gr.Slider, gr.Number, gr.Dropdown, gr.Radio, gr.CheckboxGroup))
+_let_the_handlers_check_inputs()
 
 log = logging.getLogger("ditlab.app")
 QUANTIZED = api.QuantCache(max_entries=6)  # bounded: at most 6 quantized copies in memory across all sessions
+LAST_SENSITIVITY: dict[str, tuple] = {}  # session → (model source, setting, SensitivityResult): the metric picker re-draws it
+SENSITIVITY_LOCK = threading.Lock()
 LOADED_EXPORTS: dict[tuple, Path] = {}  # (session, model source, recipe JSON) → the QDIR folder that session loaded
 EXPORTS_LOCK = threading.Lock()
 JOBS = api.Jobs()  # cancel tokens of running jobs: Cancel stops a job at its next layer, freeing the worker
@@ -255,7 +257,21 @@ def sensitivity(setting, metric, source, request: gr.Request = None, progress=gr
     with _job(request):
         res = api.sensitivity_run(pipe, setting, lambda p: api.calibrate(p, **api.APP_CALIBRATION))
     _, styled = api.sensitivity_table(res, metric)
+    with SENSITIVITY_LOCK:
+        LAST_SENSITIVITY[_session(request)] = (source, setting, res)
     return plots.sensitivity_figure(res, metric), styled, f"{res.setting}: {res.n_computed} cells computed, {res.n_cached} cached, {res.seconds:.1f} s"
+
+
+@guarded(3)
+def sensitivity_metric(setting, metric, source, request: gr.Request = None):
+    """A new metric re-draws the session's last sensitivity result at once (nothing is computed here)."""
+    with SENSITIVITY_LOCK:
+        last = LAST_SENSITIVITY.get(_session(request))
+    if last is None or last[:2] != (source, setting):
+        return gr.update(), gr.update(), f"press **Run sensitivity** to measure {setting} (then the metric choice re-draws it at once)"
+    res = last[2]
+    _, styled = api.sensitivity_table(res, metric)
+    return plots.sensitivity_figure(res, metric), styled, f"{res.setting}: shown as {metric}"
 
 
 @guarded(4)
@@ -334,6 +350,8 @@ def forget_session(request: gr.Request):
     with EXPORTS_LOCK:
         for key in [k for k in LOADED_EXPORTS if k[0] == session]:
             del LOADED_EXPORTS[key]
+    with SENSITIVITY_LOCK:
+        LAST_SENSITIVITY.pop(session, None)
 
 
 # ---------------------------------------------------------------- layout
@@ -360,12 +378,12 @@ def _generate_tab():
         gr.Markdown("Full-precision samples of the session's model (the shipped one until you load another on the Model tab) — one row per class.")
         with gr.Row():
             with gr.Column(scale=1):
-                labels = CheckboxGroup(LABEL_CHOICES, value=FIRST_SCREEN["labels"], label="classes", elem_id="labels")
-                n_per_label = Slider(1, 16, value=FIRST_SCREEN["n_per_label"], step=1, label="images per class", elem_id="n_per_label")
-                seed = Number(FIRST_SCREEN["seed"], precision=0, label="seed", elem_id="seed")
-                steps = Slider(1, 100, value=FIRST_SCREEN["steps"], step=1, label="steps", elem_id="steps")
-                guidance = Slider(1.0, 10.0, value=FIRST_SCREEN["guidance"], step=0.5, label="CFG scale", elem_id="guidance")
-                scheduler = Radio(SCHEDULER_CHOICES, value=api.DEFAULT_SCHEDULER, label="sampler", elem_id="scheduler")
+                labels = gr.CheckboxGroup(LABEL_CHOICES, value=FIRST_SCREEN["labels"], label="classes", elem_id="labels")
+                n_per_label = gr.Slider(1, 16, value=FIRST_SCREEN["n_per_label"], step=1, label="images per class", elem_id="n_per_label")
+                seed = gr.Number(FIRST_SCREEN["seed"], precision=0, label="seed", elem_id="seed")
+                steps = gr.Slider(1, 100, value=FIRST_SCREEN["steps"], step=1, label="steps", elem_id="steps")
+                guidance = gr.Slider(1.0, 10.0, value=FIRST_SCREEN["guidance"], step=0.5, label="CFG scale", elem_id="guidance")
+                scheduler = gr.Radio(SCHEDULER_CHOICES, value=api.DEFAULT_SCHEDULER, label="sampler", elem_id="scheduler")
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
                 grid = gr.Image(label="samples (one row per class)", type="numpy", elem_id="grid", format="png")
@@ -384,7 +402,7 @@ def build() -> gr.Blocks:
             gen_inputs, gen_run, gen_outputs = _generate_tab()
             with gr.Tab("Model", id="model"):
                 with gr.Row():
-                    kind = Radio(list(api.MODEL_KINDS), value="shipped", label="model", elem_id="model_kind")
+                    kind = gr.Radio(list(api.MODEL_KINDS), value="shipped", label="model", elem_id="model_kind")
                     path = gr.Textbox(label="local folder or hub id", placeholder="/path/to/pipeline or facebook/DiT-XL-2-256", elem_id="model_path")
                     load_btn = gr.Button("Load", elem_id="load_model")
                 model_md = gr.Markdown(api.model_markdown(api.model_info(PIPE)), elem_id="model_info")
@@ -393,8 +411,8 @@ def build() -> gr.Blocks:
                 layers = gr.Dataframe(api.layers_frame(PIPE, fp), label="quantizable linear layers", interactive=False, max_height=360, elem_id="layers")
             with gr.Tab("Recipe", id="recipe"):
                 with gr.Row():
-                    preset = Dropdown(PRESET_NAMES, value="fp", label="preset", elem_id="preset", scale=2)
-                    target = Dropdown(list(api.BULK_TARGETS), value="fc2", allow_custom_value=True, label="bulk edit: layers (kind, 'block N', glob)",
+                    preset = gr.Dropdown(PRESET_NAMES, value="fp", label="preset", elem_id="preset", scale=2)
+                    target = gr.Dropdown(list(api.BULK_TARGETS), value="fc2", allow_custom_value=True, label="bulk edit: layers (kind, 'block N', glob)",
                                          elem_id="bulk_target", scale=2)
                     setting = gr.Textbox("W8", label="set to (e.g. W8, W4A8, FP, hadanorm W4A4 g64)", elem_id="bulk_setting", scale=2)
                     bulk_btn = gr.Button("Apply to layers", elem_id="bulk_apply", scale=1)
@@ -415,15 +433,15 @@ def build() -> gr.Blocks:
                         download_btn = gr.DownloadButton("Download recipe JSON", elem_id="recipe_download")
             with gr.Tab("Compare", id="compare"):
                 with gr.Row():
-                    c_labels = CheckboxGroup(LABEL_CHOICES, value=[v for _, v in LABEL_CHOICES][:8], label="classes", elem_id="c_labels", scale=3)
-                    c_n = Slider(1, 8, value=1, step=1, label="images per class", elem_id="c_n")
-                    c_seed = Number(0, precision=0, label="seed", elem_id="c_seed")
+                    c_labels = gr.CheckboxGroup(LABEL_CHOICES, value=[v for _, v in LABEL_CHOICES][:8], label="classes", elem_id="c_labels", scale=3)
+                    c_n = gr.Slider(1, 8, value=1, step=1, label="images per class", elem_id="c_n")
+                    c_seed = gr.Number(0, precision=0, label="seed", elem_id="c_seed")
                 with gr.Row():
-                    c_steps = Slider(1, 100, value=20, step=1, label="steps", elem_id="c_steps")
-                    c_cfg = Slider(1.0, 10.0, value=api.DEFAULT_GUIDANCE, step=0.5, label="CFG scale", elem_id="c_cfg")
-                    c_backend = Radio(api.backends.available(), value=api.default_backend(), label="execution path of the quantized layers",
+                    c_steps = gr.Slider(1, 100, value=20, step=1, label="steps", elem_id="c_steps")
+                    c_cfg = gr.Slider(1.0, 10.0, value=api.DEFAULT_GUIDANCE, step=0.5, label="CFG scale", elem_id="c_cfg")
+                    c_backend = gr.Radio(api.backends.available(), value=api.default_backend(), label="execution path of the quantized layers",
                                          elem_id="c_backend")
-                    c_sched = Radio(SCHEDULER_CHOICES, value=api.DEFAULT_SCHEDULER, label="sampler", elem_id="c_scheduler")
+                    c_sched = gr.Radio(SCHEDULER_CHOICES, value=api.DEFAULT_SCHEDULER, label="sampler", elem_id="c_scheduler")
                 with gr.Row():
                     c_run = gr.Button("Compare", variant="primary", elem_id="compare")
                     c_cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -438,10 +456,10 @@ def build() -> gr.Blocks:
                     divergence = gr.Plot(label="per-step divergence", elem_id="divergence", scale=1)
             with gr.Tab("Outliers", id="outliers"):
                 with gr.Row():
-                    o_layer = Dropdown(LAYER_NAMES, value="transformer_blocks.0.ff.net.2", label="layer", elem_id="o_layer", scale=3)
+                    o_layer = gr.Dropdown(LAYER_NAMES, value="transformer_blocks.0.ff.net.2", label="layer", elem_id="o_layer", scale=3)
                     # allow_custom_value: API clients may send a timestep as text ('999') or int; the handler checks it by name
-                    o_t = Dropdown(TIMESTEPS, value=TIMESTEPS[0], label="timestep", elem_id="o_timestep", allow_custom_value=True)
-                    o_branch = Radio(list(api.BRANCHES), value="cond", label="CFG branch", elem_id="o_branch")
+                    o_t = gr.Dropdown(TIMESTEPS, value=TIMESTEPS[0], label="timestep", elem_id="o_timestep", allow_custom_value=True)
+                    o_branch = gr.Radio(list(api.BRANCHES), value="cond", label="CFG branch", elem_id="o_branch")
                     o_run = gr.Button("Show", variant="primary", elem_id="outliers_run")
                     o_cancel = gr.Button("Cancel", variant="stop", elem_id="o_cancel", scale=0)
                 o_msg = gr.Markdown(label="status", elem_id="o_msg")
@@ -451,8 +469,8 @@ def build() -> gr.Blocks:
                 o_map = gr.Plot(label="model-wide outlier map", elem_id="o_map")
             with gr.Tab("Sensitivity & allocation", id="sensitivity"):
                 with gr.Row():
-                    s_setting = Dropdown([p for p in PRESET_NAMES if p != "fp"], value="w4a8-rtn", label="setting", elem_id="s_setting")
-                    s_metric = Dropdown(["sqnr_db", "ssim", "psnr", "agreement"], value="sqnr_db", label="metric", elem_id="s_metric")
+                    s_setting = gr.Dropdown([p for p in PRESET_NAMES if p != "fp"], value="w4a8-rtn", label="setting", elem_id="s_setting")
+                    s_metric = gr.Dropdown(["sqnr_db", "ssim", "psnr", "agreement"], value="sqnr_db", label="metric", elem_id="s_metric")
                     s_run = gr.Button("Run sensitivity", variant="primary", elem_id="sensitivity_run")
                     s_cancel = gr.Button("Cancel", variant="stop", elem_id="s_cancel", scale=0)
                 s_msg = gr.Markdown(label="status", elem_id="s_msg")
@@ -460,7 +478,7 @@ def build() -> gr.Blocks:
                 s_table = gr.Dataframe(pd.DataFrame(columns=["unit", "timestep groups: press Run sensitivity"]),
                                        label="click a cell to open that layer and timestep in Outliers", interactive=False, max_height=360, elem_id="s_table")
                 with gr.Row():
-                    budget = Slider(4.0, 8.0, value=6.0, step=0.25, label="budget: average weight bits (W8A8 / W4A8 per layer)", elem_id="budget")
+                    budget = gr.Slider(4.0, 8.0, value=6.0, step=0.25, label="budget: average weight bits (W8A8 / W4A8 per layer)", elem_id="budget")
                     a_run = gr.Button("Allocate → recipe table", elem_id="allocate_run")
                 a_msg = gr.Markdown(label="status", elem_id="a_msg")
                 with gr.Row():
@@ -498,6 +516,7 @@ def build() -> gr.Blocks:
             api_name="compare", **HEAVY)
         o_event = o_run.click(outliers, [o_layer, o_t, o_branch, source], [o_fig, o_table, o_map, o_msg], api_name="outliers", **HEAVY)
         s_event = s_run.click(sensitivity, [s_setting, s_metric, source], [s_fig, s_table, s_msg], api_name="sensitivity", **HEAVY)
+        s_metric.input(sensitivity_metric, [s_setting, s_metric, source], [s_fig, s_table, s_msg], api_name=False)
         s_table.select(open_cell, [s_setting, source], [tabs, o_layer, o_t, s_msg], api_name=False).success(
             outliers, [o_layer, o_t, o_branch, source], [o_fig, o_table, o_map, o_msg], api_name=False, **HEAVY)
         a_event = a_run.click(allocate, [budget, source], recipe_views + [preset, table_msg, a_fig, p_fig, a_msg], api_name="allocate", **HEAVY)

@@ -164,6 +164,10 @@ def test_outliers_sensitivity_cell_click_and_allocate(tiny):
     class Click:  # what gr.SelectData carries
         index = [2, 1]
 
+    other = app.sensitivity_metric("w4a8-rtn", "psnr", tiny)  # a new metric re-draws the last result, computes nothing
+    assert "shown as psnr" in other[-1] and "psnr" in other[0].layout.title.text.lower()
+    assert "Run sensitivity" in app.sensitivity_metric("w8a8-rtn", "psnr", tiny)[-1]  # another setting: not measured yet
+
     tabs, o_layer, o_t, note = app.open_cell("w4a8-rtn", tiny, Click())
     assert o_layer == styled.data["unit"][2] and o_t in timesteps and "opened" in note
     out = app.allocate(6.0, tiny)
