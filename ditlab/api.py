@@ -237,12 +237,16 @@ def evaluate(pipe: Pipeline, recipe: Recipe | str = "fp", *, settings: SampleSet
 
 
 def save_grid(images: torch.Tensor, path: str | Path, rows: int, scale: int = 2) -> Path:
-    """Writes a PNG grid of uint8 images (B, 3, H, W) with ``rows`` rows; returns the path."""
+    """Writes an image grid of uint8 images (B, 3, H, W) with ``rows`` rows, atomically (the format follows the
+    suffix, e.g. .png); returns the path."""
     from PIL import Image
+
+    from .atomic import write_atomic
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image_grid(images, rows, scale=scale)).save(path)
+    grid = Image.fromarray(image_grid(images, rows, scale=scale))
+    write_atomic(path, lambda tmp: grid.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG")), suffix=path.suffix)
     return path
 
 

@@ -411,9 +411,12 @@ def load_recipe(spec: "str | Path | Recipe | Mapping") -> Recipe:
 
 
 def save_recipe(recipe: Recipe, path: "str | Path") -> Path:
-    """Writes ``recipe.to_json()`` to ``path``; returns the path."""
+    """Writes ``recipe.to_json()`` to ``path`` atomically (the old file or the complete new one); returns the path."""
+    from .atomic import write_atomic
+
     path = Path(path)
-    path.write_text(recipe.to_json() + "\n")
+    text = recipe.to_json() + "\n"
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
     return path
 
 
