@@ -31,13 +31,15 @@ def guidance_scale(text: str) -> float:
 
 
 def seed(text: str) -> int:
-    """A seed from 0 to 2**32 - 1 (``sampling.MAX_SEED``: larger ones would alias smaller ones)."""
+    """A seed from 0 to ``sampling.MAX_SEED`` (2**32 - 1)."""
+    from .sampling import MAX_SEED
+
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value <= 2**32 - 1:
-        raise argparse.ArgumentTypeError(f"{value} is not an integer from 0 to {2**32 - 1}")
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} is not an integer from 0 to {MAX_SEED}")
     return value
 
 

@@ -133,10 +133,12 @@ def real_number(value, field: str, lo: float, hi: float) -> float:
 
 def check_request(n_images: int, steps, guidance, seed=0) -> None:
     """Raises ConfigError naming the field if a sampling request is outside the limits (or the seed is not an integer)."""
+    from .sampling import MAX_SEED
+
     lim = limits()
     if not isinstance(seed, numbers.Real) or isinstance(seed, bool) or not math.isfinite(seed) or int(seed) != seed \
-            or not 0 <= int(seed) <= 2**32 - 1:
-        raise ConfigError.invalid("seed", seed, f"an integer from 0 to {2**32 - 1}")
+            or not 0 <= int(seed) <= MAX_SEED:
+        raise ConfigError.invalid("seed", seed, f"an integer from 0 to {MAX_SEED}")
     if not isinstance(n_images, numbers.Integral) or not 1 <= int(n_images) <= lim.max_images:
         raise ConfigError.invalid("images", n_images, f"1 to {lim.max_images} images per request (pick fewer classes)")
     if not isinstance(steps, (int, float)) or isinstance(steps, bool) or not math.isfinite(steps) or int(steps) != steps \
