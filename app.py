@@ -69,6 +69,7 @@ _let_the_handlers_check_inputs()
 
 log = logging.getLogger("ditlab.app")
 QUANTIZED = api.QuantCache(max_entries=6)  # bounded: at most 6 quantized copies in memory across all sessions
+SENSITIVITY_METRICS = ("sqnr_db", "ssim", "psnr", "agreement")  # the metric picker's choices
 LAST_SENSITIVITY: dict[str, tuple] = {}  # session → (model source, setting, SensitivityResult): the metric picker re-draws it
 SENSITIVITY_LOCK = threading.Lock()
 LOADED_EXPORTS: dict[tuple, Path] = {}  # (session, model source, recipe JSON) → the QDIR folder that session loaded
@@ -106,10 +107,11 @@ def _session(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "local"
 
 
-def _job(request: gr.Request | None):
-    """Starts a heavy job of this session: the public-mode rate limit first, then a cancellable job context."""
+def _job(request: gr.Request | None, name: str):
+    """Starts a heavy job of this session (``name``: what Cancel's message calls it): the public-mode rate limit
+    first, then a cancellable job context."""
     RATE.check(api.client_address(request))
-    return JOBS.run(_session(request))
+    return JOBS.run(_session(request), name)
 
 
 def _recipe_outputs(pipe, recipe, message: str) -> tuple:
@@ -142,7 +144,7 @@ def generate(labels, n_per_label, seed, steps, guidance, scheduler=api.DEFAULT_S
     api.check_request(max(1, len(labels or [])) * n_per_label, steps, guidance, seed)  # no labels: generate_grid names the field
     api.check_scheduler(scheduler)
     pipe = api.load(source)
-    with GRID_LOCK, _job(request):
+    with GRID_LOCK, _job(request, "Generate"):
         grid, info = api.generate_grid(pipe, labels, n_per_label, steps=int(steps), guidance=float(guidance), seed=int(seed), scheduler=scheduler)
     took = f"sampled in {info['seconds']} s, cached" if info.get("cached") else f"{info['seconds']} s"
     return grid, (f"{info['n_images']} images of `{source}` · seed {info['seed']} · {api.SCHEDULER_NAMES[scheduler]} · {took} · "
@@ -201,7 +203,8 @@ def bulk_edit(table, recipe_json, target, setting, source):
     """Applies one setting to every layer a kind / block / pattern selects."""
     pipe = api.load(source)
     recipe = api.bulk_edit(pipe, table, api.parse_recipe(recipe_json), target, setting)
-    return _recipe_outputs(pipe, recipe, f"✓ {target} → {setting}")
+    shown = setting if len(setting) <= 80 else setting[:80] + "…"
+    return _recipe_outputs(pipe, recipe, f"✓ {target} → {shown} · recipe **{recipe.name}**")
 
 
 @guarded(5)
@@ -228,7 +231,7 @@ def compare(recipe_json, labels, n_per_label, seed, steps, guidance, backend, so
     api.check_request(max(1, len(labels or [])) * n_per_label, steps, guidance, seed)
     api.check_scheduler(scheduler)
     batch = [y for y in api.class_ids(labels, pipe.num_classes) for _ in range(n_per_label)]
-    with _job(request):
+    with _job(request, "Compare"):
         q = _quantized(source, recipe, request)
         c = api.compare(pipe, q, batch, steps=int(steps), guidance=float(guidance), seed=int(seed), scheduler=scheduler, backend=backend or None)
     rows = api.grid_rows(len(labels), n_per_label)
@@ -243,7 +246,7 @@ def compare(recipe_json, labels, n_per_label, seed, steps, guidance, backend, so
 def outliers(layer, timestep, branch, source, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
     """Before/after views of one layer's input at one timestep and CFG branch, and the model-wide map."""
     pipe = api.load(source)
-    with _job(request):
+    with _job(request, "Outliers"):
         res, fig, table, omap = api.outlier_views(pipe, api.calibrate(pipe, **api.APP_CALIBRATION), layer, timestep, branch)
     return fig, table, omap, f"{res.layer} ({res.kind}) · t={res.timestep} · {res.branch} branch · {res.rows} rows × {res.in_features} channels"
 
@@ -253,8 +256,10 @@ def sensitivity(setting, metric, source, request: gr.Request = None, progress=gr
     """Layers × timestep-groups sensitivity of one setting (cached on disk)."""
     if not isinstance(setting, str) or not setting.strip():
         raise ConfigError.invalid("setting", setting, "a preset name or a recipe JSON")
+    if metric not in SENSITIVITY_METRICS:  # before the run, not after it
+        raise ConfigError.invalid("metric", metric, ", ".join(SENSITIVITY_METRICS))
     pipe = api.load(source)
-    with _job(request):
+    with _job(request, "Sensitivity"):
         res = api.sensitivity_run(pipe, setting, lambda p: api.calibrate(p, **api.APP_CALIBRATION))
     _, styled = api.sensitivity_table(res, metric)
     with SENSITIVITY_LOCK:
@@ -289,7 +294,7 @@ def allocate(budget, source, request: gr.Request = None, progress=gr.Progress(tr
     slider move never replaces the user's table). Outputs: recipe views, preset (cleared), Recipe-tab status, figures, status."""
     budget = api.real_number(budget, "budget", 4.0, 8.0)
     pipe = api.load(source)
-    with _job(request):
+    with _job(request, "Allocate"):
         alloc, alloc_fig, pareto_fig = api.allocation_views(pipe, budget)
     table, text, layers, memory, _ = _recipe_outputs(pipe, alloc.recipe, "")
     note = f"✓ recipe **{alloc.recipe.name}** from Allocate (average {alloc.avg_w_bits:.2f} weight bits)"
@@ -303,7 +308,7 @@ def export(recipe_json, source, request: gr.Request = None, progress=gr.Progress
     pipe = api.load(source)
     recipe = api.parse_recipe(recipe_json, pipe)
     out = Path(tempfile.mkdtemp(dir=WORKDIR))
-    with _job(request):
+    with _job(request, "Export"):
         folder = api.save(_quantized(source, recipe, request), pipe, out / api.safe_name(recipe.name))
     return str(api.export_zip(folder)), str(api.write_recipe(recipe, out)), f"✓ exported `{folder.name}`"
 
@@ -335,12 +340,13 @@ CANCEL_WAIT = 3.0  # s: how long Cancel waits for the jobs to stop, so its messa
 def cancel(request: gr.Request = None):
     """Stops this session's running jobs at their next layer and reports the outcome (the Cancel buttons; scripts:
     /cancel). Not queued: it answers even while every worker is busy."""
+    names = ", ".join(JOBS.names(_session(request)))  # Cancel on any tab stops the session's jobs of every tab: say which
     signalled, running = JOBS.cancel(_session(request), wait=CANCEL_WAIT)
     if not signalled:
         return "nothing to cancel: no job of yours is running"
     if running:
-        return f"cancelling {signalled} job(s): {running} still finishing its current layer"
-    return f"cancelled {signalled} job(s); the worker is free"
+        return f"cancelling {signalled} job(s) ({names}): {running} still finishing its current layer"
+    return f"cancelled {signalled} job(s) ({names}); the worker is free"
 
 
 def forget_session(request: gr.Request):
@@ -380,7 +386,7 @@ def _generate_tab():
             with gr.Column(scale=1):
                 labels = gr.CheckboxGroup(LABEL_CHOICES, value=FIRST_SCREEN["labels"], label="classes", elem_id="labels")
                 n_per_label = gr.Slider(1, 16, value=FIRST_SCREEN["n_per_label"], step=1, label="images per class", elem_id="n_per_label")
-                seed = gr.Number(FIRST_SCREEN["seed"], precision=0, label="seed", elem_id="seed")
+                seed = gr.Number(FIRST_SCREEN["seed"], label="seed", elem_id="seed")
                 steps = gr.Slider(1, 100, value=FIRST_SCREEN["steps"], step=1, label="steps", elem_id="steps")
                 guidance = gr.Slider(1.0, 10.0, value=FIRST_SCREEN["guidance"], step=0.5, label="CFG scale", elem_id="guidance")
                 scheduler = gr.Radio(SCHEDULER_CHOICES, value=api.DEFAULT_SCHEDULER, label="sampler", elem_id="scheduler")
@@ -435,7 +441,7 @@ def build() -> gr.Blocks:
                 with gr.Row():
                     c_labels = gr.CheckboxGroup(LABEL_CHOICES, value=[v for _, v in LABEL_CHOICES][:8], label="classes", elem_id="c_labels", scale=3)
                     c_n = gr.Slider(1, 8, value=1, step=1, label="images per class", elem_id="c_n")
-                    c_seed = gr.Number(0, precision=0, label="seed", elem_id="c_seed")
+                    c_seed = gr.Number(0, label="seed", elem_id="c_seed")
                 with gr.Row():
                     c_steps = gr.Slider(1, 100, value=20, step=1, label="steps", elem_id="c_steps")
                     c_cfg = gr.Slider(1.0, 10.0, value=api.DEFAULT_GUIDANCE, step=0.5, label="CFG scale", elem_id="c_cfg")
@@ -470,7 +476,7 @@ def build() -> gr.Blocks:
             with gr.Tab("Sensitivity & allocation", id="sensitivity"):
                 with gr.Row():
                     s_setting = gr.Dropdown([p for p in PRESET_NAMES if p != "fp"], value="w4a8-rtn", label="setting", elem_id="s_setting")
-                    s_metric = gr.Dropdown(["sqnr_db", "ssim", "psnr", "agreement"], value="sqnr_db", label="metric", elem_id="s_metric")
+                    s_metric = gr.Dropdown(list(SENSITIVITY_METRICS), value="sqnr_db", label="metric", elem_id="s_metric")
                     s_run = gr.Button("Run sensitivity", variant="primary", elem_id="sensitivity_run")
                     s_cancel = gr.Button("Cancel", variant="stop", elem_id="s_cancel", scale=0)
                 s_msg = gr.Markdown(label="status", elem_id="s_msg")

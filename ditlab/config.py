@@ -205,8 +205,12 @@ class LayerConfig:
         for k in data:
             if k not in _FIELD_RULES:
                 raise ConfigError.invalid("field", k, ", ".join(_FIELD_RULES), layer)
+        values = dict(data)
+        if values.get("method") == "fp":  # full precision: 16/16 unless the user wrote other bits (then they are refused)
+            values.setdefault("w_bits", 16)
+            values.setdefault("a_bits", 16)
         try:
-            return cls(**dict(data))
+            return cls(**values)
         except ConfigError as exc:
             if layer is None or exc.layer:
                 raise

@@ -136,24 +136,30 @@ def parse_setting(text: str) -> dict:
     tokens = [t for t in re.split(r"[\s,]+", (text or "").strip()) if t]
     if not tokens:
         raise ConfigError.invalid("setting", text, _SETTING_HELP)
+    set_by: dict = {}  # field → the token that set it
     for tok in tokens:
         low = tok.lower()
         if low in METHOD_NAMES:
-            fields["method"] = low
+            update = {"method": low}
         elif m := re.fullmatch(r"w(\d+)(?:a(\d+))?", low):
-            fields["w_bits"] = int(m.group(1))
-            if m.group(2):
-                fields["a_bits"] = int(m.group(2))
+            update = {"w_bits": int(m.group(1)), **({"a_bits": int(m.group(2))} if m.group(2) else {})}
         elif m := re.fullmatch(r"a(\d+)", low):
-            fields["a_bits"] = int(m.group(1))
+            update = {"a_bits": int(m.group(1))}
         elif m := re.fullmatch(r"g(\d+)", low):
-            fields["w_group_size"] = int(m.group(1))
+            update = {"w_group_size": int(m.group(1))}
         elif low == "per-channel":
-            fields["w_group_size"] = None
+            update = {"w_group_size": None}
         elif low in ("per-token", "per-tensor"):
-            fields["a_granularity"] = low
+            update = {"a_granularity": low}
         else:
             raise ConfigError.invalid("setting", tok, _SETTING_HELP)
+        for k in update:
+            if k in set_by:  # 'W4 W8' is a contradiction, not "the last one wins"
+                raise ConfigError.invalid("setting", text, f"each field set once ({set_by[k]!r} and {tok!r} both set {k})")
+            set_by[k] = tok
+        fields.update(update)
+    if fields.get("method") == "fp" and len(fields) > 1:
+        raise ConfigError.invalid("setting", text, "FP alone (full precision has no bits, groups or granularity to set)")
     for k, v in fields.items():
         check_field(k, v)
     return fields
@@ -323,13 +329,14 @@ class Jobs:
         self._hook = None
 
     @contextmanager
-    def run(self, session: str | None):
+    def run(self, session: str | None, name: str = "job"):
         import torch
 
         with self._changed:
             if self._hook is None:
                 self._hook = torch.nn.modules.module.register_module_forward_pre_hook(_stop_if_cancelled)
             event = threading.Event()
+            event.job_name = name
             self._events.setdefault(session or "local", set()).add(event)
         _job.cancel = event
         try:
@@ -339,6 +346,11 @@ class Jobs:
             with self._changed:
                 self._events.get(session or "local", set()).discard(event)
                 self._changed.notify_all()
+
+    def names(self, session: str | None) -> list[str]:
+        """The names of ``session``'s running jobs (sorted)."""
+        with self._changed:
+            return sorted(getattr(e, "job_name", "job") for e in self._events.get(session or "local", ()))
 
     def sessions_running(self) -> set[str]:
         """The sessions with at least one running job."""

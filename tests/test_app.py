@@ -259,7 +259,7 @@ def client():
     ("/allocate", ("x",), "budget"),
     ("/apply_preset", ("nonexistent",), "recipe"),
     ("/apply_preset", (None,), "preset"),
-    ("/sensitivity", ("w4a8-rtn", "nope"), "metric"),
+    ("/sensitivity", ("w4a8-rtn", "nope"), "metric"),  # refused before the run (it came after 27 s of work)
     ("/outliers", ("transformer_blocks.0.ff.net.2", "999", "sideways"), "CFG branch"),
 ])
 def test_values_no_widget_sends_are_refused_by_field_name(client, api_name, args, field):
@@ -336,7 +336,7 @@ def test_cancel_over_http_frees_the_worker(client):
         assert not job.done(), f"the job ended before it could be cancelled: {job.result()[-1]}"
         assert time.time() < deadline, "the job never started"
         time.sleep(0.5)
-    assert reply == "cancelled 1 job(s); the worker is free"  # Cancel waited for the job to stop
+    assert reply == "cancelled 1 job(s) (Compare); the worker is free"  # Cancel waited for the job to stop, and names it
     t0 = time.time()
     assert "cancelled" in job.result(timeout=60)[-1]
     assert time.time() - t0 < 30

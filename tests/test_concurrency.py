@@ -63,13 +63,13 @@ class CountingJobs(workbench.Jobs):
         self._count = threading.Lock()
 
     @contextmanager
-    def run(self, session):
+    def run(self, session, name="job"):
         with self._count:
             self.running += 1
             self.total += 1
             self.peak = max(self.peak, self.running)
         try:
-            with super().run(session) as event:
+            with super().run(session, name) as event:
                 yield event
         finally:
             with self._count:
@@ -296,13 +296,13 @@ def test_cancel_frees_the_worker_for_the_queued_job(server, tiny):
     _wait(lambda: job_s.status().code == Status.IN_QUEUE, "the short job queued")
     assert short.session_hash not in jobs.sessions_running() and not job_s.done()  # both heavy workers are taken
 
-    assert long_a.predict(api_name="/cancel") == "cancelled 1 job(s); the worker is free"
+    assert long_a.predict(api_name="/cancel") == "cancelled 1 job(s) (Compare); the worker is free"
     assert "cancelled" in job_a.result(timeout=300)[-1]
     result = job_s.result(timeout=600)  # the freed worker takes the queued job …
     assert result[-1].startswith("recipe **fp**"), result[-1]
     # … while the other long job still holds the other worker: it is still running, and ends only when cancelled
     assert not job_b.done() and long_b.session_hash in jobs.sessions_running(), "the second long job ended before the short one"
-    assert long_b.predict(api_name="/cancel") == "cancelled 1 job(s); the worker is free"
+    assert long_b.predict(api_name="/cancel") == "cancelled 1 job(s) (Compare); the worker is free"
     assert "cancelled" in job_b.result(timeout=300)[-1]
     assert not jobs.sessions_running()
 
@@ -364,7 +364,7 @@ def test_the_queue_refuses_requests_beyond_its_size(server, tiny):
     assert 4 <= len(refused) and len(jobs) - len(refused) <= size, f"{len(refused)} of {len(jobs)} refused (max_size {size})"
     for h, job in zip(holders, long_jobs):  # /cancel is not queued: a direct POST reaches the job while the queue is full
         reply = requests.post(f"{url.rstrip('/')}/gradio_api/run/cancel", json={"data": [], "session_hash": h.session_hash}, timeout=60)
-        assert reply.status_code == 200 and reply.json()["data"][0] == "cancelled 1 job(s); the worker is free", reply.text
+        assert reply.status_code == 200 and reply.json()["data"][0] == "cancelled 1 job(s) (Compare); the worker is free", reply.text
         assert "cancelled" in job.result(timeout=300)[-1]
     for job in jobs:
         if job not in refused:

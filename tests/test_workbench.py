@@ -295,8 +295,28 @@ def test_cancel_waits_for_the_job_and_reports_one_still_in_its_layer():
     worker = threading.Thread(target=job)
     worker.start()
     assert entered.wait(30)
+    assert jobs.names("s") == ["job"] and jobs.names("other") == []
     assert jobs.cancel("s", wait=0.2) == (1, 1)
     threading.Timer(0.3, release.set).start()
     assert jobs.cancel("s", wait=30) == (1, 0)
     worker.join(timeout=30)
     assert jobs.cancel("s") == (0, 0)
+
+
+@pytest.mark.parametrize("text, clash", [("W4 W8", "w_bits"), ("W4A8 A4", "a_bits"), ("g64 per-channel", "w_group_size"), ("rtn hadanorm", "method")])
+def test_a_bulk_setting_that_contradicts_itself_is_refused(text, clash):
+    """'W4 W8' used to mean W8 (the last token won) while the status echoed 'W4 W8'."""
+    with pytest.raises(ConfigError, match=f"both set {clash}"):
+        wb.parse_setting(text)
+    with pytest.raises(ConfigError, match="FP alone"):
+        wb.parse_setting("fp W4")
+    assert wb.parse_setting("hadanorm W4 A4 g64") == {"method": "hadanorm", "w_bits": 4, "a_bits": 4, "w_group_size": 64}
+
+
+def test_a_plain_fp_default_needs_no_bits():
+    """{"method": "fp"} is full precision (16/16); it was refused with the field default 'w_bits = 8'."""
+    from ditlab.config import Recipe
+
+    assert Recipe.from_json('{"version": 1, "default": {"method": "fp"}}').default.is_fp
+    with pytest.raises(ConfigError, match="w_bits = 8"):
+        Recipe.from_json('{"version": 1, "default": {"method": "fp", "w_bits": 8}}')
