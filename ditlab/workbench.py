@@ -55,6 +55,8 @@ def model_source(kind: str, text: str | None) -> str:
         if not folder.is_dir():
             raise ModelLoadError(f"local folder = {text!r} does not exist or is not a folder")
         return str(folder)
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?", text):  # the Hub's repo id form
+        raise ConfigError.invalid(kind, text, "a hub id such as facebook/DiT-XL-2-256 (letters, digits, '-', '_', '.'; at most 96 per part)")
     return check_source(text, field=kind)  # public mode: only allowlisted hub ids
 
 

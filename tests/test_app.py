@@ -87,6 +87,8 @@ def test_load_model_shipped_local_and_bad_sources(tiny):
     assert len(out[4]) == len(workbench.list_linears(app.api.load(tiny).transformer))
     assert app.load_model("shipped", "")[0] == "shipped"
     assert "does not exist" in _msg(app.load_model("local folder", "/no/such/folder"))
+    for bad in ("x" * 500, "a/b/c", "../etc", "some one/dit"):  # not a hub id: refused by name before any lookup
+        assert _msg(app.load_model("hub id", bad)).startswith("⚠️ hub id"), bad
     hub = _msg(app.load_model("hub id", "someone/not-cached-dit"))
     assert hub.startswith("⚠️") and "\n" not in hub
 
