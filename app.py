@@ -72,7 +72,7 @@ QUANTIZED = api.QuantCache(max_entries=6)  # bounded: at most 6 quantized copies
 SENSITIVITY_METRICS = ("sqnr_db", "ssim", "psnr", "agreement")  # the metric picker's choices
 LAST_SENSITIVITY: dict[str, tuple] = {}  # session → (model source, setting, SensitivityResult): the metric picker re-draws it
 SENSITIVITY_LOCK = threading.Lock()
-LOADED_EXPORTS: dict[tuple, Path] = {}  # (session, model source, recipe JSON) → the QDIR folder that session loaded
+LOADED_EXPORTS: dict[str, tuple] = {}  # session → (model source, recipe JSON, QDIR folder) of the export it loaded last
 EXPORTS_LOCK = threading.Lock()
 JOBS = api.Jobs()  # cancel tokens of running jobs: Cancel stops a job at its next layer, freeing the worker
 RATE = api.RateLimiter()  # public mode: heavy jobs per client address per minute
@@ -126,8 +126,8 @@ def _quantized(source: str, recipe, request):
     pipe, session = api.load(source), _session(request)
 
     def make(p, r):
-        folder = LOADED_EXPORTS.get((session, p.source, r.to_json(indent=None)))
-        if folder is not None and folder.is_dir():
+        source, recipe_json, folder = LOADED_EXPORTS.get(session, (None, None, None))
+        if (source, recipe_json) == (p.source, r.to_json(indent=None)) and folder.is_dir():
             return api.load_qdir(folder)[0]
         return api.quantize(p, r, calib_settings=api.APP_CALIBRATION)
 
@@ -261,10 +261,14 @@ def sensitivity(setting, metric, source, request: gr.Request = None, progress=gr
     pipe = api.load(source)
     with _job(request, "Sensitivity"):
         res = api.sensitivity_run(pipe, setting, lambda p: api.calibrate(p, **api.APP_CALIBRATION))
-    _, styled = api.sensitivity_table(res, metric)
     with SENSITIVITY_LOCK:
         LAST_SENSITIVITY[_session(request)] = (source, setting, res)
-    return plots.sensitivity_figure(res, metric), styled, f"{res.setting}: {res.n_computed} cells computed, {res.n_cached} cached, {res.seconds:.1f} s"
+    return (*_sensitivity_views(res, metric), f"{res.setting}: {res.n_computed} cells computed, {res.n_cached} cached, {res.seconds:.1f} s")
+
+
+def _sensitivity_views(res, metric: str) -> tuple:
+    """(heat-map figure, coloured table) of a sensitivity result shown as ``metric``."""
+    return plots.sensitivity_figure(res, metric), api.sensitivity_table(res, metric)[1]
 
 
 @guarded(3)
@@ -275,8 +279,7 @@ def sensitivity_metric(setting, metric, source, request: gr.Request = None):
     if last is None or last[:2] != (source, setting):
         return gr.update(), gr.update(), f"press **Run sensitivity** to measure {setting} (then the metric choice re-draws it at once)"
     res = last[2]
-    _, styled = api.sensitivity_table(res, metric)
-    return plots.sensitivity_figure(res, metric), styled, f"{res.setting}: shown as {metric}"
+    return (*_sensitivity_views(res, metric), f"{res.setting}: shown as {metric}")
 
 
 @guarded(4)
@@ -326,9 +329,7 @@ def load_export(upload, path, request: gr.Request = None):
     session = _session(request)
     QUANTIZED.put(session, pipe, q.recipe, q)
     with EXPORTS_LOCK:
-        for key in [k for k in LOADED_EXPORTS if k[0] == session]:  # one loaded export per session: the latest
-            del LOADED_EXPORTS[key]
-        LOADED_EXPORTS[(session, pipe.source, q.recipe.to_json(indent=None))] = folder
+        LOADED_EXPORTS[session] = (pipe.source, q.recipe.to_json(indent=None), folder)
     name = Path(upload).name if upload else folder.name
     return (source, *_recipe_outputs(pipe, q.recipe, "")[:4], None, f"✓ recipe **{q.recipe.name}** from the export `{name}`",
             f"✓ loaded `{name}` (recipe {q.recipe.name}, model {source})")
@@ -354,8 +355,7 @@ def forget_session(request: gr.Request):
     session = _session(request)
     QUANTIZED.drop_session(session)
     with EXPORTS_LOCK:
-        for key in [k for k in LOADED_EXPORTS if k[0] == session]:
-            del LOADED_EXPORTS[key]
+        LOADED_EXPORTS.pop(session, None)
     with SENSITIVITY_LOCK:
         LAST_SENSITIVITY.pop(session, None)
 

@@ -339,14 +339,14 @@ def candidate_recipes(setting, w_bits: Sequence[int] = (2, 4, 8), a_bits: Sequen
 
 
 def _save_recipe(recipe: Recipe, out: str) -> None:
-    """Writes the recipe JSON to ``out`` atomically (parent folders created), readable by everyone."""
+    """Writes the recipe JSON to ``out`` atomically (``config.save_recipe``), its parent folders created."""
     from pathlib import Path
 
-    from .cli_args import save_text
+    from .config import save_recipe
 
     path = Path(out).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_text(path, recipe.to_json() + "\n")
+    save_recipe(recipe, path)
 
 
 def cli_allocate(model: str = "shipped", budget_bits: float = 5.0, *, setting: str = "w4a8-rtn", w_bits: Sequence[int] = (2, 4, 8),

@@ -29,6 +29,11 @@ def write_atomic(path: Path, write: Callable[[str], object], suffix: str = "") -
         raise
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` to ``path`` with ``write_atomic`` (the old file or the complete new one, mode as a plain write)."""
+    write_atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
 def _umask() -> int:
     """The process umask: from /proc on Linux (reading it with os.umask would change it for a moment, for every thread)."""
     try:

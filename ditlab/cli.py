@@ -354,9 +354,9 @@ def _bench_sampling(args) -> int:
     """``bench sampling``: fp32 vs bf16 sampling time with --model/--steps/--guidance (defaults: bench_sampling's)."""
     from .bench import bench_sampling, markdown_table
 
-    given = {"source": args.model, "steps": args.steps, "guidance": args.guidance}
-    kwargs = {k: v for k, v in given.items() if v is not None}
-    flags = "".join(f" --{k} {v}" for k, v in (("model", args.model), ("steps", args.steps), ("guidance", args.guidance)) if v is not None)
+    given = {k: v for k, v in (("model", args.model), ("steps", args.steps), ("guidance", args.guidance)) if v is not None}
+    kwargs = {("source" if k == "model" else k): v for k, v in given.items()}
+    flags = "".join(f" --{k} {v}" for k, v in given.items())
     table = markdown_table(bench_sampling(**kwargs), "python -m ditlab bench sampling" + flags)
     print(table)
     _append_table(args.out, table)

@@ -8,12 +8,17 @@ from __future__ import annotations
 import argparse
 
 
+def _parsed(text: str, convert, kind: str):
+    """``convert(text)`` (int or float), or an ArgumentTypeError "'x' is not {kind}"."""
+    try:
+        return convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+
+
 def positive_int(text: str) -> int:
     """An integer ≥ 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    value = _parsed(text, int, "an integer")
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
     return value
@@ -21,10 +26,7 @@ def positive_int(text: str) -> int:
 
 def guidance_scale(text: str) -> float:
     """A CFG scale from 0 to 50 (what the sampler accepts; 1 = no guidance)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _parsed(text, float, "a number")
     if not 0.0 <= value <= 50.0:  # also refuses nan
         raise argparse.ArgumentTypeError(f"{text} is not a number from 0 to 50 (1 = no guidance)")
     return value
@@ -34,10 +36,7 @@ def seed(text: str) -> int:
     """A seed from 0 to ``sampling.MAX_SEED`` (2**32 - 1)."""
     from .sampling import MAX_SEED
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    value = _parsed(text, int, "an integer")
     if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"{value} is not an integer from 0 to {MAX_SEED}")
     return value
@@ -122,16 +121,6 @@ def refuse_qdir(model: str, hint: str) -> None:
 
     if str(model).strip() and is_qdir(str(model).strip()):
         raise ConfigError.invalid("--model", model, f"a full-precision model, not a QDIR (already quantized); {hint}")
-
-
-def save_text(path, text: str) -> None:
-    """Writes ``text`` to ``path`` atomically (``atomic.write_atomic``: the old file or the complete new one, with
-    the mode of a normal new file)."""
-    from pathlib import Path
-
-    from .atomic import write_atomic
-
-    write_atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def check_recipe(spec: str, option: str = "--recipe"):

@@ -416,11 +416,10 @@ def load_recipe(spec: "str | Path | Recipe | Mapping") -> Recipe:
 
 def save_recipe(recipe: Recipe, path: "str | Path") -> Path:
     """Writes ``recipe.to_json()`` to ``path`` atomically (the old file or the complete new one); returns the path."""
-    from .atomic import write_atomic
+    from .atomic import write_text_atomic
 
     path = Path(path)
-    text = recipe.to_json() + "\n"
-    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+    write_text_atomic(path, recipe.to_json() + "\n")
     return path
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -269,11 +270,11 @@ def available_memory() -> int | None:
     if override:
         try:
             value = float(override)
-            if not value > 0 or value != value or value == float("inf"):
-                raise ValueError
-            return int(value)
         except ValueError:
-            raise ConfigError.invalid("DITLAB_MAX_MODEL_BYTES", override, "a positive number of bytes, e.g. 8e9") from None
+            value = float("nan")
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError.invalid("DITLAB_MAX_MODEL_BYTES", override, "a positive number of bytes, e.g. 8e9")
+        return int(value)
     try:
         import psutil
 

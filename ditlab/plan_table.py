@@ -91,10 +91,7 @@ def row_config(row: dict, layer: str) -> LayerConfig:
         check_field(f, v, layer)
     if fields.get("method") == "fp":
         return FP
-    if fields.get("w_bits") == 16 and fields.get("a_bits") == 16:  # a method on a full-precision row would be dropped silently
-        raise ConfigError.invalid("w_bits", 16, f"2–8 (or a_bits 4–8) for method {fields.get('method')!r}: "
-                                  "with w_bits = a_bits = 16 it quantizes nothing; set the bits, or method fp", layer=layer)
-    return LayerConfig.from_dict(fields, layer=layer)
+    return LayerConfig.from_dict(fields, layer=layer)  # a method with 16/16 bits is refused there, naming the layer
 
 
 def _escape(name: str) -> str:

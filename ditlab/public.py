@@ -124,6 +124,14 @@ def whole_number(value, field: str, lo: int, hi: int) -> int:
     return int(value)
 
 
+def check_counts(settings, fields, label=str) -> None:
+    """ConfigError naming ``label(field)`` for the first of ``settings``' ``fields`` that is not an integer ≥ 1."""
+    for field in fields:
+        value = getattr(settings, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError.invalid(label(field), value, "an integer ≥ 1")
+
+
 def real_number(value, field: str, lo: float, hi: float) -> float:
     """``value`` as a float if it is a finite number from ``lo`` to ``hi``, else ConfigError naming ``field``."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value) or not lo <= float(value) <= hi:
@@ -133,12 +141,11 @@ def real_number(value, field: str, lo: float, hi: float) -> float:
 
 def check_request(n_images: int, steps, guidance, seed=0) -> None:
     """Raises ConfigError naming the field if a sampling request is outside the limits (or the seed is not an integer)."""
-    from .sampling import MAX_SEED
+    from .sampling import check_seed
 
     lim = limits()
-    if not isinstance(seed, numbers.Real) or isinstance(seed, bool) or not math.isfinite(seed) or int(seed) != seed \
-            or not 0 <= int(seed) <= MAX_SEED:
-        raise ConfigError.invalid("seed", seed, f"an integer from 0 to {MAX_SEED}")
+    whole = isinstance(seed, numbers.Real) and not isinstance(seed, bool) and math.isfinite(seed) and int(seed) == seed
+    check_seed(int(seed) if whole else seed)  # a number field may send 3.0 for 3; check_seed refuses the rest by name
     if not isinstance(n_images, numbers.Integral) or not 1 <= int(n_images) <= lim.max_images:
         raise ConfigError.invalid("images", n_images, f"1 to {lim.max_images} images per request (pick fewer classes)")
     if not isinstance(steps, (int, float)) or isinstance(steps, bool) or not math.isfinite(steps) or int(steps) != steps \

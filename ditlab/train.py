@@ -307,12 +307,9 @@ ONLY = ("all", "classifier", "dit")
 
 def check_config(cfg: TrainConfig) -> None:
     """ConfigError naming the field for a count below 1 (e.g. ``steps = 0`` would write an untrained model)."""
-    from .errors import ConfigError
+    from .public import check_counts
 
-    for name in POSITIVE_FIELDS:
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError.invalid(name, value, "an integer ≥ 1")
+    check_counts(cfg, POSITIVE_FIELDS)
 
 
 def check_outputs(out_dir: str | Path, only: str = "all") -> None:

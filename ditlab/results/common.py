@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..cli_args import save_text
+from ..atomic import write_text_atomic
 from ..sampling import DEFAULT_SCHEDULER
 from .provenance import REPO, _current_provenance, machine_info, machine_line, measured_on_current_model, model_provenance, now_utc  # noqa: F401 - re-exported
 
@@ -95,11 +95,9 @@ def check_settings(settings: ResultsSettings) -> None:
     are not key/value pairs. Called before any measurement, so a typo never costs a run or its results file."""
     from ..config import load_recipe
     from ..errors import ConfigError
+    from ..public import check_counts
 
-    for name in POSITIVE_INTS:
-        value = getattr(settings, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError.invalid(option(name), value, "an integer ≥ 1")
+    check_counts(settings, POSITIVE_INTS, option)
     for name in settings.presets:
         try:
             load_recipe(name)
@@ -215,7 +213,7 @@ def write_doc(results_dir: Path, doc: dict, name: str | None = None) -> Path:
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{name or doc['part']}.json"
-    save_text(path, json.dumps(_clean(doc), indent=1, allow_nan=False) + "\n")  # atomic, readable by everyone
+    write_text_atomic(path, json.dumps(_clean(doc), indent=1, allow_nan=False) + "\n")
     return path
 
 
