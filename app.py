@@ -174,12 +174,16 @@ def apply_preset(preset, source):
     return _recipe_outputs(pipe, api.parse_recipe(preset, pipe), f"✓ preset **{preset}** loaded" if preset in api.PRESETS else "✓ recipe imported")
 
 
-@guarded(4)
+@guarded(5)
 def table_edited(table, recipe_json, source):
-    """Validates the edited table; the recipe JSON follows it (an invalid edit keeps the table and says why)."""
+    """Validates the edited table; the recipe JSON follows it (an invalid edit keeps the table and says why). The
+    table is redrawn only where the recipe reads a row differently from how it was typed (method fp → 16/16 bits,
+    " 8" → 8), so an edit in progress elsewhere is never overwritten."""
     pipe = api.load(source)
     recipe = api.table_recipe(pipe, table, api.parse_recipe(recipe_json))
-    return recipe.to_json(), api.layers_frame(pipe, recipe), api.memory_frame(pipe, recipe), f"✓ table valid · recipe **{recipe.name}**"
+    shown = api.recipe_table(pipe, recipe)
+    table_update = gr.update() if api.same_table(table, shown) else shown
+    return table_update, recipe.to_json(), api.layers_frame(pipe, recipe), api.memory_frame(pipe, recipe), f"✓ table valid · recipe **{recipe.name}**"
 
 
 def recipe_for_run(table, recipe_json, source):
@@ -513,7 +517,7 @@ def build() -> gr.Blocks:
                                                   table_msg, model_msg],
                        api_name="load_model")
         preset.input(apply_preset, [preset, source], recipe_views + [table_msg], api_name="apply_preset")
-        table.input(table_edited, [table, recipe_json, source], [recipe_json, layers, memory, table_msg], api_name=False)
+        table.input(table_edited, [table, recipe_json, source], recipe_views + [table_msg], api_name=False)
         bulk_btn.click(bulk_edit, [table, recipe_json, target, setting, source], recipe_views + [table_msg], api_name="bulk_edit")
         import_btn.click(import_recipe, [paste, upload, source], recipe_views + [table_msg], api_name="import_recipe")
         download_btn.click(download_recipe, recipe_json, download_btn, api_name=False)

@@ -73,6 +73,8 @@ class SensitivitySettings:
         for name, v, lo, hi in checks:
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
                 raise ConfigError.invalid(name, v, f"an integer from {lo} to {hi}")
+        if self.n_groups > self.steps:
+            raise ConfigError.invalid("n_groups", self.n_groups, f"at most steps ({self.steps}): each timestep group needs at least one step")
         if self.unit not in UNIT_MODES:
             raise ConfigError.invalid("unit", self.unit, ", ".join(UNIT_MODES))
         if self.scheduler not in SCHEDULERS:

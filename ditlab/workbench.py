@@ -132,6 +132,18 @@ def table_recipe(pipe: Pipeline, table, base: Recipe) -> Recipe:
     return recipe
 
 
+def same_table(table, shown: pd.DataFrame) -> bool:
+    """Whether the table as the user has it reads cell for cell (as trimmed text) like ``shown``, the table of the
+    recipe it gives; False when a row was normalised, e.g. method fp typed on a W4A8 row shows 16/16 bits."""
+    table = _as_frame(table)
+    if list(table.columns) != list(shown.columns) or len(table) != len(shown):
+        return False
+    def text(v) -> str:
+        return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v).strip()
+
+    return all(text(a) == str(b) for col in shown.columns for a, b in zip(table[col], shown[col]))
+
+
 def parse_setting(text: str) -> dict:
     """'W4A8', 'fp', 'hadanorm W4 A4 g64', 'W8' … → LayerConfig fields (each checked, so 'A3' names a_bits)."""
     fields: dict = {}

@@ -99,8 +99,20 @@ def test_apply_preset_and_table_edit(tiny):
     assert set(layers.loc[layers["kind"] == "fc1", "setting"]) == {"rtn W4A8 g64"}
     edited = table.astype(object)
     edited.loc[edited["name"] == "transformer_blocks.1.ff.net.2", "w_bits"] = 8
-    text2, layers2, _, msg2 = app.table_edited(edited, text, tiny)
+    shown, text2, layers2, _, msg2 = app.table_edited(edited, text, tiny)
     assert msg2.startswith("✓") and layers2.loc[layers2["name"] == "transformer_blocks.1.ff.net.2", "setting"].item() == "rtn W8A8 g64"
+    assert isinstance(shown, dict)  # the table reads as typed: not redrawn (an edit in progress elsewhere survives)
+    as_text = edited.astype(object)  # a number typed as " 8" is read as 8 and the table is left alone
+    as_text.loc[as_text["name"] == "transformer_blocks.1.ff.net.2", "w_bits"] = " 8"
+    assert isinstance(app.table_edited(as_text, text, tiny)[0], dict)
+    to_fp = edited.astype(object)  # method fp typed on a W4A8 row: the recipe makes it 16/16 and the table shows it
+    to_fp.loc[to_fp["name"] == "transformer_blocks.0.attn1.to_q", "method"] = "fp"
+    shown, fp_text, *_, fp_msg = app.table_edited(to_fp, text2, tiny)
+    assert fp_msg.startswith("✓") and isinstance(shown, pd.DataFrame)
+    row = shown.loc[shown["name"] == "transformer_blocks.0.attn1.to_q"].iloc[0]
+    assert (row["method"], row["w_bits"], row["a_bits"]) == ("fp", 16, 16)
+    override = [o for o in json.loads(fp_text)["overrides"] if o["pattern"] == "transformer_blocks.0.attn1.to_q"]
+    assert [o["set"]["method"] for o in override] == ["fp"]
     edited.loc[edited["name"] == "transformer_blocks.1.ff.net.2", "a_bits"] = 3
     out = app.table_edited(edited, text2, tiny)
     assert "a_bits = 3" in _msg(out) and "transformer_blocks.1.ff.net.2" in _msg(out)

@@ -128,6 +128,8 @@ def test_group_units_and_measure_agree(tiny, tmp_path):
 def test_errors_name_the_field(tiny, tmp_path):
     with pytest.raises(ConfigError, match="n_groups"):
         SensitivitySettings(n_groups=0)
+    with pytest.raises(ConfigError, match=r"n_groups = 5 .*at most steps \(4\)"):  # was silently clamped to 4 groups
+        SensitivitySettings(steps=4, n_groups=5)
     with pytest.raises(ConfigError, match="unit"):
         SensitivitySettings(unit="block")
     with pytest.raises(ConfigError, match="setting"):
