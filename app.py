@@ -9,10 +9,12 @@ and shared read-only; each session's quantized copies live in a bounded LRU keye
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -74,6 +76,8 @@ LAST_SENSITIVITY: dict[str, tuple] = {}  # session → (model source, setting, S
 SENSITIVITY_LOCK = threading.Lock()
 LOADED_EXPORTS: dict[str, tuple] = {}  # session → (model source, recipe JSON, QDIR folder) of the export it loaded last
 EXPORTS_LOCK = threading.Lock()
+LAST_TABLE: dict[str, tuple] = {}  # session → (digest of the last checked table, recipe JSON and source; when)
+TABLE_LOCK = threading.Lock()
 JOBS = api.Jobs()  # cancel tokens of running jobs: Cancel stops a job at its next layer, freeing the worker
 RATE = api.RateLimiter()  # public mode: heavy jobs per client address per minute
 WORKDIR = Path(tempfile.mkdtemp(prefix="ditlab-app-"))  # exports and uploads of this process
@@ -175,15 +179,34 @@ def apply_preset(preset, source):
 
 
 @guarded(5)
-def table_edited(table, recipe_json, source):
+def table_edited(table, recipe_json, source, request: gr.Request = None):
     """Validates the edited table; the recipe JSON follows it (an invalid edit keeps the table and says why). The
     table is redrawn only where the recipe reads a row differently from how it was typed (method fp → 16/16 bits,
-    " 8" → 8), so an edit in progress elsewhere is never overwritten."""
+    " 8" → 8), so an edit in progress elsewhere is never overwritten. The browser sends one edit twice: the second
+    copy changes nothing (no second warning for one mistake)."""
+    if request is not None and _seen_table(_session(request), table, recipe_json, source):
+        return (gr.update(),) * 5
     pipe = api.load(source)
     recipe = api.table_recipe(pipe, table, api.parse_recipe(recipe_json))
     shown = api.recipe_table(pipe, recipe)
     table_update = gr.update() if api.same_table(table, shown) else shown
     return table_update, recipe.to_json(), api.layers_frame(pipe, recipe), api.memory_frame(pipe, recipe), f"✓ table valid · recipe **{recipe.name}**"
+
+
+def _seen_table(session: str, table, recipe_json, source) -> bool:
+    """Whether this session's last table check, under a second ago, had exactly these inputs (the browser's second
+    copy of one edit); records the inputs. After a second the same table is checked again: a preset may have
+    replaced it meanwhile, and the status must then say what is wrong with it once more."""
+    try:
+        shown = pd.DataFrame(table["data"], columns=table["headers"]) if isinstance(table, dict) else table
+        key = hashlib.sha256(repr((shown.astype(str).values.tolist(), list(shown.columns), recipe_json, source)).encode()).hexdigest()
+    except Exception:  # noqa: BLE001 - a malformed table is table_recipe's to report
+        return False
+    now = time.monotonic()
+    with TABLE_LOCK:
+        last_key, last_time = LAST_TABLE.get(session, (None, 0.0))
+        LAST_TABLE[session] = (key, now)
+    return key == last_key and now - last_time < 1.0
 
 
 def recipe_for_run(table, recipe_json, source):
@@ -362,6 +385,8 @@ def forget_session(request: gr.Request):
         LOADED_EXPORTS.pop(session, None)
     with SENSITIVITY_LOCK:
         LAST_SENSITIVITY.pop(session, None)
+    with TABLE_LOCK:
+        LAST_TABLE.pop(session, None)
 
 
 # ---------------------------------------------------------------- layout

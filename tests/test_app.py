@@ -9,6 +9,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -125,6 +126,24 @@ def test_apply_preset_and_table_edit(tiny):
     zero.loc[zero["name"] == "transformer_blocks.1.ff.net.2", ["a_bits", "w_group_size"]] = [8, "0"]
     assert "w_group_size" in _msg(app.table_edited(zero, text2, tiny))
     assert "preset name" in _msg(app.apply_preset("no-such-preset", tiny))
+
+
+def test_one_edit_sent_twice_warns_once(tiny, monkeypatch):
+    """The browser sends one table edit twice: the copy within a second changes nothing (one warning for one
+    mistake); the same table later, or in another session, is checked again."""
+    clock = [100.0]
+    monkeypatch.setattr(app, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    table, text, *_ = app.apply_preset("w4a8-rtn", tiny)
+    bad = table.astype(object)
+    bad.loc[bad["name"] == "transformer_blocks.0.attn1.to_q", "a_bits"] = 3
+    alice, bob = SimpleNamespace(session_hash="alice"), SimpleNamespace(session_hash="bob")
+    assert "a_bits = 3" in _msg(app.table_edited(bad, text, tiny, request=alice))
+    clock[0] += 0.2
+    assert all(isinstance(o, dict) for o in app.table_edited(bad, text, tiny, request=alice))  # the copy: no-op
+    assert "a_bits = 3" in _msg(app.table_edited(bad, text, tiny, request=bob))  # another session: checked
+    clock[0] += 1.5  # e.g. a preset reloaded the same table meanwhile: the status must say it again
+    assert "a_bits = 3" in _msg(app.table_edited(bad, text, tiny, request=alice))
+    assert _msg(app.table_edited(table, text, tiny, request=alice)).startswith("✓")  # a different table: checked
 
 
 def test_bulk_edit_import_and_download(tiny):
