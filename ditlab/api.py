@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from . import backends, evaluation, public
-from .config import Recipe, load_recipe
+from .config import PRESETS, Recipe, load_recipe  # noqa: F401 - PRESETS: the app reaches it through api
 from .errors import ConfigError
 from .evaluation import SampleSettings, content_metrics, eval_labels, load_classifier, real_features  # noqa: F401 - re-exported
 from .models import LayerInfo, Pipeline, list_linears, load_pipeline
@@ -380,4 +380,11 @@ def compare(pipe: Pipeline, quantized: Quantized, labels: Sequence[int], *, step
     return Comparison(fp.images, q.images, diff, metrics, divergence, [int(t) for t in sched.timesteps], used)
 
 
-from .workbench import (APP_CALIBRATION, BACKEND_NAMES, BRANCHES, BULK_TARGETS, MODEL_KINDS, PRESETS, Cancelled, Jobs, QuantCache, RateLimiter, allocation_views, bulk_edit, calibration_timesteps, cell_target, check_request, check_server_path, client_address, compare_metrics, default_backend, divergence_figure, export_zip, grid_rows, layers_frame, limits, load_qdir, memory_frame, model_markdown, model_source, outlier_views, parse_recipe, real_number, recipe_table, safe_name, same_table, sensitivity_run, sensitivity_table, table_help, table_recipe, unpack_qdir, whole_number, write_recipe)  # noqa: E402,F401 - the app's session logic
+# the app's session logic (no gradio in these modules), reached through ``api`` by app.py
+from .exports import export_zip, load_qdir, unpack_qdir  # noqa: E402,F401
+from .jobs import Cancelled, Jobs, QuantCache  # noqa: E402,F401
+from .public import RateLimiter, check_request, check_server_path, client_address, limits, real_number, safe_name, whole_number  # noqa: E402,F401
+from .recipe_editing import BULK_TARGETS, bulk_edit, parse_recipe, recipe_table, same_table, table_help, table_recipe, write_recipe  # noqa: E402,F401
+from .workbench import (APP_CALIBRATION, BACKEND_NAMES, BRANCHES, MODEL_KINDS, allocation_views, calibration_timesteps, cell_target,  # noqa: E402,F401
+                        compare_metrics, default_backend, divergence_figure, grid_rows, layers_frame, memory_frame, model_markdown,
+                        model_source, outlier_views, sensitivity_run, sensitivity_table)

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ditlab import workbench
+from ditlab import models, workbench
 from ditlab.config import PRESETS
 from ditlab.testing import tiny_dit_pipeline
 
@@ -85,7 +85,7 @@ def test_load_model_shipped_local_and_bad_sources(tiny):
     out = app.load_model("local folder", tiny)
     assert out[0] == tiny and "DiTTransformer2DModel" in out[1] and _msg(out).startswith("✓")
     assert out[8] == "fp" and "reset to **fp**" in out[-2]  # the Recipe tab's preset and status follow the reset
-    assert len(out[4]) == len(workbench.list_linears(app.api.load(tiny).transformer))
+    assert len(out[4]) == len(models.list_linears(app.api.load(tiny).transformer))
     assert app.load_model("shipped", "")[0] == "shipped"
     assert "does not exist" in _msg(app.load_model("local folder", "/no/such/folder"))
     for bad in ("x" * 500, "a/b/c", "../etc", "some one/dit"):  # not a hub id: refused by name before any lookup

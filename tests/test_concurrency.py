@@ -27,7 +27,7 @@ import pytest
 import requests
 from PIL import Image
 
-from ditlab import outliers as outliers_mod
+from ditlab import jobs, outliers as outliers_mod, recipe_editing
 from ditlab import workbench
 from ditlab.testing import tiny_dit_pipeline
 
@@ -54,7 +54,7 @@ def _rss_mb() -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
-class CountingJobs(workbench.Jobs):
+class CountingJobs(jobs.Jobs):
     """app.JOBS that also counts how many jobs run at the same moment (exact, not sampled)."""
 
     def __init__(self):
@@ -76,7 +76,7 @@ class CountingJobs(workbench.Jobs):
                 self.running -= 1
 
 
-class CountingCache(workbench.QuantCache):
+class CountingCache(jobs.QuantCache):
     """app.QUANTIZED that records its largest size after every insertion and keeps weak references to every copy made."""
 
     def __init__(self, max_entries: int):
@@ -251,11 +251,11 @@ def test_concurrent_sessions_equal_solo_runs_and_stay_bounded(server, tiny, tmp_
 
     # No settings leak: each table shows its own recipe; the shipped session still sees the shipped model.
     for key, preset in (("preset", "w8a8-rtn"), ("preset2", "w4a8-rtn")):
-        assert concurrent["shipped"][key][0]["data"] == workbench.recipe_table(app.PIPE, app.api.PRESETS[preset]).values.tolist()
+        assert concurrent["shipped"][key][0]["data"] == recipe_editing.recipe_table(app.PIPE, app.api.PRESETS[preset]).values.tolist()
     tiny_pipe = app.api.load(tiny)
     for name, (first, *_rest) in SESSIONS.items():
         table = concurrent[name]["table"]
-        expected = workbench.recipe_table(tiny_pipe, app.api.PRESETS[first])
+        expected = recipe_editing.recipe_table(tiny_pipe, app.api.PRESETS[first])
         assert table["headers"] == list(expected.columns)
         if name != "edited":  # exactly the preset's table: nobody else's edit shows up
             assert table["data"] == expected.values.tolist(), name

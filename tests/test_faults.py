@@ -22,7 +22,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from ditlab import api, calib_cache, cli, qdir, workbench
+from ditlab import api, calib_cache, cli, exports, qdir
 from ditlab.errors import DitlabError
 from ditlab.testing import tiny_dit_pipeline
 
@@ -245,7 +245,7 @@ def test_full_disk_export_zip_is_one_clear_line(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(zipfile.ZipFile, "write", full)
     with pytest.raises(DitlabError) as info:
-        workbench.export_zip(folder)
+        exports.export_zip(folder)
     message = str(info.value)
     assert "\n" not in message and str(tmp_path / "q.zip") in message and "no space left" in message, message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no zip, no temporary archive

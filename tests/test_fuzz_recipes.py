@@ -23,10 +23,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ditlab import api, workbench
+from ditlab import api, recipe_editing
 from ditlab.config import (DEFAULT_SKIP, FIXED_WEIGHT_BITS, METHOD_NAMES, PRESETS, WEIGHT_ONLY_METHODS, Recipe, _FIELD_RULES,
                            frame_to_recipe, load_recipe, plan_to_frame)
-from ditlab.errors import ConfigError, DitlabError
+from ditlab.errors import ConfigError
 from ditlab.models import list_linears
 from ditlab.testing import tiny_dit_pipeline
 
@@ -446,10 +446,10 @@ def test_app_table(app, tiny, tiny_dir, edit, data):
     Compare/Export are stopped with the same message."""
     TRIED["app_table"] += 1
     source = str(tiny_dir)
-    table = workbench.recipe_table(tiny, PRESETS["w8a8-rtn"]).astype(object)
+    table = recipe_editing.recipe_table(tiny, PRESETS["w8a8-rtn"]).astype(object)
     row, column = edit
-    if column not in workbench.EDITABLE:
-        column = workbench.EDITABLE[row % len(workbench.EDITABLE)]
+    if column not in recipe_editing.EDITABLE:
+        column = recipe_editing.EDITABLE[row % len(recipe_editing.EDITABLE)]
     info = list_linears(tiny.transformer)[row]
     value = data.draw(_bad_cell(column, info.in_features, fp_row=table.at[row, "method"] == "fp"))
     if column == "w_group_size" and isinstance(value, int):
@@ -476,7 +476,7 @@ def test_app_bulk(app, tiny, tiny_dir, target, setting):
     """Bulk edits with arbitrary targets/settings: either applied, or one line naming the setting, the pattern or the
     field that the result would break — and the table is kept."""
     TRIED["app_bulk"] += 1
-    table = workbench.recipe_table(tiny, PRESETS["w8a8-rtn"])
+    table = recipe_editing.recipe_table(tiny, PRESETS["w8a8-rtn"])
     before = table.copy()
     out = app.bulk_edit(table, PRESETS["w8a8-rtn"].to_json(), target, setting, str(tiny_dir))
     pd.testing.assert_frame_equal(table, before)

@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from ditlab import workbench as wb
+from ditlab import exports, jobs, models, public, recipe_editing, workbench as wb
 from ditlab.config import PRESETS, Recipe
 from ditlab.errors import ConfigError, DitlabError, ModelLoadError
 from ditlab.models import load_pipeline
@@ -24,74 +24,74 @@ def tiny(tmp_path_factory):
 
 def test_table_round_trip_unchanged_and_one_edit(tiny):
     base = PRESETS["w8a8-viditq"]
-    table = wb.recipe_table(tiny, base)
-    assert list(table.columns) == list(wb.TABLE_COLUMNS)
-    assert wb.table_recipe(tiny, table, base) is base  # nothing edited: the same recipe
+    table = recipe_editing.recipe_table(tiny, base)
+    assert list(table.columns) == list(recipe_editing.TABLE_COLUMNS)
+    assert recipe_editing.table_recipe(tiny, table, base) is base  # nothing edited: the same recipe
     row = table.index[table["name"] == FC2][0]
     table.loc[row, "w_bits"] = 4
     table.loc[row, "w_group_size"] = "32"
-    edited = wb.table_recipe(tiny, table, base)
-    plan = edited.resolve(wb.list_linears(tiny.transformer))
+    edited = recipe_editing.table_recipe(tiny, table, base)
+    plan = edited.resolve(models.list_linears(tiny.transformer))
     assert (plan[FC2].w_bits, plan[FC2].w_group_size, plan[FC2].method) == (4, 32, "viditq")
-    assert plan["transformer_blocks.0.ff.net.0.proj"] == base.resolve(wb.list_linears(tiny.transformer))["transformer_blocks.0.ff.net.0.proj"]
-    again = wb.recipe_table(tiny, edited)
+    assert plan["transformer_blocks.0.ff.net.0.proj"] == base.resolve(models.list_linears(tiny.transformer))["transformer_blocks.0.ff.net.0.proj"]
+    again = recipe_editing.recipe_table(tiny, edited)
     assert again.loc[row, "w_bits"] == 4 and again.loc[row, "w_group_size"] == "32"
-    assert wb.table_recipe(tiny, again, edited) is edited  # idempotent
+    assert recipe_editing.table_recipe(tiny, again, edited) is edited  # idempotent
 
 
 @pytest.mark.parametrize("column, value, field", [("a_bits", 3, "a_bits"), ("w_bits", "eight", "w_bits"), ("method", "magic", "method"),
                                                   ("w_group_size", "7", "w_group_size"), ("a_granularity", "per-row", "a_granularity")])
 def test_bad_cell_names_the_field_and_layer(tiny, column, value, field):
-    table = wb.recipe_table(tiny, PRESETS["w8a8-rtn"]).astype(object)  # as the UI sends it: any cell may hold text
+    table = recipe_editing.recipe_table(tiny, PRESETS["w8a8-rtn"]).astype(object)  # as the UI sends it: any cell may hold text
     table.loc[table["name"] == FC2, column] = value
     with pytest.raises(ConfigError) as err:
-        wb.table_recipe(tiny, table, PRESETS["w8a8-rtn"])
+        recipe_editing.table_recipe(tiny, table, PRESETS["w8a8-rtn"])
     assert err.value.field == field and FC2 in str(err.value) and "\n" not in str(err.value)
 
 
 def test_table_with_wrong_rows_is_refused(tiny):
-    table = wb.recipe_table(tiny, PRESETS["fp"]).iloc[:-1]
+    table = recipe_editing.recipe_table(tiny, PRESETS["fp"]).iloc[:-1]
     with pytest.raises(ConfigError, match="table rows"):
-        wb.table_recipe(tiny, table, PRESETS["fp"])
+        recipe_editing.table_recipe(tiny, table, PRESETS["fp"])
 
 
 def test_bulk_edit_kind_block_and_glob(tiny):
     base = PRESETS["w8a8-rtn"]
-    table = wb.recipe_table(tiny, base)
-    infos = wb.list_linears(tiny.transformer)
-    r = wb.bulk_edit(tiny, table, base, "fc2", "W4 g32")
+    table = recipe_editing.recipe_table(tiny, base)
+    infos = models.list_linears(tiny.transformer)
+    r = recipe_editing.bulk_edit(tiny, table, base, "fc2", "W4 g32")
     plan = r.resolve(infos)
     assert all(plan[i.name].w_bits == 4 and plan[i.name].w_group_size == 32 for i in infos if i.kind == "fc2")
     assert all(plan[i.name].w_bits == 8 for i in infos if i.kind == "fc1")
-    r2 = wb.bulk_edit(tiny, wb.recipe_table(tiny, r), r, "block 0", "FP")
+    r2 = recipe_editing.bulk_edit(tiny, recipe_editing.recipe_table(tiny, r), r, "block 0", "FP")
     plan2 = r2.resolve(infos)
     assert all(plan2[i.name] is None or plan2[i.name].is_fp for i in infos if i.block == 0)
     assert plan2["transformer_blocks.1.ff.net.2"].w_bits == 4  # earlier edit kept
-    r3 = wb.bulk_edit(tiny, wb.recipe_table(tiny, PRESETS["fp"]), PRESETS["fp"], "transformer_blocks.1.attn1.to_*", "W8A8")
+    r3 = recipe_editing.bulk_edit(tiny, recipe_editing.recipe_table(tiny, PRESETS["fp"]), PRESETS["fp"], "transformer_blocks.1.attn1.to_*", "W8A8")
     plan3 = r3.resolve(infos)
     assert plan3["transformer_blocks.1.attn1.to_q"].short() == "rtn W8A8" and plan3["transformer_blocks.0.attn1.to_q"].is_fp
 
 
 def test_bulk_edit_keeps_unsaved_table_edits(tiny):
     base = PRESETS["w8a8-rtn"]
-    table = wb.recipe_table(tiny, base)
+    table = recipe_editing.recipe_table(tiny, base)
     table.loc[table["name"] == "transformer_blocks.1.attn1.to_q", "a_bits"] = 6
-    r = wb.bulk_edit(tiny, table, base, "fc2", "W4A8")
-    assert r.resolve(wb.list_linears(tiny.transformer))["transformer_blocks.1.attn1.to_q"].a_bits == 6
+    r = recipe_editing.bulk_edit(tiny, table, base, "fc2", "W4A8")
+    assert r.resolve(models.list_linears(tiny.transformer))["transformer_blocks.1.attn1.to_q"].a_bits == 6
 
 
 @pytest.mark.parametrize("target, setting, field", [("nope", "W8", "layer pattern"), ("fc2", "A3", "a_bits"), ("fc2", "W9", "w_bits"),
                                                     ("fc2", "banana", "setting"), ("block 99", "W8", "layer pattern")])
 def test_bulk_edit_errors_name_the_field(tiny, target, setting, field):
     with pytest.raises(ConfigError) as err:
-        wb.bulk_edit(tiny, wb.recipe_table(tiny, PRESETS["fp"]), PRESETS["fp"], target, setting)
+        recipe_editing.bulk_edit(tiny, recipe_editing.recipe_table(tiny, PRESETS["fp"]), PRESETS["fp"], target, setting)
     assert err.value.field == field
 
 
 def test_parse_setting():
-    assert wb.parse_setting("hadanorm W4A4 g64") == {"method": "hadanorm", "w_bits": 4, "a_bits": 4, "w_group_size": 64}
-    assert wb.parse_setting("W8, per-tensor") == {"w_bits": 8, "a_granularity": "per-tensor"}
-    assert wb.parse_setting("fp") == {"method": "fp"}
+    assert recipe_editing.parse_setting("hadanorm W4A4 g64") == {"method": "hadanorm", "w_bits": 4, "a_bits": 4, "w_group_size": 64}
+    assert recipe_editing.parse_setting("W8, per-tensor") == {"w_bits": 8, "a_granularity": "per-tensor"}
+    assert recipe_editing.parse_setting("fp") == {"method": "fp"}
 
 
 @pytest.mark.parametrize("text, field", [
@@ -107,49 +107,49 @@ def test_parse_setting():
 ])
 def test_parse_recipe_bad_input_is_one_clear_line(tiny, text, field):
     with pytest.raises(ConfigError) as err:
-        wb.parse_recipe(text, tiny)
+        recipe_editing.parse_recipe(text, tiny)
     assert err.value.field == field and "\n" not in str(err.value)
 
 
 def test_parse_recipe_presets_and_round_trip(tiny):
-    assert wb.parse_recipe("w4a8-hadanorm") is PRESETS["w4a8-hadanorm"]
-    r = wb.bulk_edit(tiny, wb.recipe_table(tiny, PRESETS["w8a8-rtn"]), PRESETS["w8a8-rtn"], "adaLN", "FP")
-    assert wb.parse_recipe(r.to_json(), tiny) == r
-    assert wb.parse_recipe(r.to_json().encode(), tiny) == r
+    assert recipe_editing.parse_recipe("w4a8-hadanorm") is PRESETS["w4a8-hadanorm"]
+    r = recipe_editing.bulk_edit(tiny, recipe_editing.recipe_table(tiny, PRESETS["w8a8-rtn"]), PRESETS["w8a8-rtn"], "adaLN", "FP")
+    assert recipe_editing.parse_recipe(r.to_json(), tiny) == r
+    assert recipe_editing.parse_recipe(r.to_json().encode(), tiny) == r
 
 
 def test_recipe_size_limit_and_public_mode(monkeypatch, tiny, tmp_path):
     monkeypatch.setenv("DITLAB_PUBLIC", "1")
-    lim = wb.limits()
+    lim = public.limits()
     assert lim.public and lim.max_images <= 16
     with pytest.raises(ConfigError, match="at most"):
-        wb.parse_recipe('{"version": 1, "name": "' + "x" * lim.max_recipe_bytes + '"}')
+        recipe_editing.parse_recipe('{"version": 1, "name": "' + "x" * lim.max_recipe_bytes + '"}')
     with pytest.raises(ConfigError) as err:
-        wb.check_request(lim.max_images + 1, 10, 4.0)
+        public.check_request(lim.max_images + 1, 10, 4.0)
     assert err.value.field == "images"
     with pytest.raises(ConfigError) as err:
         wb.model_source("local folder", str(tmp_path))
     assert err.value.field == "local folder"
     with pytest.raises(ConfigError):
-        wb.unpack_qdir(tmp_path, tmp_path)  # server folders are not loadable in public mode
+        exports.unpack_qdir(tmp_path, tmp_path)  # server folders are not loadable in public mode
     monkeypatch.setenv("DITLAB_ALLOWED_DIRS", str(tmp_path))
     assert wb.model_source("local folder", str(tmp_path)) == str(tmp_path.resolve())
 
 
 def test_public_mode_is_the_default_on_spaces(monkeypatch):
     monkeypatch.delenv("DITLAB_PUBLIC", raising=False)
-    assert not wb.limits().public
+    assert not public.limits().public
     monkeypatch.setenv("SPACE_ID", "someone/ditlab")
-    assert wb.limits().public
+    assert public.limits().public
     monkeypatch.setenv("DITLAB_PUBLIC", "0")
-    assert not wb.limits().public
+    assert not public.limits().public
 
 
 @pytest.mark.parametrize("n, steps, cfg, field", [(0, 10, 4.0, "images"), (4, 0, 4.0, "steps"), (4, 2.5, 4.0, "steps"),
                                                   (4, 10, float("nan"), "CFG scale"), (4, 10, 0.5, "CFG scale")])
 def test_check_request(n, steps, cfg, field):
     with pytest.raises(ConfigError) as err:
-        wb.check_request(n, steps, cfg)
+        public.check_request(n, steps, cfg)
     assert err.value.field == field
 
 
@@ -172,7 +172,7 @@ def test_memory_and_layers_frames(tiny):
 
 
 def test_quant_cache_bounded_lru_and_quantizes_once(tiny):
-    cache = wb.QuantCache(max_entries=2)
+    cache = jobs.QuantCache(max_entries=2)
     calls = []
 
     def slow_quantize(pipe, recipe):
@@ -199,11 +199,11 @@ def test_export_zip_and_load_back(tiny, tmp_path):
     from ditlab import api
 
     q = api.quantize(tiny, "w8a8-rtn", progress=False)
-    folder = api.save(q, tiny, tmp_path / wb.safe_name("../../evil name"))
+    folder = api.save(q, tiny, tmp_path / public.safe_name("../../evil name"))
     assert folder.parent == tmp_path and folder.name == "evil-name"
-    archive = wb.export_zip(folder)
-    back = wb.unpack_qdir(archive, tmp_path)
-    loaded, source = wb.load_qdir(back)
+    archive = exports.export_zip(folder)
+    back = exports.unpack_qdir(archive, tmp_path)
+    loaded, source = exports.load_qdir(back)
     assert loaded.recipe == q.recipe and source == tiny.source
     for name, t in q.pipe.transformer.state_dict().items():
         assert loaded.pipe.transformer.state_dict()[name].equal(t)
@@ -214,16 +214,16 @@ def test_unsafe_or_bad_zips_are_refused(tmp_path):
     with zipfile.ZipFile(evil, "w") as zf:
         zf.writestr("../outside.txt", "x")
     with pytest.raises(ModelLoadError, match="unsafe path"):
-        wb.unpack_qdir(evil, tmp_path)
+        exports.unpack_qdir(evil, tmp_path)
     assert not (tmp_path.parent / "outside.txt").exists()
     empty = tmp_path / "empty.zip"
     with zipfile.ZipFile(empty, "w") as zf:
         zf.writestr("readme.txt", "x")
     with pytest.raises(ModelLoadError, match="ditlab_qdir.json"):
-        wb.unpack_qdir(empty, tmp_path)
+        exports.unpack_qdir(empty, tmp_path)
     (tmp_path / "plain.zip").write_text("not a zip")
     with pytest.raises(DitlabError, match="not a zip"):
-        wb.unpack_qdir(tmp_path / "plain.zip", tmp_path)
+        exports.unpack_qdir(tmp_path / "plain.zip", tmp_path)
 
 
 def test_compare_views():
@@ -253,23 +253,23 @@ def test_sensitivity_table_and_cell_target(tiny, monkeypatch, tmp_path):
 def test_cancel_stops_a_running_job_at_the_next_layer(tiny):
     from ditlab.sampling import sample
 
-    jobs = wb.Jobs()
+    registry = jobs.Jobs()
     outcome = {}
 
     def job(session, steps):
         try:
-            with jobs.run(session):
+            with registry.run(session):
                 sample(tiny, [0, 1], steps=steps, progress=False)
             outcome[session] = "finished"
-        except wb.Cancelled as exc:
+        except jobs.Cancelled as exc:
             outcome[session] = str(exc)
 
     long = threading.Thread(target=job, args=("a", 1000))
     other = threading.Thread(target=job, args=("b", 3))
     long.start()
     other.start()
-    assert jobs.cancel("zzz") == (0, 0)
-    while (outcome_of_cancel := jobs.cancel("a", wait=30)) == (0, 0):  # as soon as the job runs
+    assert registry.cancel("zzz") == (0, 0)
+    while (outcome_of_cancel := registry.cancel("a", wait=30)) == (0, 0):  # as soon as the job runs
         assert long.is_alive()
         time.sleep(0.01)
     assert outcome_of_cancel == (1, 0)  # signalled, and stopped within the wait
@@ -284,33 +284,33 @@ def test_cancel_stops_a_running_job_at_the_next_layer(tiny):
 def test_cancel_waits_for_the_job_and_reports_one_still_in_its_layer():
     """``cancel(wait=…)`` returns once the signalled jobs have ended, or at the timeout with the count still running
     (a job between module forwards, e.g. quantizing a layer, cannot stop before its next forward)."""
-    jobs = wb.Jobs()
+    registry = jobs.Jobs()
     entered, release = threading.Event(), threading.Event()
 
     def job():
-        with jobs.run("s"):
+        with registry.run("s"):
             entered.set()
             release.wait(30)  # no module forward here: the job cannot stop yet
 
     worker = threading.Thread(target=job)
     worker.start()
     assert entered.wait(30)
-    assert jobs.names("s") == ["job"] and jobs.names("other") == []
-    assert jobs.cancel("s", wait=0.2) == (1, 1)
+    assert registry.names("s") == ["job"] and registry.names("other") == []
+    assert registry.cancel("s", wait=0.2) == (1, 1)
     threading.Timer(0.3, release.set).start()
-    assert jobs.cancel("s", wait=30) == (1, 0)
+    assert registry.cancel("s", wait=30) == (1, 0)
     worker.join(timeout=30)
-    assert jobs.cancel("s") == (0, 0)
+    assert registry.cancel("s") == (0, 0)
 
 
 @pytest.mark.parametrize("text, clash", [("W4 W8", "w_bits"), ("W4A8 A4", "a_bits"), ("g64 per-channel", "w_group_size"), ("rtn hadanorm", "method")])
 def test_a_bulk_setting_that_contradicts_itself_is_refused(text, clash):
     """'W4 W8' used to mean W8 (the last token won) while the status echoed 'W4 W8'."""
     with pytest.raises(ConfigError, match=f"both set {clash}"):
-        wb.parse_setting(text)
+        recipe_editing.parse_setting(text)
     with pytest.raises(ConfigError, match="FP alone"):
-        wb.parse_setting("fp W4")
-    assert wb.parse_setting("hadanorm W4 A4 g64") == {"method": "hadanorm", "w_bits": 4, "a_bits": 4, "w_group_size": 64}
+        recipe_editing.parse_setting("fp W4")
+    assert recipe_editing.parse_setting("hadanorm W4 A4 g64") == {"method": "hadanorm", "w_bits": 4, "a_bits": 4, "w_group_size": 64}
 
 
 def test_a_plain_fp_default_needs_no_bits():
