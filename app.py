@@ -27,7 +27,26 @@ PIPE = api.load("shipped")  # loaded once, shared read-only by every session
 LABEL_CHOICES = api.label_choices(PIPE)
 SCHEDULER_CHOICES = api.scheduler_choices()
 GRID_LOCK = threading.Lock()  # one FP grid at a time: the first page load waits for the warm-up, then hits the cache
-FIRST_SCREEN = dict(labels=[v for _, v in LABEL_CHOICES], n_per_label=5, seed=0, steps=api.DEFAULT_STEPS, guidance=api.DEFAULT_GUIDANCE)
+
+
+def per_class_cap(n_labels: int, cap: int) -> int:
+    """The most images per class a request for ``n_labels`` classes may ask for: ≤ ``cap`` (the slider's own top) and
+    within the images-per-request limit (64 locally, 16 in public mode, e.g. on Spaces)."""
+    return max(1, min(cap, api.limits().max_images // max(n_labels, 1)))
+
+
+GENERATE_PER_CLASS, COMPARE_PER_CLASS = 16, 8  # the images-per-class sliders' tops (lower when the request limit says so)
+MAX_STEPS_SHOWN = min(100, api.limits().max_steps)  # the steps sliders' top (50 in public mode)
+
+
+def first_screen() -> dict:
+    """The Generate tab's first settings: every class, up to 5 images each (1 each in public mode, e.g. on Spaces,
+    where a request holds ≤ 16 images)."""
+    return dict(labels=[v for _, v in LABEL_CHOICES], n_per_label=per_class_cap(len(LABEL_CHOICES), 5), seed=0,
+                steps=api.DEFAULT_STEPS, guidance=api.DEFAULT_GUIDANCE)
+
+
+FIRST_SCREEN = first_screen()
 
 
 def warm_up() -> None:
@@ -139,12 +158,28 @@ def _quantized(source: str, recipe, request):
 
 
 # ---------------------------------------------------------------- handlers
+def _slider_top(n_labels: int, cap: int) -> int:
+    """An images-per-class slider's top: gradio refuses a slider whose top equals its bottom (1), so where the limit
+    allows one image per class the top stays 2 and the slider is locked at 1 (``images_per_class``)."""
+    return max(2, per_class_cap(n_labels, cap))
+
+
+def images_per_class(labels, current, cap: int):
+    """The images-per-class slider for the chosen classes: its top is what the images-per-request limit allows for
+    that many classes (a value above it comes down to it), and its note says why, so it offers no refused request."""
+    n = len(labels) if isinstance(labels, list) and labels else 1
+    top, limit = per_class_cap(n, cap), api.limits().max_images
+    value = min(current, top) if isinstance(current, (int, float)) and not isinstance(current, bool) else gr.update()
+    note = f"at most {top} for {n} class{'es' if n > 1 else ''} ({limit} images per request)" if top < cap else None
+    return gr.update(maximum=_slider_top(n, cap), value=value, interactive=top > 1, info=note)
+
+
 @guarded(2)
 def generate(labels, n_per_label, seed, steps, guidance, scheduler=api.DEFAULT_SCHEDULER, source="shipped", request: gr.Request = None,
              progress=gr.Progress(track_tqdm=True)):
     """A grid with one row per chosen class from the session's FP model (``source``). API clients may omit
     ``scheduler`` (default sampler) and ``source`` (the shipped model)."""
-    n_per_label = api.whole_number(n_per_label, "images per class", 1, 16)
+    n_per_label = api.whole_number(n_per_label, "images per class", 1, GENERATE_PER_CLASS)
     api.check_request(max(1, len(labels or [])) * n_per_label, steps, guidance, seed)  # no labels: generate_grid names the field
     api.check_scheduler(scheduler)
     pipe = api.load(source)
@@ -254,7 +289,7 @@ def compare(recipe_json, labels, n_per_label, seed, steps, guidance, backend, so
     session's state; ``scheduler`` may be omitted by API clients (default sampler)."""
     pipe = api.load(source)
     recipe = api.parse_recipe(recipe_json, pipe)
-    n_per_label = api.whole_number(n_per_label, "images per class", 1, 8)
+    n_per_label = api.whole_number(n_per_label, "images per class", 1, COMPARE_PER_CLASS)
     api.check_request(max(1, len(labels or [])) * n_per_label, steps, guidance, seed)
     api.check_scheduler(scheduler)
     batch = [y for y in api.class_ids(labels, pipe.num_classes) for _ in range(n_per_label)]
@@ -414,9 +449,10 @@ def _generate_tab():
         with gr.Row():
             with gr.Column(scale=1):
                 labels = gr.CheckboxGroup(LABEL_CHOICES, value=FIRST_SCREEN["labels"], label="classes", elem_id="labels")
-                n_per_label = gr.Slider(1, 16, value=FIRST_SCREEN["n_per_label"], step=1, label="images per class", elem_id="n_per_label")
+                n_per_label = gr.Slider(1, _slider_top(len(FIRST_SCREEN["labels"]), GENERATE_PER_CLASS), value=FIRST_SCREEN["n_per_label"], step=1,
+                                        label="images per class", elem_id="n_per_label")
                 seed = gr.Number(FIRST_SCREEN["seed"], label="seed", elem_id="seed")
-                steps = gr.Slider(1, 100, value=FIRST_SCREEN["steps"], step=1, label="steps", elem_id="steps")
+                steps = gr.Slider(1, MAX_STEPS_SHOWN, value=FIRST_SCREEN["steps"], step=1, label="steps", elem_id="steps")
                 guidance = gr.Slider(1.0, 10.0, value=FIRST_SCREEN["guidance"], step=0.5, label="CFG scale", elem_id="guidance")
                 scheduler = gr.Radio(SCHEDULER_CHOICES, value=api.DEFAULT_SCHEDULER, label="sampler", elem_id="scheduler")
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -469,10 +505,10 @@ def build() -> gr.Blocks:
             with gr.Tab("Compare", id="compare"):
                 with gr.Row():
                     c_labels = gr.CheckboxGroup(LABEL_CHOICES, value=[v for _, v in LABEL_CHOICES][:8], label="classes", elem_id="c_labels", scale=3)
-                    c_n = gr.Slider(1, 8, value=1, step=1, label="images per class", elem_id="c_n")
+                    c_n = gr.Slider(1, _slider_top(8, COMPARE_PER_CLASS), value=1, step=1, label="images per class", elem_id="c_n")
                     c_seed = gr.Number(0, label="seed", elem_id="c_seed")
                 with gr.Row():
-                    c_steps = gr.Slider(1, 100, value=20, step=1, label="steps", elem_id="c_steps")
+                    c_steps = gr.Slider(1, MAX_STEPS_SHOWN, value=20, step=1, label="steps", elem_id="c_steps")
                     c_cfg = gr.Slider(1.0, 10.0, value=api.DEFAULT_GUIDANCE, step=0.5, label="CFG scale", elem_id="c_cfg")
                     c_backend = gr.Radio(api.backends.available(), value=api.default_backend(), label="execution path of the quantized layers",
                                          elem_id="c_backend")
@@ -538,6 +574,10 @@ def build() -> gr.Blocks:
         recipe_views = [table, recipe_json, layers, memory]
         gen_run.click(generate, gen_inputs + [source], gen_outputs, api_name="generate", **HEAVY)
         demo.load(generate, gen_inputs, gen_outputs, api_name=False)
+        for chosen, per_class, cap in ((gen_inputs[0], gen_inputs[1], GENERATE_PER_CLASS), (c_labels, c_n, COMPARE_PER_CLASS)):
+            set_top = functools.partial(images_per_class, cap=cap)
+            chosen.change(set_top, [chosen, per_class], per_class, api_name=False, queue=False, show_progress="hidden")
+            demo.load(set_top, [chosen, per_class], per_class, api_name=False, queue=False, show_progress="hidden")  # the note, a lock at 1
         load_btn.click(load_model, [kind, path], [source, model_md, layers, memory, table, recipe_json, c_labels, gen_inputs[0], preset, o_layer, o_t,
                                                   table_msg, model_msg],
                        api_name="load_model")

@@ -128,6 +128,27 @@ def test_apply_preset_and_table_edit(tiny):
     assert "preset name" in _msg(app.apply_preset("no-such-preset", tiny))
 
 
+@pytest.mark.parametrize("public, per_class", [("1", 1), ("0", 5)])
+def test_first_screen_and_sliders_fit_the_request_limit(monkeypatch, public, per_class):
+    """The first screen's request is one the server accepts in both modes (in public mode, e.g. on Spaces, it asked
+    for 10 × 5 images where 16 are allowed, so the page opened on a warning), and the images-per-class sliders offer
+    only what the limit allows for the chosen classes."""
+    monkeypatch.setenv("DITLAB_PUBLIC", public)
+    screen = app.first_screen()
+    assert screen["n_per_label"] == per_class and len(screen["labels"]) == 10
+    app.api.check_request(len(screen["labels"]) * screen["n_per_label"], screen["steps"], screen["guidance"], screen["seed"])
+    limit = app.api.limits().max_images
+    for n_labels in (1, 3, 7, 10):
+        update = app.images_per_class([str(i) for i in range(n_labels)], 16, cap=16)
+        top = min(16, limit // n_labels)
+        assert update["value"] == top and update["interactive"] == (top > 1)  # 16 came down to the top
+        assert update["maximum"] == max(top, 2)  # gradio refuses a slider whose top is its bottom: locked at 1 instead
+        app.api.check_request(n_labels * top, 10, 4.0, 0)  # the top is a request the server accepts
+        if top < 16:
+            assert f"at most {top}" in update["info"] and f"{limit} images per request" in update["info"]
+    assert app.images_per_class([], 3, cap=8)["value"] == 3  # no class chosen: generate names that field
+
+
 def test_one_edit_sent_twice_warns_once(tiny, monkeypatch):
     """The browser sends one table edit twice: the copy within a second changes nothing (one warning for one
     mistake); the same table later, or in another session, is checked again."""
