@@ -253,11 +253,16 @@ def recipe_for_run(table, recipe_json, source):
 
 
 def download_recipe(recipe_json):
-    """The current recipe as a .json file."""
+    """The file the Download button serves: the current recipe as ``<name>.recipe.json``, refreshed whenever the
+    recipe changes (a click serves the file the button holds, so setting it on the click gave the previous recipe).
+    One file per distinct recipe text, shared by the sessions that hold it. An invalid recipe keeps the last file."""
     try:
-        return str(api.write_recipe(api.parse_recipe(recipe_json), tempfile.mkdtemp(dir=WORKDIR)))
-    except DitlabError as exc:
-        raise gr.Error(str(exc), print_exception=False) from None
+        recipe = api.parse_recipe(recipe_json)
+    except DitlabError:
+        return gr.update()
+    digest = hashlib.sha256(recipe.to_json().encode()).hexdigest()[:20]
+    path = WORKDIR / "recipes" / digest / f"{api.safe_name(recipe.name)}.recipe.json"
+    return str(path if path.is_file() else api.write_recipe(recipe, path.parent))
 
 
 @guarded(5)
@@ -501,7 +506,7 @@ def build() -> gr.Blocks:
                         upload = gr.File(label="or upload a .json", file_types=[".json"], type="filepath", elem_id="recipe_upload")
                     with gr.Row():
                         import_btn = gr.Button("Import", elem_id="recipe_import")
-                        download_btn = gr.DownloadButton("Download recipe JSON", elem_id="recipe_download")
+                        download_btn = gr.DownloadButton("Download recipe JSON", value=download_recipe(fp.to_json()), elem_id="recipe_download")
             with gr.Tab("Compare", id="compare"):
                 with gr.Row():
                     c_labels = gr.CheckboxGroup(LABEL_CHOICES, value=[v for _, v in LABEL_CHOICES][:8], label="classes", elem_id="c_labels", scale=3)
@@ -585,7 +590,7 @@ def build() -> gr.Blocks:
         table.input(table_edited, [table, recipe_json, source], recipe_views + [table_msg], api_name=False)
         bulk_btn.click(bulk_edit, [table, recipe_json, target, setting, source], recipe_views + [table_msg], api_name="bulk_edit")
         import_btn.click(import_recipe, [paste, upload, source], recipe_views + [table_msg], api_name="import_recipe")
-        download_btn.click(download_recipe, recipe_json, download_btn, api_name=False)
+        recipe_json.change(download_recipe, recipe_json, download_btn, api_name=False, queue=False, show_progress="hidden")
         c_event = c_run.click(recipe_for_run, [table, recipe_json, source], recipe_json, api_name=False).success(
             compare, [recipe_json, c_labels, c_n, c_seed, c_steps, c_cfg, c_backend, source, c_sched], [fp_img, q_img, diff_img, metrics, divergence, c_status],
             api_name="compare", **HEAVY)

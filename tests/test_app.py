@@ -177,7 +177,11 @@ def test_bulk_edit_import_and_download(tiny):
     assert json.loads(imported[1]) == json.loads(out[1])
     for bad, field in ((BAD_JSON, "recipe JSON"), (BAD_ABITS, "a_bits"), (BAD_PATTERN, "override pattern")):
         assert field in _msg(app.import_recipe(bad, None, tiny))
-    assert app.download_recipe(out[1]).endswith(".recipe.json")
+    # the Download button's file follows the recipe (it is set on each change: a click serves what the button holds)
+    first, second = app.download_recipe(text), app.download_recipe(out[1])
+    assert json.loads(Path(first).read_text()) == json.loads(text) and json.loads(Path(second).read_text()) == json.loads(out[1])
+    assert first != second and app.download_recipe(out[1]) == second  # one file per distinct recipe
+    assert isinstance(app.download_recipe("{not json"), dict)  # an invalid recipe keeps the last file (gr.update())
 
 
 def test_recipe_for_run_stops_on_an_invalid_table(tiny):

@@ -7,6 +7,7 @@ The server runs in this process on a free port; sensitivity uses small settings 
 bounded (about 1–3 minutes on 2 shared cores).
 """
 
+import json
 import os
 import socket
 import tempfile
@@ -98,6 +99,13 @@ def test_main_path(page, url):
     page.keyboard.press("Enter")
     _wait_text(page, "#table_msg", "w8a8-viditq-edited")
     assert "6" in cell.inner_text()
+    page.get_by_text("Recipe JSON: import / export").click()
+    with page.expect_download() as download:  # the file is the edited recipe, on the first click
+        page.click("#recipe_download")
+    saved = json.loads(Path(download.value.path()).read_text())
+    assert download.value.suggested_filename == "w8a8-viditq-edited.recipe.json"
+    assert saved["name"] == "w8a8-viditq-edited"
+    assert any(o["pattern"] == "transformer_blocks.0.attn1.to_q" and o["set"].get("w_bits") == 6 for o in saved["overrides"])
     _shot(page, "recipe")
 
     _tab(page, "Compare")
