@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from fnmatch import fnmatchcase
 
-from .config import FP, LayerConfig, Recipe, _FIELD_RULES, check_field
+from .config import FP, PRESETS, LayerConfig, Recipe, _FIELD_RULES, check_field
 from .errors import ConfigError
 
 INFO_COLUMNS = ("name", "kind", "shape", "n_weights", "skipped")
@@ -109,8 +110,10 @@ def _unskipped(base: Recipe, name: str, k, n) -> LayerConfig | None:
 def frame_to_recipe(df, base: Recipe) -> Recipe:
     """Recipe = ``base`` + one exact-name override per layer whose row differs from ``base``'s plan.
 
-    Overrides carry only the changed fields; a skipped layer given a method other than fp leaves the skip list
-    (patterns that covered it are replaced by the exact names they still skip).
+    Overrides carry only the changed fields. A layer edited again keeps one exact-name override: the earlier one is
+    replaced (none remains when the row is back to what the rest of the recipe gives it), so repeated edits never
+    grow the recipe. A skipped layer given a method other than fp leaves the skip list (patterns that covered it are
+    replaced by the exact names they still skip). A "<preset>-edited" recipe that is back to the preset is the preset.
     """
     from .models import LayerInfo
 
@@ -126,15 +129,23 @@ def frame_to_recipe(df, base: Recipe) -> Recipe:
             raise ConfigError.invalid("shape", r["shape"], "'NxK' as written by plan_to_frame", layer=str(r["name"])) from None
         layers.append(LayerInfo(str(r["name"]), str(r.get("kind", "other")), n, k, n * k, None))
     plan = base.resolve(layers)
-    overrides, unskip = list(base.overrides), set()
+    edited = {}  # layer → its row's config, for the rows that differ from base's plan
     for info, r in zip(layers, records):
         new = row_config(r, info.name).validate(info.name, info.in_features, info.out_features)
-        old = plan[info.name]
-        if old is None:
-            if new.is_fp:
-                continue
+        if new != plan[info.name] and not (plan[info.name] is None and new.is_fp):
+            edited[info.name] = new
+    own = {_escape(name) for name in edited}  # the edited layers' earlier exact-name overrides give way to new ones
+    trimmed = base.replace(overrides=tuple((p, f) for p, f in base.overrides if p not in own))
+    overrides, unskip = list(trimmed.overrides), set()
+    for info in layers:
+        if info.name not in edited:
+            continue
+        new = edited[info.name]
+        if any(fnmatchcase(info.name, p) for p in trimmed.skip):  # skipped: unskip it
             unskip.add(info.name)
-            old = _unskipped(base, info.name, info.in_features, info.out_features)
+            old = _unskipped(trimmed, info.name, info.in_features, info.out_features)
+        else:
+            old = _valid_config(trimmed, info)
         if new == old:
             continue
         old_d = old.to_dict() if old is not None else {}
@@ -143,8 +154,6 @@ def frame_to_recipe(df, base: Recipe) -> Recipe:
     skip = list(base.skip)
     if unskip:
         names = [info.name for info in layers]
-        from fnmatch import fnmatchcase
-
         skip = []
         for pattern in base.skip:
             hits = [n for n in names if fnmatchcase(n, pattern)]
@@ -153,4 +162,16 @@ def frame_to_recipe(df, base: Recipe) -> Recipe:
             else:
                 skip.extend(_escape(n) for n in hits if n not in unskip)
     name = base.name if base.name.endswith("-edited") else f"{base.name}-edited"
-    return Recipe(version=base.version, default=base.default, overrides=tuple(overrides), skip=tuple(skip), name=name)
+    recipe = Recipe(version=base.version, default=base.default, overrides=tuple(overrides), skip=tuple(skip), name=name)
+    preset = PRESETS.get(name.removesuffix("-edited"))
+    return preset if preset is not None and preset == recipe.replace(name=preset.name) else recipe
+
+
+def _valid_config(recipe: Recipe, info) -> LayerConfig | None:
+    """``recipe``'s config of one layer that no skip pattern matches, or None when it is not valid for the layer
+    (e.g. a group size that only the layer's own override, now removed, had changed): the new override then
+    carries every field."""
+    try:
+        return recipe.config_for(info.name, info.in_features, info.out_features)
+    except ConfigError:
+        return None
