@@ -12,7 +12,8 @@ import functools
 import hashlib
 import logging
 import os
-import tempfile
+import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from ditlab import api, plots  # noqa: E402
-from ditlab.errors import ConfigError, DitlabError  # noqa: E402
+from ditlab.errors import ConfigError, DitlabError, _clip  # noqa: E402
 
 PIPE = api.load("shipped")  # loaded once, shared read-only by every session
 LABEL_CHOICES = api.label_choices(PIPE)
@@ -99,7 +100,8 @@ LAST_TABLE: dict[str, tuple] = {}  # session → (digest of the last checked tab
 TABLE_LOCK = threading.Lock()
 JOBS = api.Jobs()  # cancel tokens of running jobs: Cancel stops a job at its next layer, freeing the worker
 RATE = api.RateLimiter()  # public mode: heavy jobs per client address per minute
-WORKDIR = Path(tempfile.mkdtemp(prefix="ditlab-app-"))  # exports and uploads of this process
+WORKDIR = api.app_workdir()  # exports, uploads and recipe files of this process (removed at exit)
+FOLDERS = api.SessionFolders(WORKDIR)  # each session keeps only its newest export and loaded upload
 PRESET_NAMES = list(api.PRESETS)
 LAYER_NAMES = [layer.name for layer in api.layers(PIPE)]
 TIMESTEPS = api.calibration_timesteps(PIPE)
@@ -124,6 +126,16 @@ def guarded(n_outputs: int):
             return (*[gr.update()] * (n_outputs - 1), f"⚠️ {message}")
         return inner
     return wrap
+
+
+def _shown(text, limit: int = 80) -> str:
+    """User text (a recipe name, a layer pattern) as it may appear in a Markdown status: one line, at most ``limit``
+    characters, Markdown and HTML characters escaped (a recipe named "# x" must not render a heading)."""
+    text = " ".join(str(text).split())  # one line: no block syntax (headings, lists) can start inside a status
+    if not text:
+        return "(unnamed)"
+    text = text if len(text) <= limit else text[:limit] + "…"
+    return re.sub(r"([\\`*_\[\]|~])", r"\\\1", text).replace("<", "&lt;")
 
 
 def _session(request: gr.Request | None) -> str:
@@ -210,7 +222,9 @@ def apply_preset(preset, source):
     if not isinstance(preset, str) or not preset.strip():
         raise ConfigError.invalid("preset", preset, "a preset name: " + ", ".join(PRESET_NAMES))
     pipe = api.load(source)
-    return _recipe_outputs(pipe, api.parse_recipe(preset, pipe), f"✓ preset **{preset}** loaded" if preset in api.PRESETS else "✓ recipe imported")
+    recipe = api.parse_recipe(preset, pipe, field="preset")
+    said = f"✓ preset **{recipe.name}** loaded" if preset.strip() in api.PRESETS else f"✓ recipe **{_shown(recipe.name)}** imported"
+    return _recipe_outputs(pipe, recipe, said)
 
 
 @guarded(5)
@@ -225,7 +239,7 @@ def table_edited(table, recipe_json, source, request: gr.Request = None):
     recipe = api.table_recipe(pipe, table, api.parse_recipe(recipe_json))
     shown = api.recipe_table(pipe, recipe)
     table_update = gr.update() if api.same_table(table, shown) else shown
-    return table_update, recipe.to_json(), api.layers_frame(pipe, recipe), api.memory_frame(pipe, recipe), f"✓ table valid · recipe **{recipe.name}**"
+    return table_update, recipe.to_json(), api.layers_frame(pipe, recipe), api.memory_frame(pipe, recipe), f"✓ table valid · recipe **{_shown(recipe.name)}**"
 
 
 def _seen_table(session: str, table, recipe_json, source) -> bool:
@@ -270,21 +284,22 @@ def bulk_edit(table, recipe_json, target, setting, source):
     """Applies one setting to every layer a kind / block / pattern selects."""
     pipe = api.load(source)
     recipe = api.bulk_edit(pipe, table, api.parse_recipe(recipe_json), target, setting)
-    shown = setting if len(setting) <= 80 else setting[:80] + "…"
-    return _recipe_outputs(pipe, recipe, f"✓ {target} → {shown} · recipe **{recipe.name}**")
+    return _recipe_outputs(pipe, recipe, f"✓ {_shown(target)} → {_shown(setting)} · recipe **{_shown(recipe.name)}**")
 
 
 @guarded(5)
 def import_recipe(text, upload, source):
     """Imports a recipe from pasted JSON or an uploaded .json file."""
     pipe = api.load(source)
-    data = Path(upload).read_bytes()[: api.limits().max_recipe_bytes + 1] if upload else text
     origin = f"the uploaded file `{Path(upload).name}`" + (" (the pasted text was not used)" if (text or "").strip() else "") if upload else "the pasted JSON"
+    if upload and (size := Path(upload).stat().st_size) > api.limits().max_recipe_bytes:  # said before reading it
+        raise ConfigError.invalid("recipe JSON", f"{size} bytes", f"at most {api.limits().max_recipe_bytes} bytes ({origin})")
+    data = Path(upload).read_bytes() if upload else text
     try:
         recipe = api.parse_recipe(data, pipe)
     except DitlabError as exc:
         raise type(exc)(f"{origin}: {exc}") from None
-    return _recipe_outputs(pipe, recipe, f"✓ recipe **{recipe.name}** imported from {origin}")
+    return _recipe_outputs(pipe, recipe, f"✓ recipe **{_shown(recipe.name)}** imported from {origin}")
 
 
 @guarded(6)
@@ -304,7 +319,7 @@ def compare(recipe_json, labels, n_per_label, seed, steps, guidance, backend, so
     rows = api.grid_rows(len(labels), n_per_label)
     quantized_any = any(cfg is not None and not cfg.is_fp for cfg in recipe.resolve(api.list_linears(pipe.transformer)).values())
     path = f"images by the **{api.BACKEND_NAMES.get(c.backend, c.backend)}**" if quantized_any else "**no layer is quantized**: both columns are the FP model"
-    status = f"recipe **{recipe.name}** · {len(batch)} images · seed {int(seed)} · {api.SCHEDULER_NAMES[scheduler]} · {path}"
+    status = f"recipe **{_shown(recipe.name)}** · {len(batch)} images · seed {int(seed)} · {api.SCHEDULER_NAMES[scheduler]} · {path}"
     return (api.image_grid(c.fp_images, rows, scale=3), api.image_grid(c.q_images, rows, scale=3), api.image_grid(c.diff, rows, scale=3),
             api.compare_metrics(c.metrics), api.divergence_figure(c.divergence, c.timesteps), status)
 
@@ -326,8 +341,9 @@ def sensitivity(setting, metric, source, request: gr.Request = None, progress=gr
     if metric not in SENSITIVITY_METRICS:  # before the run, not after it
         raise ConfigError.invalid("metric", metric, ", ".join(SENSITIVITY_METRICS))
     pipe = api.load(source)
+    recipe = api.parse_recipe(setting, pipe, field="setting")  # a preset or recipe JSON text, size-limited: never a server file
     with _job(request, "Sensitivity"):
-        res = api.sensitivity_run(pipe, setting, lambda p: api.calibrate(p, **api.APP_CALIBRATION))
+        res = api.sensitivity_run(pipe, recipe, lambda p: api.calibrate(p, **api.APP_CALIBRATION))
     with SENSITIVITY_LOCK:
         LAST_SENSITIVITY[_session(request)] = (source, setting, res)
     return (*_sensitivity_views(res, metric), f"{res.setting}: {res.n_computed} cells computed, {res.n_cached} cached, {res.seconds:.1f} s")
@@ -349,13 +365,20 @@ def sensitivity_metric(setting, metric, source, request: gr.Request = None):
     return (*_sensitivity_views(res, metric), f"{res.setting}: shown as {metric}")
 
 
-@guarded(4)
-def open_cell(setting, source, evt: gr.SelectData):
-    """A click on a sensitivity cell opens that layer and timestep group in Outliers."""
-    pipe = api.load(source)
-    res = api.sensitivity_run(pipe, setting, lambda p: api.calibrate(p, **api.APP_CALIBRATION), progress=False)
-    layer, t = api.cell_target(pipe, res, api.calibrate(pipe, **api.APP_CALIBRATION, progress=False), *evt.index)
-    return gr.Tabs(selected="outliers"), layer, t, f"opened {layer} at t={t}"
+def open_cell(source, evt: gr.SelectData, request: gr.Request = None):
+    """A click on a cell of the sensitivity table opens that layer and timestep group in Outliers. The table is the
+    session's last result, so nothing is measured here (the setting picker may name another setting by now). With no
+    result the chain stops: no Outliers run."""
+    with SENSITIVITY_LOCK:
+        last = LAST_SENSITIVITY.get(_session(request))
+    if last is None or last[0] != source:
+        raise gr.Error("press Run sensitivity first: a click opens a cell of its table in Outliers", print_exception=False)
+    try:
+        pipe = api.load(source)
+        layer, t = api.cell_target(pipe, last[2], api.calibration_timesteps(pipe), *evt.index)
+    except DitlabError as exc:
+        raise gr.Error(str(exc), print_exception=False) from None
+    return gr.Tabs(selected="outliers"), layer, t, f"opened {layer} at t={t} (from the table of {last[2].setting})"
 
 
 @guarded(9)
@@ -377,10 +400,18 @@ def export(recipe_json, source, request: gr.Request = None, progress=gr.Progress
     """Quantizes (cached) and writes the quantized model folder as a zip, plus the recipe JSON."""
     pipe = api.load(source)
     recipe = api.parse_recipe(recipe_json, pipe)
-    out = Path(tempfile.mkdtemp(dir=WORKDIR))
-    with _job(request, "Export"):
-        folder = api.save(_quantized(source, recipe, request), pipe, out / api.safe_name(recipe.name))
-    return str(api.export_zip(folder)), str(api.write_recipe(recipe, out)), f"✓ exported `{folder.name}`"
+    session = _session(request)
+    out = FOLDERS.fresh(session, "export")
+    try:
+        with _job(request, "Export"):
+            folder = api.save(_quantized(source, recipe, request), pipe, out / api.safe_name(recipe.name))
+        files = str(api.export_zip(folder)), str(api.write_recipe(recipe, out))
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)  # the zip holds it
+    FOLDERS.keep_only(session, "export", out)  # gradio served the earlier zips from its own copies
+    return (*files, f"✓ exported `{folder.name}`")
 
 
 @guarded(8)
@@ -390,16 +421,24 @@ def load_export(upload, path, request: gr.Request = None):
         raise ConfigError.invalid("export", "", "an exported .zip (upload it) or the path of a QDIR folder on the server")
     if not upload:
         api.check_server_path("export path", path)  # public mode: uploads only, no server paths
-    folder = api.unpack_qdir(upload or path, WORKDIR)
-    q, source = api.load_qdir(folder)
-    pipe = api.load(source)
+    RATE.check(api.client_address(request))  # each upload is unpacked on the server's disk
     session = _session(request)
+    unpacked = FOLDERS.fresh(session, "upload")
+    try:
+        folder = api.unpack_qdir(upload or path, unpacked)
+        q, source = api.load_qdir(folder)
+        pipe = api.load(source)
+    except BaseException:
+        shutil.rmtree(unpacked, ignore_errors=True)  # a refused upload leaves nothing behind
+        raise
     QUANTIZED.put(session, pipe, q.recipe, q)
     with EXPORTS_LOCK:
         LOADED_EXPORTS[session] = (pipe.source, q.recipe.to_json(indent=None), folder)
+    FOLDERS.keep_only(session, "upload", unpacked)  # the export loaded before this one is no longer used
     name = Path(upload).name if upload else folder.name
-    return (source, *_recipe_outputs(pipe, q.recipe, "")[:4], None, f"✓ recipe **{q.recipe.name}** from the export `{name}`",
-            f"✓ loaded `{name}` (recipe {q.recipe.name}, model {source})")
+    unused = " (the server path was not used: the upload was)" if upload and str(path or "").strip() else ""
+    return (source, *_recipe_outputs(pipe, q.recipe, "")[:4], None, f"✓ recipe **{_shown(q.recipe.name)}** from the export `{name}`",
+            f"✓ loaded `{name}` (recipe {_shown(q.recipe.name)}, model {source}){unused}")
 
 
 CANCEL_WAIT = 3.0  # s: how long Cancel waits for the jobs to stop, so its message can say they did (gradio_client gives up after 5 s)
@@ -425,6 +464,7 @@ def forget_session(request: gr.Request):
         LOADED_EXPORTS.pop(session, None)
     with SENSITIVITY_LOCK:
         LAST_SENSITIVITY.pop(session, None)
+    FOLDERS.drop(session)
     with TABLE_LOCK:
         LAST_TABLE.pop(session, None)
 
@@ -469,7 +509,7 @@ def _generate_tab():
 
 def build() -> gr.Blocks:
     fp = api.PRESETS["fp"]
-    with gr.Blocks(title="ditlab") as demo:
+    with gr.Blocks(title="ditlab", delete_cache=(3600, 3 * 3600)) as demo:  # gradio's copies of served files: kept 3 h
         source = gr.State("shipped")  # the session's model source; models themselves are cached per process
         gr.Markdown(INTRO)
         with gr.Accordion("New here? How to use ditlab", open=False, elem_id="how_to"):
@@ -597,7 +637,7 @@ def build() -> gr.Blocks:
         o_event = o_run.click(outliers, [o_layer, o_t, o_branch, source], [o_fig, o_table, o_map, o_msg], api_name="outliers", **HEAVY)
         s_event = s_run.click(sensitivity, [s_setting, s_metric, source], [s_fig, s_table, s_msg], api_name="sensitivity", **HEAVY)
         s_metric.input(sensitivity_metric, [s_setting, s_metric, source], [s_fig, s_table, s_msg], api_name=False)
-        s_table.select(open_cell, [s_setting, source], [tabs, o_layer, o_t, s_msg], api_name=False).success(
+        s_table.select(open_cell, [source], [tabs, o_layer, o_t, s_msg], api_name=False).success(
             outliers, [o_layer, o_t, o_branch, source], [o_fig, o_table, o_map, o_msg], api_name=False, **HEAVY)
         a_event = a_run.click(allocate, [budget, source], recipe_views + [preset, table_msg, a_fig, p_fig, a_msg], api_name="allocate", **HEAVY)
         e_event = e_run.click(recipe_for_run, [table, recipe_json, source], recipe_json, api_name=False).success(
@@ -611,7 +651,43 @@ def build() -> gr.Blocks:
     return demo
 
 
+PAYLOAD_FIELDS = {"recipe_table": "table", "recipe_upload": "upload", "export_upload": "upload"}  # elem_id → handler field
+
+
+def _payload_problem(block, value) -> str | None:
+    """Why an API client's value for a table or file input is not one gradio can read (None if it is)."""
+    field = PAYLOAD_FIELDS.get(block.elem_id, block.label or block.elem_id)
+    if isinstance(block, gr.Dataframe):
+        headers = value.get("headers") if isinstance(value, dict) else None
+        rows = value.get("data") if isinstance(value, dict) else None
+        if isinstance(headers, list) and isinstance(rows, list) and all(isinstance(r, (list, tuple)) and len(r) == len(headers) for r in rows):
+            return None
+        return (f"{field} = {_clip(value)} is not allowed; allowed: a table as {{\"headers\": [column names], \"data\": [rows, each with "
+                f"one value per column]}}, e.g. the table that /apply_preset returns")
+    if isinstance(block, gr.File):
+        if value is None or (isinstance(value, dict) and isinstance(value.get("path"), str)):
+            return None
+        return f"{field} = {_clip(value)} is not allowed; allowed: a file sent with gradio_client's handle_file(path), or None"
+    return None
+
+
+def _refuse_unreadable_payloads(blocks) -> None:
+    """A table or file in a shape gradio cannot read (a list of rows without headers, rows of the wrong length, a
+    plain string for a file) failed inside gradio: the client got its generic error naming no field, the server log
+    a traceback. Checked before gradio reads them, such values are refused by field name (one instance, ``demo``)."""
+    gradio_check = blocks.validate_inputs
+
+    def validate_inputs(block_fn, inputs):
+        gradio_check(block_fn, inputs)
+        for block, value in zip(block_fn.inputs, inputs):
+            if isinstance(block, (gr.Dataframe, gr.File)) and (problem := _payload_problem(block, value)):
+                raise gr.Error(problem, print_exception=False)
+
+    blocks.validate_inputs = validate_inputs
+
+
 demo = build()
+_refuse_unreadable_payloads(demo)
 demo.queue(max_size=32, default_concurrency_limit=4)
 
 if __name__ == "__main__":

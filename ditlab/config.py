@@ -332,14 +332,15 @@ class Recipe:
 
     @classmethod
     def from_json(cls, text: "str | bytes") -> "Recipe":
-        """From JSON text (or UTF-8 bytes); malformed, non-UTF-8 or too deeply nested input is a ConfigError."""
+        """From JSON text (or UTF-8 bytes); malformed, non-UTF-8 or too deeply nested input is a ConfigError. A leading
+        byte-order mark (Windows Notepad writes one) is ignored."""
         if isinstance(text, (bytes, bytearray)):
             try:
-                text = bytes(text).decode("utf-8")
+                text = bytes(text).decode("utf-8-sig")
             except UnicodeDecodeError as exc:
                 raise ConfigError.invalid("recipe JSON", f"non-UTF-8 byte at offset {exc.start}", "UTF-8 text") from None
         try:
-            data = json.loads(text)
+            data = json.loads(text.removeprefix("\ufeff"))
         except json.JSONDecodeError as exc:
             raise ConfigError.invalid("recipe JSON", f"{exc.msg} at line {exc.lineno} col {exc.colno}", "valid JSON") from None
         except RecursionError:

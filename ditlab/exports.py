@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .atomic import write_atomic
 from .errors import ConfigError, DitlabError, ModelLoadError
-from .public import limits
+from .public import checked_path, limits
 
 def write_file(target: Path, write) -> Path:
     """Calls ``write(tmp)`` on a temporary file beside ``target`` (same name ending) and renames it onto ``target``: a
@@ -51,7 +51,7 @@ def unpack_qdir(path: str | os.PathLike, workdir: str | os.PathLike) -> Path:
     """The QDIR folder of an exported zip (extracted safely under ``workdir``) or of a folder path."""
     from .qdir import is_qdir
 
-    src = Path(path).expanduser()
+    src = checked_path(str(path), "export")
     if not src.exists():
         raise ModelLoadError(f"export = {str(path)!r} does not exist; allowed: a QDIR folder or a .zip exported by ditlab")
     if src.is_dir():
@@ -80,3 +80,55 @@ def load_qdir(folder: str | os.PathLike) -> tuple:
 
     qpipe, recipe = load_quantized(folder)
     return Quantized(pipe=qpipe, recipe=recipe, report=None, seconds_quantize=0.0), qdir_source(folder)
+
+
+# ---------------------------------------------------------------- the app's working folders
+WORKDIR_PREFIX = "ditlab-app-"
+
+
+def app_workdir(parent: str | os.PathLike | None = None) -> Path:
+    """A working folder for one app process, ``<tmp>/ditlab-app-<pid>-<random>``, removed when the process exits.
+    Folders that processes which have died left behind (killed, so their exit hook never ran) are removed first."""
+    import atexit
+
+    from .qdir import _alive
+
+    parent = Path(parent or tempfile.gettempdir())
+    for old in parent.glob(f"{WORKDIR_PREFIX}*-*"):
+        pid = old.name[len(WORKDIR_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-", dir=parent))
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
+
+
+class SessionFolders:
+    """Per-session folders under an app's working folder, so that uploads and exports never pile up: a session keeps
+    only its newest folder of each kind ("upload": an unpacked export it loaded; "export": a zip it made, which
+    gradio has copied to its own cache by the time the next one is made), and all of them go when it ends."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root) / "sessions"
+
+    def _base(self, session: str, kind: str) -> Path:
+        from .public import safe_name
+
+        return self.root / safe_name(session or "local") / kind
+
+    def fresh(self, session: str, kind: str) -> Path:
+        """A new empty folder of ``kind`` for ``session`` (the older ones stay until ``keep_only``)."""
+        base = self._base(session, kind)
+        base.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=base))
+
+    def keep_only(self, session: str, kind: str, folder: Path) -> None:
+        """Removes ``session``'s other folders of ``kind``: ``folder`` is now the one in use."""
+        base = self._base(session, kind)
+        for other in base.iterdir() if base.is_dir() else ():
+            if other != folder:
+                shutil.rmtree(other, ignore_errors=True)
+
+    def drop(self, session: str) -> None:
+        """Removes every folder of ``session`` (when it ends)."""
+        shutil.rmtree(self._base(session, "x").parent, ignore_errors=True)

@@ -225,6 +225,17 @@ def check_source(source, field: str = "model source"):
     raise ConfigError.invalid(field, _clip(text), _allowed_text())
 
 
+def checked_path(text: str, field: str) -> Path:
+    """``text`` as a Path the operating system can look up, or a ConfigError naming ``field``: no NUL character, at
+    most 4096 characters and 255 bytes per name (beyond those, looking the path up raises instead of saying no)."""
+    if "\x00" in text:
+        raise ConfigError.invalid(field, text, "a path without NUL characters")
+    path = Path(text).expanduser()
+    if len(str(path)) > 4096 or any(len(part.encode("utf-8", "surrogateescape")) > 255 for part in path.parts):
+        raise ConfigError.invalid(field, text, "a path of at most 4096 characters and 255 per file or folder name")
+    return path
+
+
 def check_server_path(field: str, path) -> None:
     """In public mode a user may not name files or folders on the server (exports come back as uploads)."""
     if is_public() and str(path or "").strip():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import METHOD_NAMES, Recipe, check_field, get_preset
+from .config import METHOD_NAMES, PRESETS, Recipe, check_field
 from .errors import ConfigError
 from .exports import write_file
 from .models import LAYER_KINDS, Pipeline, list_linears
@@ -118,7 +118,9 @@ def parse_setting(text: str) -> dict:
 
 def target_names(layer_names: list[str], kinds: dict[str, str], target: str) -> list[str]:
     """Layer names selected by a bulk-edit target: a kind, 'block N', 'all' (every non-embedder/final layer) or a glob."""
-    t = (target or "").strip()
+    if not isinstance(target, str):
+        raise ConfigError.invalid("layer pattern", target, "text: a kind (qkv, out, fc1, fc2, adaLN), 'block N', 'all' or a glob")
+    t = target.strip()
     if t == "all":
         names = [n for n in layer_names if kinds[n] not in ("embedder", "final", "other")]
     elif t in LAYER_KINDS:
@@ -166,23 +168,27 @@ def table_help() -> str:
 
 
 # ---------------------------------------------------------------- recipe JSON
-def parse_recipe(text, pipe: Pipeline | None = None) -> Recipe:
-    """A Recipe from JSON text/bytes (or a preset name), size-limited, validated on ``pipe`` when given."""
+def parse_recipe(text, pipe: Pipeline | None = None, field: str = "recipe JSON") -> Recipe:
+    """A Recipe from JSON text/bytes (or a preset name), size-limited, validated on ``pipe`` when given. Never a file
+    path (the app's users may not read the server's files). ``field`` names the input in messages ("preset",
+    "setting"). A leading byte-order mark (Windows Notepad saves one) is ignored."""
     lim = limits()
     if isinstance(text, (bytes, bytearray)):
         if len(text) > lim.max_recipe_bytes:
-            raise ConfigError.invalid("recipe JSON", f"{len(text)} bytes", f"at most {lim.max_recipe_bytes} bytes")
+            raise ConfigError.invalid(field, f"{len(text)} bytes", f"at most {lim.max_recipe_bytes} bytes")
         try:
-            text = bytes(text).decode("utf-8")
+            text = bytes(text).decode("utf-8-sig")
         except UnicodeDecodeError:
-            raise ConfigError.invalid("recipe JSON", "non-UTF-8 bytes", "UTF-8 text") from None
-    text = str(text or "").strip()
+            raise ConfigError.invalid(field, "non-UTF-8 bytes", "UTF-8 text") from None
+    text = str(text or "").lstrip("\ufeff").strip()
     if not text:
-        raise ConfigError.invalid("recipe JSON", "", "a recipe JSON object or a preset name")
+        raise ConfigError.invalid(field, "", "a recipe JSON object or a preset name")
     if len(text.encode("utf-8", "replace")) > lim.max_recipe_bytes:
-        raise ConfigError.invalid("recipe JSON", f"{len(text)} characters", f"at most {lim.max_recipe_bytes} bytes")
+        raise ConfigError.invalid(field, f"{len(text)} characters", f"at most {lim.max_recipe_bytes} bytes")
     if not text.startswith(("{", "[")):
-        recipe = get_preset(text)  # a preset name (the error lists them)
+        if text not in PRESETS:
+            raise ConfigError.invalid(field, text, "a preset name (" + ", ".join(PRESETS) + ") or recipe JSON text")
+        recipe = PRESETS[text]
     else:
         try:
             recipe = Recipe.from_json(text)

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
 
-from .config import Recipe, load_recipe
+from .config import Recipe, get_preset
 from .errors import ConfigError, ModelLoadError
 from .models import Pipeline, list_linears
-from .public import check_source
+from .errors import _clip
+from .public import check_source, checked_path
+from .qdir import is_qdir
 from .sampling import DEFAULT_SCHEDULER
 
 MODEL_KINDS = ("shipped", "local folder", "hub id")
@@ -38,9 +39,12 @@ def model_source(kind: str, text: str | None) -> str:
         raise ConfigError.invalid(kind, text, "a folder path" if kind == "local folder" else "a hub id such as facebook/DiT-XL-2-256")
     if kind == "local folder":
         checked = check_source(text, field=kind)  # public mode: only folders under the allowlist
-        folder = Path(checked).expanduser().resolve()
+        folder = checked_path(str(checked), kind).resolve()
         if not folder.is_dir():
-            raise ModelLoadError(f"local folder = {text!r} does not exist or is not a folder")
+            raise ModelLoadError(f"local folder = {_clip(text)} does not exist or is not a folder")
+        if is_qdir(folder):  # a quantized export: the Model tab loads FP models, whose layers the recipe then sets
+            raise ConfigError.invalid(kind, text, "a full-precision pipeline folder; this one is a QDIR (already quantized): "
+                                      "load it on the Export tab with Load export")
         return str(folder)
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?", text):  # the Hub's repo id form
         raise ConfigError.invalid(kind, text, "a hub id such as facebook/DiT-XL-2-256 (letters, digits, '-', '_', '.'; at most 96 per part)")
@@ -156,12 +160,13 @@ def sensitivity_settings():
     return SensitivitySettings(**SENSITIVITY_SETTINGS)
 
 
-def sensitivity_run(pipe: Pipeline, setting: str, calibrate, progress: bool = True):
-    """Sensitivity cells of ``setting`` (a preset) with the app's settings; ``calibrate(pipe)`` when it needs stats."""
+def sensitivity_run(pipe: Pipeline, setting: "str | Recipe", calibrate, progress: bool = True):
+    """Sensitivity cells of ``setting`` (a preset name or a Recipe, never a file path: the app's users may not read
+    the server's files) with the app's settings; ``calibrate(pipe)`` when it needs stats."""
     from .api import needs_calibration
     from .sensitivity import run_sensitivity as run
 
-    recipe = load_recipe(setting)
+    recipe = setting if isinstance(setting, Recipe) else get_preset(str(setting))
     calib = calibrate(pipe) if needs_calibration(pipe, recipe) else None
     return run(pipe, recipe, settings=sensitivity_settings(), calib=calib, progress=progress)
 
@@ -187,9 +192,9 @@ def sensitivity_table(res, metric: str = "sqnr_db"):
     return frame, styler
 
 
-def cell_target(pipe: Pipeline, res, calib, row: int, col: int) -> tuple[str, int]:
-    """(layer, timestep) to open in Outliers for a clicked cell: the unit's first layer, the calibrated timestep closest
-    to the start of the cell's timestep group."""
+def cell_target(pipe: Pipeline, res, calib_timesteps: list[int], row: int, col: int) -> tuple[str, int]:
+    """(layer, timestep) to open in Outliers for a clicked cell: the unit's first layer, the calibrated timestep
+    (one of ``calib_timesteps``) closest to the start of the cell's timestep group."""
     from .outliers import schedule
 
     units = list(dict.fromkeys(res.frame["unit"]))
@@ -199,7 +204,7 @@ def cell_target(pipe: Pipeline, res, calib, row: int, col: int) -> tuple[str, in
     layer = str(res.frame.loc[res.frame["unit"] == units[int(row)], "layers"].iloc[0]).split(",")[0]
     sens_ts = schedule(pipe, {"steps": res.settings["steps"], "scheduler": res.settings["scheduler"]})
     t = sens_ts[res.groups[group][0]]
-    return layer, min(calib.timesteps, key=lambda c: abs(c - t))
+    return layer, min(calib_timesteps, key=lambda c: abs(c - t))
 
 
 def allocation_views(pipe: Pipeline, budget_bits: float, progress: bool = True) -> tuple:

@@ -5,6 +5,8 @@ the app's sensitivity and calibration settings shrunk, so the whole module takes
 """
 
 import json
+import re
+import os
 import shutil
 import socket
 import time
@@ -226,8 +228,19 @@ def test_outliers_sensitivity_cell_click_and_allocate(tiny):
     assert "shown as psnr" in other[-1] and "psnr" in other[0].layout.title.text.lower()
     assert "Run sensitivity" in app.sensitivity_metric("w8a8-rtn", "psnr", tiny)[-1]  # another setting: not measured yet
 
-    tabs, o_layer, o_t, note = app.open_cell("w4a8-rtn", tiny, Click())
-    assert o_layer == styled.data["unit"][2] and o_t in timesteps and "opened" in note
+    with pytest.raises(app.gr.Error, match="Run sensitivity first"):  # another session has no table to click
+        app.open_cell(tiny, Click(), request=SimpleNamespace(session_hash="someone-else"))
+    calls = []
+    real_run = app.api.sensitivity_run
+    app.api.sensitivity_run = lambda *a, **k: calls.append(a) or real_run(*a, **k)
+    try:  # the cell of the table shown (the last result), whatever the setting picker names now: nothing is measured
+        tabs, o_layer, o_t, note = app.open_cell(tiny, Click())
+    finally:
+        app.api.sensitivity_run = real_run
+    assert o_layer == styled.data["unit"][2] and o_t in timesteps and "opened" in note and "w4a8-rtn" in note and not calls
+    # the setting is a preset or recipe JSON text, never a file on the server (public mode must not read them)
+    assert "preset name" in _msg(app.sensitivity("/etc/passwd", "sqnr_db", tiny))
+    assert "preset name" in _msg(app.sensitivity("x" * 5000 + ".json", "sqnr_db", tiny))
     out = app.allocate(6.0, tiny)
     name = json.loads(out[1])["name"]
     assert out[-1].startswith("✓") and json.loads(out[1])["overrides"]
@@ -261,6 +274,53 @@ def test_export_and_load_back(tiny, tmp_path):
     app.api.save(app.api.quantize(app.api.load(tiny), "w8a8-rtn", progress=False), app.api.load(tiny), parent / "qdir")
     assert app.load_export(None, str(parent / "qdir"))[-1].startswith("✓")
     assert "no ditlab_qdir.json" in _msg(app.load_export(None, str(parent)))
+
+
+@pytest.mark.parametrize("call, field", [
+    (lambda t, text: app.bulk_edit(app.apply_preset("w8a8-rtn", t)[0], text, 3, "W8", t), "layer pattern"),
+    (lambda t, text: app.load_export(None, "/" + "a" * 5000), "export"),
+    (lambda t, text: app.load_model("local folder", "/" + "a" * 5000), "local folder"),
+    (lambda t, text: app.load_model("local folder", "/tmp/a\x00b"), "local folder"),
+    (lambda t, text: app.sensitivity("x" * 100_000, "sqnr_db", t), "setting"),
+])
+def test_odd_inputs_get_a_message_not_an_internal_error(tiny, call, field):
+    """Each of these answered "internal error …" with a traceback in the server log."""
+    assert _msg(call(tiny, PRESETS["w8a8-rtn"].to_json())).startswith(f"⚠️ {field}")
+
+
+def test_uploads_and_exports_do_not_pile_up_on_disk(tiny, tmp_path):
+    """A session keeps only its newest export and its loaded upload; a refused upload leaves nothing; the session's
+    folders go when it ends (they grew by every upload and export, 149 MB in one review)."""
+    alice = SimpleNamespace(session_hash="alice-disk", client=SimpleNamespace(host="10.0.0.1"), headers={})
+    base = app.WORKDIR / "sessions" / "alice-disk"
+
+    def folders(kind):
+        return sorted(p.name for p in (base / kind).iterdir()) if (base / kind).is_dir() else []
+
+    first = app.export(PRESETS["w8a8-rtn"].to_json(), tiny, request=alice)[0]
+    second = app.export(PRESETS["w4a8-rtn"].to_json(), tiny, request=alice)[0]
+    assert len(folders("export")) == 1 and not Path(first).exists() and Path(second).is_file()
+    assert not [p for p in (base / "export").rglob("ditlab_qdir.json")]  # the zip holds the QDIR: the folder is gone
+    ok = app.load_export(second, "", request=alice)
+    assert ok[-1].startswith("✓") and len(folders("upload")) == 1
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"nope")
+    assert "not a zip" in _msg(app.load_export(str(bad), "", request=alice))
+    assert len(folders("upload")) == 1  # the refused upload left nothing; the loaded one stays in use
+    both = app.load_export(second, "/somewhere/else", request=alice)
+    assert "the server path was not used" in both[-1] and len(folders("upload")) == 1
+    app.forget_session(alice)
+    assert not base.exists()
+
+
+def test_app_workdir_removes_what_dead_processes_left(tmp_path):
+    dead = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1  # no process can have it
+    (tmp_path / f"ditlab-app-{dead}-abc").mkdir()
+    (tmp_path / f"ditlab-app-{os.getppid()}-live").mkdir()  # a live process's folder stays
+    (tmp_path / "ditlab-app-oldstyle").mkdir()  # no pid in the name: not ours to judge
+    mine = app.api.app_workdir(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, f"ditlab-app-{os.getppid()}-live", "ditlab-app-oldstyle"])
+    assert mine.name.startswith(f"ditlab-app-{os.getpid()}-")
 
 
 def test_a_loaded_export_is_read_back_not_requantized_after_eviction(tiny, monkeypatch):
@@ -315,7 +375,7 @@ def client():
     ("/compare", (PRESETS["fp"].to_json(), ["0"], 1, 0, 3, 100.0, "cpu-int"), "CFG scale"),
     ("/allocate", (None,), "budget"),
     ("/allocate", ("x",), "budget"),
-    ("/apply_preset", ("nonexistent",), "recipe"),
+    ("/apply_preset", ("nonexistent",), "preset"),
     ("/apply_preset", (None,), "preset"),
     ("/sensitivity", ("w4a8-rtn", "nope"), "metric"),  # refused before the run (it came after 27 s of work)
     ("/outliers", ("transformer_blocks.0.ff.net.2", "999", "sideways"), "CFG branch"),
@@ -325,6 +385,24 @@ def test_values_no_widget_sends_are_refused_by_field_name(client, api_name, args
     inputs pass such values on, and the handler's status names the field."""
     status = client.predict(*args, api_name=api_name)[-1]
     assert status.startswith(f"⚠️ {field}"), status
+
+
+@pytest.mark.parametrize("table, says", [
+    (None, "table = None"),
+    ([["a", "b"]], "table = [['a', 'b']]"),  # rows without headers
+    ("hello", "table = 'hello'"),
+    ({"headers": ["name", "kind"], "data": "x"}, "table = "),
+    ({"headers": ["name", "kind", "shape"], "data": [["a", "b"]]}, "table = "),  # a row shorter than the headers
+])
+def test_unreadable_tables_and_files_are_refused_by_field_name(client, table, says):
+    """Shapes gradio cannot read failed inside gradio (generic error, server traceback); now refused by name."""
+    from gradio_client.exceptions import AppError
+
+    text = PRESETS["fp"].to_json()
+    with pytest.raises(AppError, match=re.escape(says) + ".*allowed: a table as"):
+        client.predict(table, text, "fc2", "W8", api_name="/bulk_edit")
+    with pytest.raises(AppError, match="upload = 'hello' is not allowed; allowed: a file sent with gradio_client's handle_file"):
+        client.predict(None, "hello", api_name="/import_recipe")
 
 
 def test_class_pickers_accept_what_the_api_description_advertises(client):

@@ -150,6 +150,15 @@ def test_from_json_rejects_unknown_keys_and_versions():
         Recipe.from_json("{not json")
 
 
+def test_a_byte_order_mark_is_not_part_of_the_recipe(tmp_path):
+    """Windows Notepad saves UTF-8 with a byte-order mark: such a file loads (it was refused, "Unexpected UTF-8 BOM")."""
+    text = PRESETS["w4a8-hadanorm"].to_json()
+    path = tmp_path / "notepad.json"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert load_recipe(str(path)) == PRESETS["w4a8-hadanorm"]
+    assert Recipe.from_json("\ufeff" + text) == PRESETS["w4a8-hadanorm"]
+
+
 def test_load_recipe_from_file_and_preset(tmp_path):
     recipe = Recipe(default=LayerConfig(w_bits=6), overrides=(("*.to_q", {"a_bits": 16}),), name="mine")
     path = save_recipe(recipe, tmp_path / "r.json")

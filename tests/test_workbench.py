@@ -134,7 +134,8 @@ def test_parse_setting():
     (b"\xff\xfe{", "recipe JSON"),
     ("[" * 100_000 + "]" * 100_000, "recipe JSON"),
     ("", "recipe JSON"),
-    ("not-a-preset", "recipe"),
+    ("not-a-preset", "recipe JSON"),
+    ("/etc/passwd", "recipe JSON"),  # a path is not read (the app's users may not read the server's files)
 ])
 def test_parse_recipe_bad_input_is_one_clear_line(tiny, text, field):
     with pytest.raises(ConfigError) as err:
@@ -147,6 +148,12 @@ def test_parse_recipe_presets_and_round_trip(tiny):
     r = recipe_editing.bulk_edit(tiny, recipe_editing.recipe_table(tiny, PRESETS["w8a8-rtn"]), PRESETS["w8a8-rtn"], "adaLN", "FP")
     assert recipe_editing.parse_recipe(r.to_json(), tiny) == r
     assert recipe_editing.parse_recipe(r.to_json().encode(), tiny) == r
+    # a byte-order mark (Windows Notepad saves one) is not part of the recipe, uploaded or pasted
+    assert recipe_editing.parse_recipe(b"\xef\xbb\xbf" + r.to_json().encode(), tiny) == r
+    assert recipe_editing.parse_recipe("\ufeff" + r.to_json(), tiny) == r
+    assert recipe_editing.parse_recipe(" w8a8-rtn ") is PRESETS["w8a8-rtn"]
+    with pytest.raises(ConfigError, match="^setting = 'nope'"):
+        recipe_editing.parse_recipe("nope", field="setting")
 
 
 def test_recipe_size_limit_and_public_mode(monkeypatch, tiny, tmp_path):
@@ -191,6 +198,18 @@ def test_model_source_messages(tmp_path):
     with pytest.raises(ConfigError):
         wb.model_source("hub id", "  ")
     assert wb.model_source("hub id", "facebook/DiT-XL-2-256") == "facebook/DiT-XL-2-256"
+    for bad, says in (("/" + "a" * 5000, "255 per file"), ("/tmp/a\x00b", "without NUL")):  # were OSError / ValueError
+        with pytest.raises(ConfigError, match=says):
+            wb.model_source("local folder", bad)
+
+
+def test_the_model_tab_refuses_a_qdir(tiny, tmp_path):
+    """An export loaded as a 'local folder' showed 0.62 M parameters, every layer fp, and broke Sensitivity later."""
+    from ditlab import api
+
+    folder = api.save(api.quantize(tiny, "w8a8-rtn", progress=False), tiny, tmp_path / "q")
+    with pytest.raises(ConfigError, match="QDIR .*Load export"):
+        wb.model_source("local folder", str(folder))
 
 
 def test_memory_and_layers_frames(tiny):
@@ -275,7 +294,7 @@ def test_sensitivity_table_and_cell_target(tiny, monkeypatch, tmp_path):
     assert list(frame["unit"]) == list(dict.fromkeys(res.frame["unit"])) and frame.shape[1] == 3
     assert "background-color" in styler.to_html()
     calib = calibrate(tiny, n_samples=2, steps=4, use_cache=False, progress=False)
-    layer, t = wb.cell_target(tiny, res, calib, 1, 2)
+    layer, t = wb.cell_target(tiny, res, calib.timesteps, 1, 2)
     assert layer == frame["unit"][1] and t in calib.timesteps
     alloc, fig, pareto = wb.allocation_views(tiny, 6.0, progress=False)
     assert alloc.avg_w_bits <= 6.0 and isinstance(alloc.recipe, Recipe)
