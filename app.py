@@ -161,12 +161,20 @@ def _quantized(source: str, recipe, request):
     pipe, session = api.load(source), _session(request)
 
     def make(p, r):
-        source, recipe_json, folder = LOADED_EXPORTS.get(session, (None, None, None))
-        if (source, recipe_json) == (p.source, r.to_json(indent=None)) and folder.is_dir():
+        folder = _loaded_export(session, p, r)
+        if folder is not None and folder.is_dir():
             return api.load_qdir(folder)[0]
         return api.quantize(p, r, calib_settings=api.APP_CALIBRATION)
 
     return QUANTIZED.get(session, pipe, recipe, make)
+
+
+def _loaded_export(session: str, pipe, recipe) -> Path | None:
+    """The QDIR folder of the export this session loaded, if it holds ``recipe`` on ``pipe`` (its weights are used
+    then, not a new quantization: they may come from GPTQ, VQ4DiT or other calibration settings)."""
+    with EXPORTS_LOCK:
+        source, recipe_json, folder = LOADED_EXPORTS.get(session, (None, None, None))
+    return folder if (source, recipe_json) == (pipe.source, recipe.to_json(indent=None)) else None
 
 
 # ---------------------------------------------------------------- handlers
@@ -266,6 +274,16 @@ def recipe_for_run(table, recipe_json, source):
         raise gr.Error(str(exc), print_exception=False) from None
 
 
+def preset_shown(recipe_json):
+    """The preset picker follows the recipe, whoever changed it (a table edit, bulk edit, import, Allocate, Load
+    export): the preset's name while the recipe is that preset, else empty."""
+    try:
+        recipe = api.parse_recipe(recipe_json)
+    except DitlabError:
+        return gr.update()
+    return recipe.name if api.PRESETS.get(recipe.name) == recipe else None
+
+
 def download_recipe(recipe_json):
     """The file the Download button serves: the current recipe as ``<name>.recipe.json``, refreshed whenever the
     recipe changes (a click serves the file the button holds, so setting it on the click gave the previous recipe).
@@ -319,6 +337,9 @@ def compare(recipe_json, labels, n_per_label, seed, steps, guidance, backend, so
     rows = api.grid_rows(len(labels), n_per_label)
     quantized_any = any(cfg is not None and not cfg.is_fp for cfg in recipe.resolve(api.list_linears(pipe.transformer)).values())
     path = f"images by the **{api.BACKEND_NAMES.get(c.backend, c.backend)}**" if quantized_any else "**no layer is quantized**: both columns are the FP model"
+    export = _loaded_export(_session(request), pipe, recipe)
+    if export is not None and quantized_any:
+        path += f" · weights of the loaded export `{_shown(export.name)}` (Export tab), not a new quantization"
     status = f"recipe **{_shown(recipe.name)}** · {len(batch)} images · seed {int(seed)} · {api.SCHEDULER_NAMES[scheduler]} · {path}"
     return (api.image_grid(c.fp_images, rows, scale=3), api.image_grid(c.q_images, rows, scale=3), api.image_grid(c.diff, rows, scale=3),
             api.compare_metrics(c.metrics), api.divergence_figure(c.divergence, c.timesteps), status)
@@ -428,8 +449,11 @@ def load_export(upload, path, request: gr.Request = None):
         folder = api.unpack_qdir(upload or path, unpacked)
         q, source = api.load_qdir(folder)
         pipe = api.load(source)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(unpacked, ignore_errors=True)  # a refused upload leaves nothing behind
+        if upload and isinstance(exc, DitlabError):  # name the upload, not the server folder it was unpacked in
+            message = re.sub(re.escape(str(unpacked)) + r"/(qdir-[^/\s]+/)?", "", str(exc))
+            raise type(exc)(message if Path(upload).name in message else f"{Path(upload).name}: {message}") from None
         raise
     QUANTIZED.put(session, pipe, q.recipe, q)
     with EXPORTS_LOCK:
@@ -631,6 +655,7 @@ def build() -> gr.Blocks:
         bulk_btn.click(bulk_edit, [table, recipe_json, target, setting, source], recipe_views + [table_msg], api_name="bulk_edit")
         import_btn.click(import_recipe, [paste, upload, source], recipe_views + [table_msg], api_name="import_recipe")
         recipe_json.change(download_recipe, recipe_json, download_btn, api_name=False, queue=False, show_progress="hidden")
+        recipe_json.change(preset_shown, recipe_json, preset, api_name=False, queue=False, show_progress="hidden")
         c_event = c_run.click(recipe_for_run, [table, recipe_json, source], recipe_json, api_name=False).success(
             compare, [recipe_json, c_labels, c_n, c_seed, c_steps, c_cfg, c_backend, source, c_sched], [fp_img, q_img, diff_img, metrics, divergence, c_status],
             api_name="compare", **HEAVY)

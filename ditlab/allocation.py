@@ -167,11 +167,12 @@ def _avg_bits_check(name: str, value) -> float:
 def check_budget(budget_bits: float, w_bits: Sequence[int]) -> float:
     """``budget_bits`` if some allocation of the ``w_bits`` candidates can meet it (from 1 to 16 and at least the
     smallest candidate); AllocationError naming the field otherwise. Cheap: called before the sensitivity runs."""
-    budget = _avg_bits_check("budget_bits", budget_bits)
-    if w_bits and budget < min(w_bits):
-        raise AllocationError(f"budget_bits = {budget_bits!r} is not allowed; allowed: at least {min(w_bits)} "
-                              f"(the smallest weight-bits candidate, --w-bits {','.join(map(str, w_bits))})")
-    return budget
+    lowest = min(w_bits) if w_bits else 1
+    number = isinstance(budget_bits, (int, float)) and not isinstance(budget_bits, bool)
+    if not number or not lowest <= float(budget_bits) <= 16.0:  # NaN fails too
+        raise AllocationError(f"budget_bits = {budget_bits!r} is not allowed; allowed: a number from {lowest} to 16 (average weight "
+                              f"bits; {lowest} is the smallest weight-bits candidate, --w-bits {','.join(map(str, w_bits or [1]))})")
+    return float(budget_bits)
 
 
 def solve(sensitivity, budget_bits: float | None = None, *, budget_bytes: int | None = None, w_bits: Sequence[int] | None = None,

@@ -228,6 +228,10 @@ def _cmd_quantize(args) -> int:
     from .cli_args import check_recipe
 
     check_recipe(args.recipe)  # before loading the model
+    if not str(args.out).strip():
+        from .errors import ConfigError
+
+        raise ConfigError.invalid("--out", args.out, "a folder path for the QDIR (not empty)")
 
     pipe = api.load(args.model)
     quantized = api.quantize(pipe, args.recipe, progress=sys.stderr.isatty())

@@ -29,7 +29,7 @@ def add_outliers(sub) -> None:
     _common(p)
     p.add_argument("--layer", default=None, help="a linear layer name (see `info`); without it, the model-wide map")
     p.add_argument("--timestep", type=int, default=None, help="with --layer: diffusion timestep of the layer view (default: the first calibrated one)")
-    p.add_argument("--branch", choices=("cond", "uncond"), default="cond", help="CFG branch (default cond)")
+    p.add_argument("--branch", choices=("cond", "uncond", "all"), default="cond", help="CFG branch, or all = both pooled (default cond)")
     p.add_argument("--metric", default=None, help="without --layer: metric of the model-wide map: max_median (default), absmax or token_p100_p50")
     p.add_argument("--n-samples", type=positive_int, default=8, help="calibration images (default 8; cached)")
     p.add_argument("--steps", type=positive_int, default=10, help="calibration sampler steps (default 10)")

@@ -56,9 +56,10 @@ def table_recipe(pipe: Pipeline, table, base: Recipe) -> Recipe:
         raise ConfigError.invalid("table column", missing[0], "the columns " + ", ".join(TABLE_COLUMNS))
     if [str(n) for n in table["name"]] != [i.name for i in infos]:
         raise ConfigError.invalid("table rows", f"{len(table)} rows", f"the {len(infos)} layers of the model in order (reload the preset)")
+    table = _as_typed(table)
     for name, method, gran in zip(table["name"], table["method"], table["a_granularity"]):  # also on fp rows, which
-        check_field("method", str(method).strip(), layer=str(name))  # frame_to_recipe reads as FP whatever the text
-        check_field("a_granularity", str(gran).strip(), layer=str(name))
+        check_field("method", method, layer=str(name))  # frame_to_recipe reads as FP whatever the text
+        check_field("a_granularity", gran, layer=str(name))
     full = plan_to_frame(base.resolve(infos), infos).astype({c: object for c in EDITABLE})
     for col in EDITABLE:
         full[col] = list(table[col])
@@ -67,6 +68,16 @@ def table_recipe(pipe: Pipeline, table, base: Recipe) -> Recipe:
         return base
     recipe.resolve(infos)
     return recipe
+
+
+def _as_typed(table: pd.DataFrame) -> pd.DataFrame:
+    """The text columns as bulk edit reads them: method and granularity trimmed and lower-case ("FP" → fp), a group
+    size written as in settings ("g64" → 64)."""
+    table = table.copy()
+    for col in ("method", "a_granularity"):
+        table[col] = [str(v).strip().lower() for v in table[col]]
+    table["w_group_size"] = [v.strip()[1:] if isinstance(v, str) and re.fullmatch(r"\s*[gG]\d+\s*", v) else v for v in table["w_group_size"]]
+    return table
 
 
 def same_table(table, shown: pd.DataFrame) -> bool:

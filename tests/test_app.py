@@ -257,6 +257,20 @@ def test_the_budget_slider_alone_never_replaces_the_table():
             assert ids["recipe_table"] not in dep["outputs"], dep
 
 
+def test_the_preset_picker_and_the_download_follow_the_recipe():
+    """Whatever changes the recipe (table, bulk edit, import, Allocate, Load export), the picker names the preset it
+    is (empty otherwise; it kept showing the old preset) and Download serves it."""
+    assert app.preset_shown(PRESETS["w4a8-rtn"].to_json()) == "w4a8-rtn"
+    assert app.preset_shown(PRESETS["w4a8-rtn"].replace(name="mine").to_json()) is None
+    edited = PRESETS["w4a8-rtn"].replace(name="w4a8-rtn", overrides=(("*.to_q", {"w_bits": 8}),))
+    assert app.preset_shown(edited.to_json()) is None  # named like the preset, but not the preset
+    config = app.demo.config
+    ids = {c["props"].get("elem_id"): c["id"] for c in config["components"]}
+    followers = {out for dep in config["dependencies"] if (ids["recipe_json"], "change") in [tuple(t) for t in dep["targets"]]
+                 for out in dep["outputs"]}
+    assert {ids["preset"], ids["recipe_download"]} <= followers
+
+
 def test_export_and_load_back(tiny, tmp_path):
     text = PRESETS["w8a8-rtn"].to_json()
     zip_path, recipe_path, msg = app.export(text, tiny)
@@ -264,6 +278,10 @@ def test_export_and_load_back(tiny, tmp_path):
     out = app.load_export(zip_path, "")
     assert out[0] == tiny and json.loads(out[2])["name"] == "w8a8-rtn" and out[-1].startswith("✓")
     assert out[5] is None and "w8a8-rtn" in out[6] and Path(zip_path).name in out[-1]  # names the uploaded file
+    status = app.compare(text, ["0"], 1, 0, 2, 4.0, "cpu-int", tiny)[-1]  # says whose weights it used
+    assert "weights of the loaded export" in status, status
+    other = app.compare(text, ["0"], 1, 0, 2, 4.0, "cpu-int", tiny, request=SimpleNamespace(session_hash="another"))[-1]
+    assert "loaded export" not in other, other
     bad = tmp_path / "bad.zip"
     bad.write_bytes(b"nope")
     assert "not a zip" in _msg(app.load_export(str(bad), ""))
@@ -311,6 +329,22 @@ def test_uploads_and_exports_do_not_pile_up_on_disk(tiny, tmp_path):
     assert "the server path was not used" in both[-1] and len(folders("upload")) == 1
     app.forget_session(alice)
     assert not base.exists()
+
+
+def test_a_refused_upload_is_named_not_the_server_folder(tiny, tmp_path):
+    """A tampered export: the message names the uploaded zip, never the server folder it was unpacked into."""
+    import zipfile
+
+    zip_path = app.export(PRESETS["w8a8-rtn"].to_json(), tiny)[0]
+    tampered = tmp_path / "tampered.zip"
+    with zipfile.ZipFile(zip_path) as src, zipfile.ZipFile(tampered, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith(".safetensors"):
+                data = data[:-1] + bytes([data[-1] ^ 1])
+            dst.writestr(item, data)
+    message = _msg(app.load_export(str(tampered), ""))
+    assert message.startswith("⚠️ tampered.zip: transformer/") and "checksum" in message and "qdir-" not in message, message
 
 
 def test_app_workdir_removes_what_dead_processes_left(tmp_path):

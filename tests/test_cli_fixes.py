@@ -217,7 +217,19 @@ def test_sensitivity_library_refuses_a_quantized_pipeline():
 
 def test_allocate_refuses_an_impossible_budget_before_measuring(capsys, no_sampling):
     line = one_line_error(capsys, "allocate", "--budget-bits", "3", "--w-bits", "4,8")
-    assert "budget_bits = 3.0" in line and "at least 4" in line and "HiGHS" not in line
+    assert "budget_bits = 3.0" in line and "a number from 4 to 16" in line and "HiGHS" not in line
+    for bad in ("nan", "1"):  # one range, the same words for every out-of-range budget
+        assert "a number from 4 to 16" in one_line_error(capsys, "allocate", "--budget-bits", bad, "--w-bits", "4,8")
+
+
+def test_quantize_refuses_an_empty_out(capsys, no_sampling):
+    assert "--out = '' is not allowed; allowed: a folder path" in one_line_error(capsys, "quantize", "--recipe", "w8a8-rtn", "--out", "")
+
+
+def test_outliers_offers_both_branches_pooled_as_the_app_does():
+    from ditlab.cli import parse_args
+
+    assert parse_args(["outliers", "--branch", "all"]).branch == "all"
 
 
 # ---- 10, 11, 13. sample/eval: labels named once and checked before quantizing; QDIR metadata; the image cap ------
