@@ -22,7 +22,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from ditlab import api, plots  # noqa: E402
-from ditlab.errors import ConfigError, DitlabError, _clip  # noqa: E402
+from ditlab.errors import ConfigError, DitlabError  # noqa: E402
 
 PIPE = api.load("shipped")  # loaded once, shared read-only by every session
 LABEL_CHOICES = api.label_choices(PIPE)
@@ -65,29 +65,10 @@ if __name__ == "__main__":  # start sampling while gradio is imported and the UI
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
-
-def _let_the_handlers_check_inputs() -> None:
-    """API clients can send what a widget never would (None, out of range, not a choice). Gradio's own check in
-    ``preprocess`` answers with a generic error naming no field; with this, such a value reaches the handler, which
-    refuses it with "⚠️ <field> = <value> is not allowed; allowed: …" in the status output (every handler checks its
-    inputs). Patched on the classes, not on instances (gradio rebuilds a component per session when an event updates
-    it) and not through subclasses (gradio writes a .pyi stub beside the module of every component subclass)."""
-    for cls in (gr.Slider, gr.Number, gr.Dropdown, gr.Radio, gr.CheckboxGroup):
-        strict = cls.preprocess
-        if getattr(strict, "lets_the_handler_check", False):
-            continue
-
-        def preprocess(self, payload, _strict=strict):
-            try:
-                return _strict(self, payload)
-            except Exception:  # noqa: BLE001 - the handler names the field
-                return payload
-
-        preprocess.lets_the_handler_check = True
-        cls.preprocess = preprocess
+from ditlab import api_inputs  # noqa: E402
 
 
-_let_the_handlers_check_inputs()
+api_inputs.let_the_handlers_check_inputs()
 
 log = logging.getLogger("ditlab.app")
 QUANTIZED = api.QuantCache(max_entries=6)  # bounded: at most 6 quantized copies in memory across all sessions
@@ -676,43 +657,10 @@ def build() -> gr.Blocks:
     return demo
 
 
-PAYLOAD_FIELDS = {"recipe_table": "table", "recipe_upload": "upload", "export_upload": "upload"}  # elem_id → handler field
-
-
-def _payload_problem(block, value) -> str | None:
-    """Why an API client's value for a table or file input is not one gradio can read (None if it is)."""
-    field = PAYLOAD_FIELDS.get(block.elem_id, block.label or block.elem_id)
-    if isinstance(block, gr.Dataframe):
-        headers = value.get("headers") if isinstance(value, dict) else None
-        rows = value.get("data") if isinstance(value, dict) else None
-        if isinstance(headers, list) and isinstance(rows, list) and all(isinstance(r, (list, tuple)) and len(r) == len(headers) for r in rows):
-            return None
-        return (f"{field} = {_clip(value)} is not allowed; allowed: a table as {{\"headers\": [column names], \"data\": [rows, each with "
-                f"one value per column]}}, e.g. the table that /apply_preset returns")
-    if isinstance(block, gr.File):
-        if value is None or (isinstance(value, dict) and isinstance(value.get("path"), str)):
-            return None
-        return f"{field} = {_clip(value)} is not allowed; allowed: a file sent with gradio_client's handle_file(path), or None"
-    return None
-
-
-def _refuse_unreadable_payloads(blocks) -> None:
-    """A table or file in a shape gradio cannot read (a list of rows without headers, rows of the wrong length, a
-    plain string for a file) failed inside gradio: the client got its generic error naming no field, the server log
-    a traceback. Checked before gradio reads them, such values are refused by field name (one instance, ``demo``)."""
-    gradio_check = blocks.validate_inputs
-
-    def validate_inputs(block_fn, inputs):
-        gradio_check(block_fn, inputs)
-        for block, value in zip(block_fn.inputs, inputs):
-            if isinstance(block, (gr.Dataframe, gr.File)) and (problem := _payload_problem(block, value)):
-                raise gr.Error(problem, print_exception=False)
-
-    blocks.validate_inputs = validate_inputs
-
+PAYLOAD_FIELDS = {"recipe_table": "table", "recipe_upload": "upload", "export_upload": "upload"}  # elem_id → field named in messages
 
 demo = build()
-_refuse_unreadable_payloads(demo)
+api_inputs.refuse_unreadable_payloads(demo, PAYLOAD_FIELDS)
 demo.queue(max_size=32, default_concurrency_limit=4)
 
 if __name__ == "__main__":
