@@ -277,7 +277,7 @@ def test_export_names_stay_inside_the_work_folder(public_mode, app, tiny):
         zip_path, recipe_path, msg = app.export(json.dumps({**recipe, "name": evil}), str(tiny))
         assert msg.startswith("✓"), msg
         for path in (Path(zip_path), Path(recipe_path)):
-            assert path.resolve().is_relative_to(app.WORKDIR.resolve()) and path.parent.parent == app.WORKDIR
+            assert path.resolve().is_relative_to(app.WORKDIR.resolve()) and path.parent.parent == app.WORKDIR / "sessions" / "local" / "export"
             assert re.fullmatch(r"[A-Za-z0-9._-]+", path.name)
 
 
