@@ -294,13 +294,14 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 100, seed: int = 0, tol: flo
     bounds = _Bounds(x, centers, chunk_elems)
     show = (m * k >= 1 << 26) if progress is None else bool(progress)
     done = 0
-    for _ in tqdm(range(iters), desc=desc, disable=not show, leave=False):
-        new = _update(x64, bounds.idx, lambda: bounds.own_d2(centers), centers)
-        changed = bounds.step(centers, new)
-        centers = new
-        done += 1
-        if changed <= tol * m:
-            break
+    with tqdm(range(iters), desc=desc, disable=not show, leave=False) as bar:  # closed on the early break: gradio's
+        for _ in bar:  # progress tracking (track_tqdm) would otherwise feed the caller's next loop from this range
+            new = _update(x64, bounds.idx, lambda: bounds.own_d2(centers), centers)
+            changed = bounds.step(centers, new)
+            centers = new
+            done += 1
+            if changed <= tol * m:
+                break
     if codebook_dtype is not None:
         rounded = centers.to(codebook_dtype).float()
         if x is full:  # rounding moved the centres a little: one more pruned re-assignment
