@@ -500,6 +500,10 @@ def test_every_named_endpoint_over_http(client, tiny):
     assert client.predict(5.0, api_name="/allocate")[-1].startswith("✓")
     zip_path, recipe_path, msg = client.predict(text, api_name="/export")
     assert str(zip_path).endswith(".zip") and msg.startswith("✓")
+    # a k-means preset under gradio's real progress tracking (VQ4DiT shares the k-means loop; both used to fail)
+    kmeans = client.predict("w2-kmeans", api_name="/apply_preset")[1]
+    status = client.predict(kmeans, ["0"], 1, 0, 2, 4.0, "cpu-int", api_name="/compare")[-1]
+    assert status.startswith("recipe **w2-kmeans**"), status
 
 
 def test_sessions_do_not_share_the_model_source(client, tiny):
