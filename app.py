@@ -8,12 +8,14 @@ and shared read-only; each session's quantized copies live in a bounded LRU keye
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import logging
 import os
 import re
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
@@ -664,6 +666,7 @@ api_inputs.refuse_unreadable_payloads(demo, PAYLOAD_FIELDS)
 demo.queue(max_size=32, default_concurrency_limit=4)
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # Spaces, Docker, systemd stop with SIGTERM: close as on Ctrl-C
     on_spaces = bool(os.environ.get("SPACE_ID"))  # Hugging Face Spaces serve 0.0.0.0:7860 (GRADIO_SERVER_NAME)
     demo.launch(
         server_name=os.environ.get("DITLAB_HOST") or os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_spaces else "127.0.0.1"),
@@ -671,3 +674,9 @@ if __name__ == "__main__":
         share=False,
         footer_links=["api"],
     )
+    # Stopped (Ctrl-C, SIGTERM). A daemon thread may still be inside a torch operation (the warm-up grid, a job): the
+    # interpreter's teardown under it makes the C++ runtime abort ("terminate called without an active exception",
+    # exit status -6). Run the exit hooks (they remove the working folder) and leave without that teardown.
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    os._exit(0)

@@ -315,3 +315,37 @@ def test_atomic_writes_get_a_normal_file_mode(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_the_app_stops_cleanly_and_removes_its_work_folder(tmp_path, stop):
+    """Spaces, Docker and systemd stop the app with SIGTERM, a terminal with Ctrl-C. Both must close the server, remove
+    the process's working folder and exit 0. SIGTERM used to kill it at once (the folder stayed), and a stop while
+    the warm-up grid was sampling aborted in the C++ runtime ("terminate called without an active exception", −6)."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, DITLAB_PORT=str(port), DITLAB_HOST="127.0.0.1", TMPDIR=str(tmp_path), HF_HUB_OFFLINE="1",
+               GRADIO_ANALYTICS_ENABLED="False", DITLAB_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background shell ignores SIGINT
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the app did not start"
+                time.sleep(1)
+        assert list(tmp_path.glob("ditlab-app-*")), "the app made no working folder"
+        proc.send_signal(getattr(signal, stop))  # the warm-up grid is still sampling at this point
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output[-2000:]
+    assert "terminate called" not in output and not list(tmp_path.glob("ditlab-app-*"))
