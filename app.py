@@ -29,7 +29,6 @@ from ditlab.errors import ConfigError, DitlabError  # noqa: E402
 PIPE = api.load("shipped")  # loaded once, shared read-only by every session
 LABEL_CHOICES = api.label_choices(PIPE)
 SCHEDULER_CHOICES = api.scheduler_choices()
-GRID_LOCK = threading.Lock()  # one FP grid at a time: the first page load waits for the warm-up, then hits the cache
 
 
 def per_class_cap(n_labels: int, cap: int) -> int:
@@ -55,9 +54,8 @@ FIRST_SCREEN = first_screen()
 def warm_up() -> None:
     """Samples the first screen's grid (cached by ``generate_grid``), so the first visitor gets it at once. Without a
     tqdm bar: gradio, imported meanwhile, patches tqdm for its progress bars and broke a bar already running here."""
-    with GRID_LOCK:
-        api.generate_grid(PIPE, FIRST_SCREEN["labels"], FIRST_SCREEN["n_per_label"], steps=FIRST_SCREEN["steps"],
-                          guidance=FIRST_SCREEN["guidance"], seed=FIRST_SCREEN["seed"], progress=False)
+    api.generate_grid(PIPE, FIRST_SCREEN["labels"], FIRST_SCREEN["n_per_label"], steps=FIRST_SCREEN["steps"],
+                      guidance=FIRST_SCREEN["guidance"], seed=FIRST_SCREEN["seed"], progress=False)
 
 
 if __name__ == "__main__":  # start sampling while gradio is imported and the UI is built (~half the time to first images)
@@ -77,7 +75,7 @@ QUANTIZED = api.QuantCache(max_entries=6)  # bounded: at most 6 quantized copies
 SENSITIVITY_METRICS = ("sqnr_db", "ssim", "psnr", "agreement")  # the metric picker's choices
 LAST_SENSITIVITY: dict[str, tuple] = {}  # session → (model source, setting, SensitivityResult): the metric picker re-draws it
 SENSITIVITY_LOCK = threading.Lock()
-LOADED_EXPORTS: dict[str, tuple] = {}  # session → (model source, recipe JSON, QDIR folder) of the export it loaded last
+LOADED_EXPORTS: dict[str, tuple] = {}  # session → (model source, recipe JSON, QDIR folder, name shown) of the export it loaded last
 EXPORTS_LOCK = threading.Lock()
 LAST_TABLE: dict[str, tuple] = {}  # session → (digest of the last checked table, recipe JSON and source; when)
 TABLE_LOCK = threading.Lock()
@@ -113,12 +111,14 @@ def guarded(n_outputs: int):
 
 def _shown(text, limit: int = 80) -> str:
     """User text (a recipe name, a layer pattern) as it may appear in a Markdown status: one line, at most ``limit``
-    characters, Markdown and HTML characters escaped (a recipe named "# x" must not render a heading)."""
+    characters, Markdown and HTML characters escaped (a recipe named "# x" must not render a heading, nor a name with
+    http://… a link)."""
     text = " ".join(str(text).split())  # one line: no block syntax (headings, lists) can start inside a status
     if not text:
         return "(unnamed)"
     text = text if len(text) <= limit else text[:limit] + "…"
-    return re.sub(r"([\\`*_\[\]|~])", r"\\\1", text).replace("<", "&lt;")
+    text = re.sub(r"([\\`*_\[\]|~])", r"\\\1", text).replace("<", "&lt;")
+    return re.sub(r"(?i)(www)\.", r"\1\\.", text).replace("://", "\\://")  # no bare URL becomes a link
 
 
 def _session(request: gr.Request | None) -> str:
@@ -144,7 +144,7 @@ def _quantized(source: str, recipe, request):
     pipe, session = api.load(source), _session(request)
 
     def make(p, r):
-        folder = _loaded_export(session, p, r)
+        folder, _ = _loaded_export(session, p, r)
         if folder is not None and folder.is_dir():
             return api.load_qdir(folder)[0]
         return api.quantize(p, r, calib_settings=api.APP_CALIBRATION)
@@ -152,12 +152,13 @@ def _quantized(source: str, recipe, request):
     return QUANTIZED.get(session, pipe, recipe, make)
 
 
-def _loaded_export(session: str, pipe, recipe) -> Path | None:
-    """The QDIR folder of the export this session loaded, if it holds ``recipe`` on ``pipe`` (its weights are used
-    then, not a new quantization: they may come from GPTQ, VQ4DiT or other calibration settings)."""
+def _loaded_export(session: str, pipe, recipe) -> tuple[Path | None, str | None]:
+    """(QDIR folder, name the user knows it by: the uploaded zip's or the folder's) of the export this session loaded,
+    if it holds ``recipe`` on ``pipe`` (its weights are used then, not a new quantization: they may come from GPTQ,
+    VQ4DiT or other calibration settings); (None, None) otherwise."""
     with EXPORTS_LOCK:
-        source, recipe_json, folder = LOADED_EXPORTS.get(session, (None, None, None))
-    return folder if (source, recipe_json) == (pipe.source, recipe.to_json(indent=None)) else None
+        source, recipe_json, folder, name = LOADED_EXPORTS.get(session, (None, None, None, None))
+    return (folder, name) if (source, recipe_json) == (pipe.source, recipe.to_json(indent=None)) else (None, None)
 
 
 # ---------------------------------------------------------------- handlers
@@ -173,7 +174,7 @@ def images_per_class(labels, current, cap: int):
     n = len(labels) if isinstance(labels, list) and labels else 1
     top, limit = per_class_cap(n, cap), api.limits().max_images
     value = min(current, top) if isinstance(current, (int, float)) and not isinstance(current, bool) else gr.update()
-    note = f"at most {top} for {n} class{'es' if n > 1 else ''} ({limit} images per request)" if top < cap else None
+    note = f"at most {top} for {n} class{'es' if n > 1 else ''} ({limit} images per request)" if top < cap else ""  # None keeps the old note
     return gr.update(maximum=_slider_top(n, cap), value=value, interactive=top > 1, info=note)
 
 
@@ -186,7 +187,7 @@ def generate(labels, n_per_label, seed, steps, guidance, scheduler=api.DEFAULT_S
     api.check_request(max(1, len(labels or [])) * n_per_label, steps, guidance, seed)  # no labels: generate_grid names the field
     api.check_scheduler(scheduler)
     pipe = api.load(source)
-    with GRID_LOCK, _job(request, "Generate"):
+    with _job(request, "Generate"):  # a cached grid returns at once; the same grid asked twice is sampled once
         grid, info = api.generate_grid(pipe, labels, n_per_label, steps=int(steps), guidance=float(guidance), seed=int(seed), scheduler=scheduler)
     took = f"sampled in {info['seconds']} s, cached" if info.get("cached") else f"{info['seconds']} s"
     return grid, (f"{info['n_images']} images of `{source}` · seed {info['seed']} · {api.SCHEDULER_NAMES[scheduler]} · {took} · "
@@ -267,17 +268,19 @@ def preset_shown(recipe_json):
     return recipe.name if api.PRESETS.get(recipe.name) == recipe else None
 
 
-def download_recipe(recipe_json):
+def download_recipe(recipe_json, request: gr.Request = None):
     """The file the Download button serves: the current recipe as ``<name>.recipe.json``, refreshed whenever the
     recipe changes (a click serves the file the button holds, so setting it on the click gave the previous recipe).
-    One file per distinct recipe text, shared by the sessions that hold it. An invalid recipe keeps the last file."""
+    A session keeps only its newest file (gradio serves its own copy). An invalid recipe keeps the last file."""
     try:
         recipe = api.parse_recipe(recipe_json)
     except DitlabError:
         return gr.update()
-    digest = hashlib.sha256(recipe.to_json().encode()).hexdigest()[:20]
-    path = WORKDIR / "recipes" / digest / f"{api.safe_name(recipe.name)}.recipe.json"
-    return str(path if path.is_file() else api.write_recipe(recipe, path.parent))
+    session = _session(request)
+    folder = FOLDERS.fresh(session, "recipe")
+    path = api.write_recipe(recipe, folder)
+    FOLDERS.keep_only(session, "recipe", folder)
+    return str(path)
 
 
 @guarded(5)
@@ -320,9 +323,9 @@ def compare(recipe_json, labels, n_per_label, seed, steps, guidance, backend, so
     rows = api.grid_rows(len(labels), n_per_label)
     quantized_any = any(cfg is not None and not cfg.is_fp for cfg in recipe.resolve(api.list_linears(pipe.transformer)).values())
     path = f"images by the **{api.BACKEND_NAMES.get(c.backend, c.backend)}**" if quantized_any else "**no layer is quantized**: both columns are the FP model"
-    export = _loaded_export(_session(request), pipe, recipe)
+    export = _loaded_export(_session(request), pipe, recipe)[1]
     if export is not None and quantized_any:
-        path += f" · weights of the loaded export `{_shown(export.name)}` (Export tab), not a new quantization"
+        path += f" · weights of the loaded export **{_shown(export)}** (Export tab), not a new quantization"
     status = f"recipe **{_shown(recipe.name)}** · {len(batch)} images · seed {int(seed)} · {api.SCHEDULER_NAMES[scheduler]} · {path}"
     return (api.image_grid(c.fp_images, rows, scale=3), api.image_grid(c.q_images, rows, scale=3), api.image_grid(c.diff, rows, scale=3),
             api.compare_metrics(c.metrics), api.divergence_figure(c.divergence, c.timesteps), status)
@@ -438,11 +441,11 @@ def load_export(upload, path, request: gr.Request = None):
             message = re.sub(re.escape(str(unpacked)) + r"/(qdir-[^/\s]+/)?", "", str(exc))
             raise type(exc)(message if Path(upload).name in message else f"{Path(upload).name}: {message}") from None
         raise
+    name = Path(upload).name if upload else folder.name
     QUANTIZED.put(session, pipe, q.recipe, q)
     with EXPORTS_LOCK:
-        LOADED_EXPORTS[session] = (pipe.source, q.recipe.to_json(indent=None), folder)
+        LOADED_EXPORTS[session] = (pipe.source, q.recipe.to_json(indent=None), folder, name)
     FOLDERS.keep_only(session, "upload", unpacked)  # the export loaded before this one is no longer used
-    name = Path(upload).name if upload else folder.name
     unused = " (the server path was not used: the upload was)" if upload and str(path or "").strip() else ""
     return (source, *_recipe_outputs(pipe, q.recipe, "")[:4], None, f"✓ recipe **{_shown(q.recipe.name)}** from the export `{name}`",
             f"✓ loaded `{name}` (recipe {_shown(q.recipe.name)}, model {source}){unused}")
@@ -507,11 +510,13 @@ def _generate_tab():
                 steps = gr.Slider(1, MAX_STEPS_SHOWN, value=FIRST_SCREEN["steps"], step=1, label="steps", elem_id="steps")
                 guidance = gr.Slider(1.0, 10.0, value=FIRST_SCREEN["guidance"], step=0.5, label="CFG scale", elem_id="guidance")
                 scheduler = gr.Radio(SCHEDULER_CHOICES, value=api.DEFAULT_SCHEDULER, label="sampler", elem_id="scheduler")
-                run = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Row():
+                    run = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop = gr.Button("Cancel", variant="stop", elem_id="g_cancel")
             with gr.Column(scale=2):
                 grid = gr.Image(label="samples (one row per class)", type="numpy", elem_id="grid", format="png")
                 status = gr.Markdown(label="status", elem_id="status")
-    return [labels, n_per_label, seed, steps, guidance, scheduler], run, [grid, status]
+    return [labels, n_per_label, seed, steps, guidance, scheduler], run, stop, [grid, status]
 
 
 def build() -> gr.Blocks:
@@ -522,7 +527,7 @@ def build() -> gr.Blocks:
         with gr.Accordion("New here? How to use ditlab", open=False, elem_id="how_to"):
             gr.Markdown(HOW_TO)
         with gr.Tabs(elem_id="tabs") as tabs:
-            gen_inputs, gen_run, gen_outputs = _generate_tab()
+            gen_inputs, gen_run, gen_cancel, gen_outputs = _generate_tab()
             with gr.Tab("Model", id="model"):
                 with gr.Row():
                     kind = gr.Radio(list(api.MODEL_KINDS), value="shipped", label="model", elem_id="model_kind")
@@ -553,7 +558,8 @@ def build() -> gr.Blocks:
                         upload = gr.File(label="or upload a .json", file_types=[".json"], type="filepath", elem_id="recipe_upload")
                     with gr.Row():
                         import_btn = gr.Button("Import", elem_id="recipe_import")
-                        download_btn = gr.DownloadButton("Download recipe JSON", value=download_recipe(fp.to_json()), elem_id="recipe_download")
+                        download_btn = gr.DownloadButton("Download recipe JSON", value=str(api.write_recipe(fp, WORKDIR / "first-screen")),
+                                                         elem_id="recipe_download")
             with gr.Tab("Compare", id="compare"):
                 with gr.Row():
                     c_labels = gr.CheckboxGroup(LABEL_CHOICES, value=[v for _, v in LABEL_CHOICES][:8], label="classes", elem_id="c_labels", scale=3)
@@ -624,8 +630,8 @@ def build() -> gr.Blocks:
                 e_msg = gr.Markdown(label="status", elem_id="e_msg")
 
         recipe_views = [table, recipe_json, layers, memory]
-        gen_run.click(generate, gen_inputs + [source], gen_outputs, api_name="generate", **HEAVY)
-        demo.load(generate, gen_inputs, gen_outputs, api_name=False)
+        g_event = gen_run.click(generate, gen_inputs + [source], gen_outputs, api_name="generate", **HEAVY)
+        g_load = demo.load(generate, gen_inputs, gen_outputs, api_name=False)
         for chosen, per_class, cap in ((gen_inputs[0], gen_inputs[1], GENERATE_PER_CLASS), (c_labels, c_n, COMPARE_PER_CLASS)):
             set_top = functools.partial(images_per_class, cap=cap)
             chosen.change(set_top, [chosen, per_class], per_class, api_name=False, queue=False, show_progress="hidden")
@@ -645,14 +651,14 @@ def build() -> gr.Blocks:
         o_event = o_run.click(outliers, [o_layer, o_t, o_branch, source], [o_fig, o_table, o_map, o_msg], api_name="outliers", **HEAVY)
         s_event = s_run.click(sensitivity, [s_setting, s_metric, source], [s_fig, s_table, s_msg], api_name="sensitivity", **HEAVY)
         s_metric.input(sensitivity_metric, [s_setting, s_metric, source], [s_fig, s_table, s_msg], api_name=False)
-        s_table.select(open_cell, [source], [tabs, o_layer, o_t, s_msg], api_name=False).success(
+        cell_event = s_table.select(open_cell, [source], [tabs, o_layer, o_t, s_msg], api_name=False).success(
             outliers, [o_layer, o_t, o_branch, source], [o_fig, o_table, o_map, o_msg], api_name=False, **HEAVY)
         a_event = a_run.click(allocate, [budget, source], recipe_views + [preset, table_msg, a_fig, p_fig, a_msg], api_name="allocate", **HEAVY)
         e_event = e_run.click(recipe_for_run, [table, recipe_json, source], recipe_json, api_name=False).success(
             export, [recipe_json, source], [e_zip, e_recipe, e_msg], api_name="export", **HEAVY)
         e_load.click(load_export, [e_upload, e_path], [source] + recipe_views + [preset, table_msg, e_msg], api_name="load_export")
-        jobs = [c_event, o_event, s_event, a_event, e_event]
-        for button, note in ((c_cancel, c_status), (o_cancel, o_msg), (s_cancel, s_msg), (e_cancel, e_msg)):
+        jobs = [g_event, g_load, c_event, o_event, cell_event, s_event, a_event, e_event]
+        for button, note in ((gen_cancel, gen_outputs[1]), (c_cancel, c_status), (o_cancel, o_msg), (s_cancel, s_msg), (e_cancel, e_msg)):
             # queue=False: a Cancel is never stuck behind (or refused by) a full queue; scripts can POST to /gradio_api/run/cancel
             button.click(cancel, None, note, cancels=jobs, api_name="cancel" if button is c_cancel else False, queue=False)
         demo.unload(forget_session)

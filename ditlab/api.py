@@ -304,27 +304,44 @@ def generate_grid(pipe: Pipeline, labels: Sequence[int], n_per_label: int, *, st
         raise ConfigError.invalid("images per label", n_per_label, "1 to 16")
     n_per_label, steps, guidance, seed = int(n_per_label), int(steps), float(guidance), int(seed)
     key = (pipe, labels, n_per_label, steps, guidance, seed, scheduler, scale)
+
+    def cached():
+        with _GRIDS_LOCK:
+            if key in _GRIDS:
+                _GRIDS.move_to_end(key)
+                grid, info = _GRIDS[key]
+                return grid, {**info, "cached": True}
+            return None
+
+    if (hit := cached()) is not None:  # a cached grid never waits for anyone's sampling
+        return hit
     with _GRIDS_LOCK:
-        if key in _GRIDS:
-            _GRIDS.move_to_end(key)
-            grid, info = _GRIDS[key]
-            return grid, {**info, "cached": True}
-    batch = [y for y in labels for _ in range(n_per_label)]
-    result = generate(pipe, batch, steps=steps, guidance=guidance, seed=seed, scheduler=scheduler, progress=progress)
-    info = {"seconds": round(result.seconds, 2), "seed": seed, "n_images": len(batch), "path": "fp32 (torch, CPU)"}
-    grid = image_grid(result.images, rows=len(labels), scale=scale)
-    grid.setflags(write=False)  # shared between callers
-    with _GRIDS_LOCK:
-        _GRIDS[key] = (grid, info)
-        while len(_GRIDS) > 16:
-            _GRIDS.popitem(last=False)
-    return grid, info
+        key_lock = _GRID_KEY_LOCKS.setdefault(key, threading.Lock())
+    try:
+        with key_lock:  # the same grid asked for twice at once (two first page loads) is sampled once
+            if (hit := cached()) is not None:
+                return hit
+            batch = [y for y in labels for _ in range(n_per_label)]
+            result = generate(pipe, batch, steps=steps, guidance=guidance, seed=seed, scheduler=scheduler, progress=progress)
+            info = {"seconds": round(result.seconds, 2), "seed": seed, "n_images": len(batch), "path": "fp32 (torch, CPU)"}
+            grid = image_grid(result.images, rows=len(labels), scale=scale)
+            grid.setflags(write=False)  # shared between callers
+            with _GRIDS_LOCK:
+                _GRIDS[key] = (grid, info)
+                while len(_GRIDS) > 16:
+                    _GRIDS.popitem(last=False)
+            return grid, info
+    finally:
+        with _GRIDS_LOCK:
+            if not key_lock.locked():
+                _GRID_KEY_LOCKS.pop(key, None)
 
 
 # FP grids by (pipe, labels, n_per_label, steps, guidance, seed, scheduler, scale): sampling is deterministic, so a
 # page load costs one run. ``progress`` is not part of the key (the app's warm-up samples without a tqdm bar).
 _GRIDS: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
-_GRIDS_LOCK = threading.Lock()
+_GRIDS_LOCK = threading.Lock()  # guards _GRIDS and _GRID_KEY_LOCKS (held for lookups only, never while sampling)
+_GRID_KEY_LOCKS: dict[tuple, threading.Lock] = {}  # one per grid being sampled
 
 
 # ---------------------------------------------------------------- side-by-side comparison (the app's Compare tab)

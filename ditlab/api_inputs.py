@@ -39,14 +39,25 @@ def _payload_problem(block, value, fields: dict) -> str | None:
     if isinstance(block, gr.Dataframe):
         headers = value.get("headers") if isinstance(value, dict) else None
         rows = value.get("data") if isinstance(value, dict) else None
-        if isinstance(headers, list) and isinstance(rows, list) and all(isinstance(r, (list, tuple)) and len(r) == len(headers) for r in rows):
+        meta = value.get("metadata") if isinstance(value, dict) else None
+        if isinstance(headers, list) and isinstance(rows, list) and all(isinstance(r, (list, tuple)) and len(r) == len(headers) for r in rows) \
+                and (meta is None or isinstance(meta, dict)):
             return None
         return (f"{field} = {_clip(value)} is not allowed; allowed: a table as {{\"headers\": [column names], \"data\": [rows, each with "
                 f"one value per column]}}, e.g. the table that /apply_preset returns")
-    if isinstance(block, gr.File):
-        if value is None or (isinstance(value, dict) and isinstance(value.get("path"), str)):
-            return None
-        return f"{field} = {_clip(value)} is not allowed; allowed: a file sent with gradio_client's handle_file(path), or None"
+    if isinstance(block, gr.File) and value is not None:
+        from gradio.utils import abspath, get_upload_folder, is_in_or_equal
+
+        path = value.get("path") if isinstance(value, dict) else None
+        meta = value.get("meta") if isinstance(value, dict) else None
+        uploaded = isinstance(path, str) and isinstance(meta, dict) and meta.get("_type") == "gradio.FileData" \
+            and "\x00" not in path and is_in_or_equal(abspath(path), get_upload_folder())
+        if not uploaded:  # a server path, or not a file description at all: gradio would refuse it with its own error
+            return f"{field} = {_clip(value)} is not allowed; allowed: a file sent with gradio_client's handle_file(path), or None"
+        name = str(value.get("orig_name") or path)
+        suffixes = [t for t in (block.file_types or []) if t.startswith(".")]
+        if suffixes and not name.lower().endswith(tuple(t.lower() for t in suffixes)):
+            return f"{field} = {_clip(name)} is not allowed; allowed: a {' or '.join(suffixes)} file"
     return None
 
 

@@ -54,8 +54,12 @@ def table_recipe(pipe: Pipeline, table, base: Recipe) -> Recipe:
     missing = [c for c in ("name",) + EDITABLE if c not in table.columns]
     if missing:
         raise ConfigError.invalid("table column", missing[0], "the columns " + ", ".join(TABLE_COLUMNS))
-    if [str(n) for n in table["name"]] != [i.name for i in infos]:
+    names = [str(n) for n in table["name"]]
+    if len(names) != len(infos):
         raise ConfigError.invalid("table rows", f"{len(table)} rows", f"the {len(infos)} layers of the model in order (reload the preset)")
+    for row, (name, info) in enumerate(zip(names, infos)):
+        if name != info.name:
+            raise ConfigError.invalid(f"table row {row} name", name, f"{info.name!r}: the model's layers in order (reload the preset)")
     table = _as_typed(table)
     for name, method, gran in zip(table["name"], table["method"], table["a_granularity"]):  # also on fp rows, which
         check_field("method", method, layer=str(name))  # frame_to_recipe reads as FP whatever the text
@@ -203,10 +207,12 @@ def parse_recipe(text, pipe: Pipeline | None = None, field: str = "recipe JSON")
     else:
         try:
             recipe = Recipe.from_json(text)
-        except ConfigError:
+        except ConfigError as exc:
+            if exc.field in ("recipe JSON", "recipe") and field != "recipe JSON":  # the text as a whole: name the input
+                raise ConfigError.invalid(field, exc.value, exc.allowed) from None
             raise
         except (TypeError, ValueError, AttributeError, KeyError, RecursionError) as exc:
-            raise ConfigError.invalid("recipe JSON", type(exc).__name__, "a recipe object {version, name, default, overrides, skip} as exported") from None
+            raise ConfigError.invalid(field, type(exc).__name__, "a recipe object {version, name, default, overrides, skip} as exported") from None
     if pipe is not None:
         recipe.resolve(list_linears(pipe.transformer))
     return recipe

@@ -77,6 +77,34 @@ def test_fp_grids_are_cached_whether_or_not_a_progress_bar_ran(tiny, monkeypatch
     assert calls == [False, True]
 
 
+def test_a_cached_grid_never_waits_and_one_grid_is_sampled_once(tiny, monkeypatch):
+    """One session's long Generate held a global lock that every page load (a cached first screen) waited behind."""
+    import threading
+
+    api.generate_grid(tiny, [0], 1, steps=1, seed=5, progress=False)  # cached
+    real, release, started, calls = api.generate, threading.Event(), threading.Event(), []
+
+    def slow(*args, **kwargs):
+        calls.append(kwargs.get("seed"))
+        started.set()
+        assert release.wait(60), "never released"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "generate", slow)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(api.generate_grid(tiny, [1], 1, steps=1, seed=6, progress=False)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    assert started.wait(60)
+    grid, info = api.generate_grid(tiny, [0], 1, steps=1, seed=5, progress=False)  # while seed 6 is being sampled
+    assert info["cached"]
+    release.set()
+    for t in threads:
+        t.join(60)
+    assert calls == [6] and len(results) == 2 and (results[0][0] == results[1][0]).all()  # sampled once, shared
+
+
 def test_class_ids_take_numbers_or_their_text_and_name_the_field_otherwise():
     assert api.class_ids(["0", "3", 9], 10) == (0, 3, 9)
     assert api.class_ids(" 4 ", 10) == (4,)

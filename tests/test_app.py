@@ -148,6 +148,8 @@ def test_first_screen_and_sliders_fit_the_request_limit(monkeypatch, public, per
         app.api.check_request(n_labels * top, 10, 4.0, 0)  # the top is a request the server accepts
         if top < 16:
             assert f"at most {top}" in update["info"] and f"{limit} images per request" in update["info"]
+        else:
+            assert update["info"] == ""  # clears the note (None would leave the last one standing)
     assert app.images_per_class([], 3, cap=8)["value"] == 3  # no class chosen: generate names that field
 
 
@@ -174,6 +176,14 @@ def test_gradio_progress_tracking_survives_a_loop_that_stops_early():
     finally:
         for var in (LocalContext.progress, LocalContext.event_id, LocalContext.blocks):
             var.set(None)
+
+
+def test_user_text_in_a_status_is_plain_text():
+    assert app._shown("a\n# HEAD **b**") == "a # HEAD \\*\\*b\\*\\*"  # one line: no heading; no bold
+    assert app._shown("<img src=x onerror=alert(1)>").startswith("&lt;img")
+    assert "\\://" in app._shown("see http://evil.example/x") and "www\\." in app._shown("www.evil.example")  # no links
+    assert app._shown("x" * 200).endswith("…") and len(app._shown("x" * 200)) == 81 and app._shown("  ") == "(unnamed)"
+    assert app._shown("w4a8-rtn-edited") == "w4a8-rtn-edited"
 
 
 def test_one_edit_sent_twice_warns_once(tiny, monkeypatch):
@@ -205,10 +215,12 @@ def test_bulk_edit_import_and_download(tiny):
     for bad, field in ((BAD_JSON, "recipe JSON"), (BAD_ABITS, "a_bits"), (BAD_PATTERN, "override pattern")):
         assert field in _msg(app.import_recipe(bad, None, tiny))
     # the Download button's file follows the recipe (it is set on each change: a click serves what the button holds)
-    first, second = app.download_recipe(text), app.download_recipe(out[1])
-    assert json.loads(Path(first).read_text()) == json.loads(text) and json.loads(Path(second).read_text()) == json.loads(out[1])
-    assert first != second and app.download_recipe(out[1]) == second  # one file per distinct recipe
-    assert isinstance(app.download_recipe("{not json"), dict)  # an invalid recipe keeps the last file (gr.update())
+    first = app.download_recipe(text)
+    assert json.loads(Path(first).read_text()) == json.loads(text)
+    second = app.download_recipe(out[1])
+    assert json.loads(Path(second).read_text()) == json.loads(out[1])
+    assert not Path(first).exists()  # a session keeps its newest file only (they piled up for the life of the process)
+    assert isinstance(app.download_recipe("{not json"), dict) and Path(second).exists()  # an invalid recipe keeps the last
 
 
 def test_recipe_for_run_stops_on_an_invalid_table(tiny):
@@ -282,6 +294,23 @@ def test_the_budget_slider_alone_never_replaces_the_table():
             assert ids["recipe_table"] not in dep["outputs"], dep
 
 
+def test_every_long_job_has_a_cancel_button_on_its_tab():
+    """Generate had none (a 64-image, 100-step run could only be waited out); each tab's Cancel stops the session's
+    jobs of every tab, Generate's included."""
+    config = app.demo.config
+    ids = {c["props"].get("elem_id"): c["id"] for c in config["components"]}
+    deps = config["dependencies"]
+
+    def triggered_by(elem_id):
+        return [d for d in deps if (ids[elem_id], "click") in [tuple(t) for t in d["targets"]]]
+
+    heavy = {fn_id for fn_id, fn in app.demo.fns.items() if fn.concurrency_id == "heavy"}  # the long jobs
+    assert {"generate", "compare", "outliers", "sensitivity", "allocate", "export"} <= {app.demo.fns[i].name for i in heavy}
+    for button in ("g_cancel", "cancel", "o_cancel", "s_cancel", "e_cancel"):
+        cancels = {i for d in triggered_by(button) for i in d["cancels"]}
+        assert heavy <= cancels, button
+
+
 def test_the_preset_picker_and_the_download_follow_the_recipe():
     """Whatever changes the recipe (table, bulk edit, import, Allocate, Load export), the picker names the preset it
     is (empty otherwise; it kept showing the old preset) and Download serves it."""
@@ -304,7 +333,7 @@ def test_export_and_load_back(tiny, tmp_path):
     assert out[0] == tiny and json.loads(out[2])["name"] == "w8a8-rtn" and out[-1].startswith("✓")
     assert out[5] is None and "w8a8-rtn" in out[6] and Path(zip_path).name in out[-1]  # names the uploaded file
     status = app.compare(text, ["0"], 1, 0, 2, 4.0, "cpu-int", tiny)[-1]  # says whose weights it used
-    assert "weights of the loaded export" in status, status
+    assert "weights of the loaded export" in status and Path(zip_path).name in status, status  # the name the user knows
     other = app.compare(text, ["0"], 1, 0, 2, 4.0, "cpu-int", tiny, request=SimpleNamespace(session_hash="another"))[-1]
     assert "loaded export" not in other, other
     bad = tmp_path / "bad.zip"
@@ -462,6 +491,31 @@ def test_unreadable_tables_and_files_are_refused_by_field_name(client, table, sa
         client.predict(table, text, "fc2", "W8", api_name="/bulk_edit")
     with pytest.raises(AppError, match="upload = 'hello' is not allowed; allowed: a file sent with gradio_client's handle_file"):
         client.predict(None, "hello", api_name="/import_recipe")
+
+
+def test_files_that_are_not_uploads_or_of_the_wrong_type_are_refused_by_field_name(client, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    text = PRESETS["fp"].to_json()
+    table = client.predict("fp", api_name="/apply_preset")[0]
+    with pytest.raises(AppError, match="table = .*allowed: a table as"):  # metadata gradio cannot read
+        client.predict({**table, "metadata": "x"}, text, "fc2", "W8", api_name="/bulk_edit")
+    wrong = tmp_path / "recipe.txt"
+    wrong.write_text(text)
+    with pytest.raises(AppError, match="upload = 'recipe.txt' is not allowed; allowed: a .json file"):
+        client.predict(None, handle_file(str(wrong)), api_name="/import_recipe")
+    with pytest.raises(AppError, match="upload = .* is not allowed; allowed: a .zip file"):
+        client.predict(handle_file(str(wrong)), "", api_name="/load_export")
+    with pytest.raises(AppError, match="upload = .* is not allowed; allowed: a file sent with gradio_client's handle_file"):
+        client.predict(None, {"path": "/etc/hostname"}, api_name="/import_recipe")  # no file description
+    # a raw HTTP client naming a server file as if uploaded (gradio_client would upload its own copy first)
+    upload_box = next(b for b in app.demo.blocks.values() if getattr(b, "elem_id", None) == "recipe_upload")
+    server_file = {"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}, "orig_name": "x.json"}
+    assert "handle_file" in app.api_inputs._payload_problem(upload_box, server_file, app.PAYLOAD_FIELDS)
+    good = tmp_path / "good.json"
+    good.write_text(text)
+    assert client.predict(None, handle_file(str(good)), api_name="/import_recipe")[-1].startswith("✓")
 
 
 def test_class_pickers_accept_what_the_api_description_advertises(client):

@@ -105,6 +105,11 @@ def test_main_path(page, url):
     saved = json.loads(Path(download.value.path()).read_text())
     assert download.value.suggested_filename == "w8a8-viditq-edited.recipe.json"
     assert saved["name"] == "w8a8-viditq-edited"
+    again = Path(tempfile.mkdtemp()) / download.value.suggested_filename
+    download.value.save_as(again)
+    page.set_input_files("#recipe_upload input[type=file]", str(again))  # an upload from the browser is accepted
+    page.click("#recipe_import")
+    _wait_text(page, "#table_msg", "imported from the uploaded file")
     assert any(o["pattern"] == "transformer_blocks.0.attn1.to_q" and o["set"].get("w_bits") == 6 for o in saved["overrides"])
     _shot(page, "recipe")
 

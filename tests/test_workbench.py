@@ -152,8 +152,9 @@ def test_parse_recipe_presets_and_round_trip(tiny):
     assert recipe_editing.parse_recipe(b"\xef\xbb\xbf" + r.to_json().encode(), tiny) == r
     assert recipe_editing.parse_recipe("\ufeff" + r.to_json(), tiny) == r
     assert recipe_editing.parse_recipe(" w8a8-rtn ") is PRESETS["w8a8-rtn"]
-    with pytest.raises(ConfigError, match="^setting = 'nope'"):
-        recipe_editing.parse_recipe("nope", field="setting")
+    for text in ("nope", "{bad json", "[1, 2]"):  # the input is named, whatever is wrong with the text as a whole
+        with pytest.raises(ConfigError, match="^setting = "):
+            recipe_editing.parse_recipe(text, field="setting")
 
 
 def test_recipe_size_limit_and_public_mode(monkeypatch, tiny, tmp_path):
