@@ -366,10 +366,11 @@ def sensitivity_metric(setting, metric, source, request: gr.Request = None):
     """A new metric re-draws the session's last sensitivity result at once (nothing is computed here)."""
     with SENSITIVITY_LOCK:
         last = LAST_SENSITIVITY.get(_session(request))
-    if last is None or last[:2] != (source, setting):
-        return gr.update(), gr.update(), f"press **Run sensitivity** to measure {setting} (then the metric choice re-draws it at once)"
-    res = last[2]
-    return (*_sensitivity_views(res, metric), f"{res.setting}: shown as {metric}")
+    if last is None or last[0] != source:
+        return gr.update(), gr.update(), f"press **Run sensitivity** to measure {_shown(setting)} (then the metric choice re-draws it at once)"
+    res = last[2]  # the table shown is the last result, whatever the setting picker names by now: it follows the metric
+    other = f" (press **Run sensitivity** to measure {_shown(setting)})" if last[1] != setting else ""
+    return (*_sensitivity_views(res, metric), f"{_shown(res.setting)}: shown as {metric}{other}")
 
 
 def open_cell(source, evt: gr.SelectData, request: gr.Request = None):
@@ -483,8 +484,11 @@ def forget_session(request: gr.Request):
 INTRO = ("# ditlab — post-training quantization lab for Diffusion Transformers\n"
          "Pick a **recipe** (how many bits each layer keeps), **compare** the quantized model with the full-precision one on the "
          "same seeds, and see **why** a setting fails (activation outliers, per-layer sensitivity).")
+MODEL_STEP = ("**Model** loads another DiT (a local folder, or a hub id already in the local cache); the shipped tiny DiT is the default."
+              if not api.limits().public else
+              "**Model**: this is a public instance, so it loads " + api.public.allowed_sources_text() + "; the shipped tiny DiT is the default.")
 HOW_TO = """1. **Generate** shows the full-precision model's images: the reference.
-2. **Model** loads another DiT (a local folder, or a hub id already in the local cache); the shipped tiny DiT is the default.
+2. """ + MODEL_STEP + """
 3. **Recipe**: pick a preset (e.g. `w4a8-hadanorm`), then edit any layer's method and bits in the table, or bulk-edit
    a kind of layer (`fc2`, `block 3`, a glob). The status line says at once if a value is not allowed, and why.
 4. **Compare** quantizes the model with the table's recipe and renders both models on the same seeds: images,
@@ -494,7 +498,8 @@ HOW_TO = """1. **Generate** shows the full-precision model's images: the referen
    bits under a budget with the **Allocate** button.
 6. **Export** downloads the packed quantized weights and the recipe; loading the zip back restores both.
 
-Long jobs show progress and can be cancelled. The full guide is docs/APP.md in the repository."""
+Long jobs show progress and can be cancelled (each tab's Cancel stops your running jobs). The full guide is docs/APP.md
+in the repository."""
 HEAVY = dict(concurrency_limit=2, concurrency_id="heavy")  # long jobs share 2 workers (2 CPU cores)
 
 
@@ -549,7 +554,8 @@ def build() -> gr.Blocks:
                 with gr.Accordion("What each column accepts", open=False):
                     gr.Markdown(api.table_help())
                 table = gr.Dataframe(api.recipe_table(PIPE, fp), label="per-layer recipe", interactive=True, static_columns=[0, 1, 2], max_height=480,
-                                     datatype=["str", "str", "str", "str", "number", "number", "str", "str"], elem_id="recipe_table")
+                                     datatype=["str", "str", "str", "str", "number", "number", "str", "str"], elem_id="recipe_table",
+                                     column_widths=["30%", "8%", "9%", "11%", "8%", "8%", "13%", "13%"], wrap=True)  # the editable columns stay in view on a narrow window
                 with gr.Accordion("Recipe JSON: import / export", open=False):
                     recipe_json = gr.Code(fp.to_json(), language="json", label="current recipe (what Compare and Export use)", interactive=False,
                                           elem_id="recipe_json")

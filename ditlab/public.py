@@ -194,10 +194,15 @@ def allowed_hub_ids() -> list[str]:
     return [s.strip() for s in os.environ.get("DITLAB_ALLOWED_HUB_IDS", "").split(",") if s.strip()]
 
 
-def _allowed_text() -> str:
+def allowed_sources_text() -> str:
+    """What public mode lets a user load, in words: "the shipped model, a folder under …, or one of the hub ids …"."""
     hubs = allowed_hub_ids()
     return ("the shipped model, a folder under " + ", ".join(map(str, allowed_dirs()))
-            + (", or one of the hub ids " + ", ".join(hubs) if hubs else " (hub ids are not loadable)") + " (public mode)")
+            + (", or one of the hub ids " + ", ".join(hubs) if hubs else " (hub ids are not loadable)"))
+
+
+def _allowed_text() -> str:
+    return allowed_sources_text() + " (public mode)"
 
 
 def check_source(source, field: str = "model source"):

@@ -263,7 +263,11 @@ def test_outliers_sensitivity_cell_click_and_allocate(tiny):
 
     other = app.sensitivity_metric("w4a8-rtn", "psnr", tiny)  # a new metric re-draws the last result, computes nothing
     assert "shown as psnr" in other[-1] and "psnr" in other[0].layout.title.text.lower()
-    assert "Run sensitivity" in app.sensitivity_metric("w8a8-rtn", "psnr", tiny)[-1]  # another setting: not measured yet
+    redrawn = app.sensitivity_metric("w8a8-rtn", "ssim", tiny)  # the picker names another setting: the table shown follows
+    assert "w4a8-rtn: shown as ssim" in redrawn[-1] and "Run sensitivity" in redrawn[-1] and "w8a8-rtn" in redrawn[-1]
+    assert "ssim" in redrawn[0].layout.title.text.lower()
+    fresh = app.sensitivity_metric("w8a8-rtn", "psnr", tiny, request=SimpleNamespace(session_hash="nobody-yet"))
+    assert "Run sensitivity" in fresh[-1] and isinstance(fresh[0], dict)  # nothing measured in that session
 
     with pytest.raises(app.gr.Error, match="Run sensitivity first"):  # another session has no table to click
         app.open_cell(tiny, Click(), request=SimpleNamespace(session_hash="someone-else"))
