@@ -153,6 +153,26 @@ def test_first_screen_and_sliders_fit_the_request_limit(monkeypatch, public, per
     assert app.images_per_class([], 3, cap=8)["value"] == 3  # no class chosen: generate names that field
 
 
+def test_every_preset_quantizes_and_compares_under_gradio_progress_tracking(tiny):
+    """The app's handlers run with gradio's tqdm tracking; every preset the picker offers must work under it (the
+    VQ4DiT and k-means ones did not)."""
+    from types import SimpleNamespace as NS
+
+    from gradio.context import LocalContext
+
+    pipe = app.api.load(tiny)
+    for var, value in ((LocalContext.progress, app.gr.Progress(track_tqdm=True)), (LocalContext.event_id, "event"),
+                       (LocalContext.blocks, NS(_queue=NS(set_progress=lambda *a, **k: None)))):
+        var.set(value)
+    try:
+        for name in app.PRESET_NAMES:
+            q = app.api.quantize(pipe, name, calib_settings=app.api.APP_CALIBRATION)
+            assert app.api.compare(pipe, q, [0, 1], steps=2, guidance=4.0, seed=0).metrics["psnr"] > 20, name
+    finally:
+        for var in (LocalContext.progress, LocalContext.event_id, LocalContext.blocks):
+            var.set(None)
+
+
 def test_gradio_progress_tracking_survives_a_loop_that_stops_early():
     """Under gradio's tqdm tracking (what the app's handlers run with), a bar left open by a loop that breaks early
     (k-means on convergence) fed the caller's next loop from its range: every VQ4DiT and k-means preset failed in
