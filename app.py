@@ -18,6 +18,7 @@ import shutil
 import signal
 import threading
 import time
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -59,6 +60,7 @@ def warm_up() -> None:
 
 
 if __name__ == "__main__":  # start sampling while gradio is imported and the UI is built (~half the time to first images)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # Spaces, Docker, systemd stop with SIGTERM: close as on Ctrl-C
     api.generate(PIPE, [0], steps=1, progress=False)  # lazy imports first: an import lock held by gradio would stall the thread
     threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
 
@@ -678,17 +680,23 @@ api_inputs.refuse_unreadable_payloads(demo, PAYLOAD_FIELDS)
 demo.queue(max_size=32, default_concurrency_limit=4)
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # Spaces, Docker, systemd stop with SIGTERM: close as on Ctrl-C
     on_spaces = bool(os.environ.get("SPACE_ID"))  # Hugging Face Spaces serve 0.0.0.0:7860 (GRADIO_SERVER_NAME)
-    demo.launch(
-        server_name=os.environ.get("DITLAB_HOST") or os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_spaces else "127.0.0.1"),
-        server_port=int(os.environ.get("DITLAB_PORT") or os.environ.get("GRADIO_SERVER_PORT") or "7860"),
-        share=False,
-        footer_links=["api"],
-    )
+    status = 0
+    try:
+        demo.launch(
+            server_name=os.environ.get("DITLAB_HOST") or os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_spaces else "127.0.0.1"),
+            server_port=int(os.environ.get("DITLAB_PORT") or os.environ.get("GRADIO_SERVER_PORT") or "7860"),
+            share=False,
+            footer_links=["api"],
+        )
+    except KeyboardInterrupt:  # stopped while still starting (a stop once it serves ends launch() itself)
+        pass
+    except BaseException:  # noqa: BLE001 - e.g. the port is taken: say so, exit non-zero, still clean up
+        traceback.print_exc()
+        status = 1
     # Stopped (Ctrl-C, SIGTERM). A daemon thread may still be inside a torch operation (the warm-up grid, a job): the
     # interpreter's teardown under it makes the C++ runtime abort ("terminate called without an active exception",
     # exit status -6). Run the exit hooks (they remove the working folder) and leave without that teardown.
     atexit._run_exitfuncs()
     logging.shutdown()
-    os._exit(0)
+    os._exit(status)
