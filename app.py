@@ -593,10 +593,11 @@ def build() -> gr.Blocks:
                     divergence = gr.Plot(label="per-step divergence", elem_id="divergence", scale=1)
             with gr.Tab("Outliers", id="outliers"):
                 with gr.Row():
-                    o_layer = gr.Dropdown(LAYER_NAMES, value="transformer_blocks.0.ff.net.2", label="layer", elem_id="o_layer", scale=3)
+                    o_layer = gr.Dropdown(LAYER_NAMES, value="transformer_blocks.0.ff.net.2", label="layer", elem_id="o_layer", scale=3,
+                                          min_width=420)  # whole layer names (ff.net.0.proj vs ff.net.2) on a narrow window
                     # allow_custom_value: API clients may send a timestep as text ('999') or int; the handler checks it by name
                     o_t = gr.Dropdown(TIMESTEPS, value=TIMESTEPS[0], label="timestep", elem_id="o_timestep", allow_custom_value=True)
-                    o_branch = gr.Radio(list(api.BRANCHES), value="cond", label="CFG branch", elem_id="o_branch")
+                    o_branch = gr.Radio(list(api.BRANCHES), value="cond", label="CFG branch", elem_id="o_branch", min_width=280)
                     o_run = gr.Button("Show", variant="primary", elem_id="outliers_run")
                     o_cancel = gr.Button("Cancel", variant="stop", elem_id="o_cancel", scale=0)
                 o_msg = gr.Markdown(label="status", elem_id="o_msg")
