@@ -241,7 +241,7 @@ def _seen_table(session: str, table, recipe_json, source) -> bool:
     copy of one edit); records the inputs. After a second the same table is checked again: a preset may have
     replaced it meanwhile, and the status must then say what is wrong with it once more."""
     try:
-        shown = pd.DataFrame(table["data"], columns=table["headers"]) if isinstance(table, dict) else table
+        shown = api.as_frame(table)
         key = hashlib.sha256(repr((shown.astype(str).values.tolist(), list(shown.columns), recipe_json, source)).encode()).hexdigest()
     except Exception:  # noqa: BLE001 - a malformed table is table_recipe's to report
         return False

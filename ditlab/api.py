@@ -401,7 +401,7 @@ def compare(pipe: Pipeline, quantized: Quantized, labels: Sequence[int], *, step
 from .exports import SessionFolders, app_workdir, export_zip, load_qdir, unpack_qdir  # noqa: E402,F401
 from .jobs import Cancelled, Jobs, QuantCache  # noqa: E402,F401
 from .public import RateLimiter, check_request, check_server_path, client_address, limits, real_number, safe_name, whole_number  # noqa: E402,F401
-from .recipe_editing import BULK_TARGETS, bulk_edit, parse_recipe, recipe_table, same_table, table_help, table_recipe, write_recipe  # noqa: E402,F401
+from .recipe_editing import BULK_TARGETS, as_frame, bulk_edit, parse_recipe, recipe_table, same_table, table_help, table_recipe, write_recipe  # noqa: E402,F401
 from .workbench import (APP_CALIBRATION, BACKEND_NAMES, BRANCHES, MODEL_KINDS, allocation_views, calibration_timesteps, cell_target,  # noqa: E402,F401
                         compare_metrics, default_backend, divergence_figure, grid_rows, layers_frame, memory_frame, model_markdown,
                         model_source, outlier_views, sensitivity_run, sensitivity_table)

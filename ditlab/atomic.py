@@ -8,9 +8,10 @@ killed mid-write. Used by the calibration cache, the sensitivity cache, the resu
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 
 def write_atomic(path: Path, write: Callable[[str], object], suffix: str = "") -> None:
@@ -45,6 +46,32 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs (one of another user counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # OverflowError: a number no process id can be
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_left_by_dead_processes(paths: Iterable[Path], pid_of: Callable[[Path], str]) -> list[Path]:
+    """Removes each of ``paths`` (files or folders) whose writer's process id, ``pid_of(path)`` (text), is a number
+    of a process that no longer runs: what killed writers left behind. Returns the removed paths."""
+    removed = []
+    for path in paths:
+        pid = pid_of(path)
+        if pid.isdigit() and not process_alive(int(pid)):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def fsync_path(path: str | os.PathLike) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import save_safetensors
+from .atomic import remove_left_by_dead_processes, save_safetensors
 from .atomic import write_atomic as _atomic_write  # the name the fault tests patch
 
 log = logging.getLogger(__name__)
@@ -51,16 +51,7 @@ def _sha256(path: Path) -> str:
 
 def _remove_stale(folder: Path) -> None:
     """Deletes temporary files of writers that were killed mid-write (their pid no longer runs)."""
-    for path in folder.glob(".*.tmp"):
-        pid = path.name[: -len(".tmp")].rsplit(".", 1)[-1].split("-")[0]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            path.unlink(missing_ok=True)
-        except OSError:
-            pass
+    remove_left_by_dead_processes(folder.glob(".*.tmp"), lambda p: p.name[: -len(".tmp")].rsplit(".", 1)[-1].split("-")[0])
 
 
 def flatten(layers: dict[str, dict]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:

@@ -9,9 +9,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .atomic import write_atomic
+from .atomic import remove_left_by_dead_processes, write_atomic
 from .errors import ConfigError, DitlabError, ModelLoadError
 from .public import checked_path, limits
+
 
 def write_file(target: Path, write) -> Path:
     """Calls ``write(tmp)`` on a temporary file beside ``target`` (same name ending) and renames it onto ``target``: a
@@ -30,8 +31,7 @@ def write_file(target: Path, write) -> Path:
 def export_zip(qdir: str | os.PathLike) -> Path:
     """Zips a QDIR folder as ``<qdir>.zip`` (files at the archive root, written atomically); returns the zip path."""
     folder = Path(qdir)
-    return write_file(folder.parent / f"{folder.name}.zip",
-                         lambda tmp: shutil.make_archive(tmp.removesuffix(".zip"), "zip", root_dir=folder))
+    return write_file(folder.parent / f"{folder.name}.zip", lambda tmp: shutil.make_archive(tmp.removesuffix(".zip"), "zip", root_dir=folder))
 
 
 def _safe_extract(archive: Path, dest: Path, max_bytes: int) -> None:
@@ -91,13 +91,8 @@ def app_workdir(parent: str | os.PathLike | None = None) -> Path:
     Folders that processes which have died left behind (killed, so their exit hook never ran) are removed first."""
     import atexit
 
-    from .qdir import _alive
-
     parent = Path(parent or tempfile.gettempdir())
-    for old in parent.glob(f"{WORKDIR_PREFIX}*-*"):
-        pid = old.name[len(WORKDIR_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
+    remove_left_by_dead_processes(parent.glob(f"{WORKDIR_PREFIX}*-*"), lambda p: p.name[len(WORKDIR_PREFIX):].split("-", 1)[0])
     folder = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-", dir=parent))
     atexit.register(shutil.rmtree, folder, True)
     return folder
@@ -111,10 +106,13 @@ class SessionFolders:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root) / "sessions"
 
-    def _base(self, session: str, kind: str) -> Path:
+    def _session_root(self, session: str) -> Path:
         from .public import safe_name
 
-        return self.root / safe_name(session or "local") / kind
+        return self.root / safe_name(session or "local")
+
+    def _base(self, session: str, kind: str) -> Path:
+        return self._session_root(session) / kind
 
     def fresh(self, session: str, kind: str) -> Path:
         """A new empty folder of ``kind`` for ``session`` (the older ones stay until ``keep_only``)."""
@@ -131,4 +129,4 @@ class SessionFolders:
 
     def drop(self, session: str) -> None:
         """Removes every folder of ``session`` (when it ends)."""
-        shutil.rmtree(self._base(session, "x").parent, ignore_errors=True)
+        shutil.rmtree(self._session_root(session), ignore_errors=True)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .atomic import fsync_path, fsync_tree, save_safetensors
+from .atomic import fsync_path, fsync_tree, remove_left_by_dead_processes, save_safetensors
 from .config import Recipe, load_recipe
 from .errors import DitlabError, ModelLoadError
 from .models import FAMILIES, SHIPPED_ALIASES, SHIPPED_MODEL, Pipeline, _from_pretrained, check_fits_in_memory, _load_labels, _load_text_encoder, read_model_index, resolve_source
@@ -161,23 +161,10 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale(out: Path) -> None:
     """Removes the temporary folders that killed writers left beside ``out`` (their process no longer runs)."""
-    for path in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = path.name.rsplit(".tmp-", 1)[1].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-            log.info("removed %s, left by a writer that was killed", path)
+    for path in remove_left_by_dead_processes(out.parent.glob(f".{out.name}.tmp-*"), lambda p: p.name.rsplit(".tmp-", 1)[1].split("-")[0]):
+        log.info("removed %s, left by a writer that was killed", path)
 
 
 def _place(tmp: Path, out: Path, overwrite: bool) -> None:

@@ -39,7 +39,9 @@ def recipe_table(pipe: Pipeline, recipe: Recipe) -> pd.DataFrame:
     return table
 
 
-def _as_frame(table) -> pd.DataFrame:
+def as_frame(table) -> pd.DataFrame:
+    """The recipe table as a DataFrame, from a DataFrame or gradio's ``{"headers", "data"}`` form; ConfigError naming
+    the table otherwise."""
     if isinstance(table, pd.DataFrame):
         return table
     if isinstance(table, dict) and "headers" in table and "data" in table:
@@ -49,7 +51,7 @@ def _as_frame(table) -> pd.DataFrame:
 
 def table_recipe(pipe: Pipeline, table, base: Recipe) -> Recipe:
     """The Recipe of an edited table: ``base`` plus one exact-name override per changed row (validated on ``pipe``)."""
-    table = _as_frame(table)
+    table = as_frame(table)
     infos = list_linears(pipe.transformer)
     missing = [c for c in ("name",) + EDITABLE if c not in table.columns]
     if missing:
@@ -87,7 +89,7 @@ def _as_typed(table: pd.DataFrame) -> pd.DataFrame:
 def same_table(table, shown: pd.DataFrame) -> bool:
     """Whether the table as the user has it reads cell for cell (as trimmed text) like ``shown``, the table of the
     recipe it gives; False when a row was normalised, e.g. method fp typed on a W4A8 row shows 16/16 bits."""
-    table = _as_frame(table)
+    table = as_frame(table)
     if list(table.columns) != list(shown.columns) or len(table) != len(shown):
         return False
     def text(v) -> str:
