@@ -75,12 +75,10 @@ api_inputs.let_the_handlers_check_inputs()
 log = logging.getLogger("ditlab.app")
 QUANTIZED = api.QuantCache(max_entries=6)  # bounded: at most 6 quantized copies in memory across all sessions
 SENSITIVITY_METRICS = ("sqnr_db", "ssim", "psnr", "agreement")  # the metric picker's choices
-LAST_SENSITIVITY: dict[str, tuple] = {}  # session → (model source, setting, SensitivityResult): the metric picker re-draws it
-SENSITIVITY_LOCK = threading.Lock()
-LOADED_EXPORTS: dict[str, tuple] = {}  # session → (model source, recipe JSON, QDIR folder, name shown) of the export it loaded last
-EXPORTS_LOCK = threading.Lock()
-LAST_TABLE: dict[str, tuple] = {}  # session → (digest of the last checked table, recipe JSON and source; when)
-TABLE_LOCK = threading.Lock()
+# What a session remembers, by kind: "sensitivity" → (model source, setting, SensitivityResult), which the metric picker
+# re-draws; "export" → (model source, recipe JSON, QDIR folder, name shown) of the export it loaded last; "table" →
+# (digest of the last checked table, recipe JSON and source; when)
+NOTES = api.SessionNotes()
 JOBS = api.Jobs()  # cancel tokens of running jobs: Cancel stops a job at its next layer, freeing the worker
 RATE = api.RateLimiter()  # public mode: heavy jobs per client address per minute
 WORKDIR = api.app_workdir()  # exports, uploads and recipe files of this process (removed at exit)
@@ -158,8 +156,7 @@ def _loaded_export(session: str, pipe, recipe) -> tuple[Path | None, str | None]
     """(QDIR folder, name the user knows it by: the uploaded zip's or the folder's) of the export this session loaded,
     if it holds ``recipe`` on ``pipe`` (its weights are used then, not a new quantization: they may come from GPTQ,
     VQ4DiT or other calibration settings); (None, None) otherwise."""
-    with EXPORTS_LOCK:
-        source, recipe_json, folder, name = LOADED_EXPORTS.get(session, (None, None, None, None))
+    source, recipe_json, folder, name = NOTES.get(session, "export", (None, None, None, None))
     return (folder, name) if (source, recipe_json) == (pipe.source, recipe.to_json(indent=None)) else (None, None)
 
 
@@ -224,8 +221,8 @@ def apply_preset(preset, source):
 @guarded(5)
 def table_edited(table, recipe_json, source, request: gr.Request = None):
     """Validates the edited table; the recipe JSON follows it (an invalid edit keeps the table and says why). The
-    table is redrawn only where the recipe reads a row differently from how it was typed (method fp → 16/16 bits,
-    " 8" → 8), so an edit in progress elsewhere is never overwritten. The browser sends one edit twice: the second
+    table is redrawn only where the recipe reads a row differently from how it was typed (method fp → 16/16 bits, a
+    method on an fp row → W8, " 8" → 8), so an edit in progress elsewhere is never overwritten. The browser sends one edit twice: the second
     copy changes nothing (no second warning for one mistake)."""
     if request is not None and _seen_table(_session(request), table, recipe_json, source):
         return (gr.update(),) * 5
@@ -246,9 +243,7 @@ def _seen_table(session: str, table, recipe_json, source) -> bool:
     except Exception:  # noqa: BLE001 - a malformed table is table_recipe's to report
         return False
     now = time.monotonic()
-    with TABLE_LOCK:
-        last_key, last_time = LAST_TABLE.get(session, (None, 0.0))
-        LAST_TABLE[session] = (key, now)
+    last_key, last_time = NOTES.swap(session, "table", (key, now), (None, 0.0))
     return key == last_key and now - last_time < 1.0
 
 
@@ -353,8 +348,7 @@ def sensitivity(setting, metric, source, request: gr.Request = None, progress=gr
     recipe = api.parse_recipe(setting, pipe, field="setting")  # a preset or recipe JSON text, size-limited: never a server file
     with _job(request, "Sensitivity"):
         res = api.sensitivity_run(pipe, recipe, lambda p: api.calibrate(p, **api.APP_CALIBRATION))
-    with SENSITIVITY_LOCK:
-        LAST_SENSITIVITY[_session(request)] = (source, setting, res)
+    NOTES.put(_session(request), "sensitivity", (source, setting, res))
     return (*_sensitivity_views(res, metric), f"{res.setting}: {res.n_computed} cells computed, {res.n_cached} cached, {res.seconds:.1f} s")
 
 
@@ -366,8 +360,7 @@ def _sensitivity_views(res, metric: str) -> tuple:
 @guarded(3)
 def sensitivity_metric(setting, metric, source, request: gr.Request = None):
     """A new metric re-draws the session's last sensitivity result at once (nothing is computed here)."""
-    with SENSITIVITY_LOCK:
-        last = LAST_SENSITIVITY.get(_session(request))
+    last = NOTES.get(_session(request), "sensitivity")
     if last is None or last[0] != source:
         return gr.update(), gr.update(), f"press **Run sensitivity** to measure {_shown(setting)} (then the metric choice re-draws it at once)"
     res = last[2]  # the table shown is the last result, whatever the setting picker names by now: it follows the metric
@@ -379,8 +372,7 @@ def open_cell(source, evt: gr.SelectData, request: gr.Request = None):
     """A click on a cell of the sensitivity table opens that layer and timestep group in Outliers. The table is the
     session's last result, so nothing is measured here (the setting picker may name another setting by now). With no
     result the chain stops: no Outliers run."""
-    with SENSITIVITY_LOCK:
-        last = LAST_SENSITIVITY.get(_session(request))
+    last = NOTES.get(_session(request), "sensitivity")
     if last is None or last[0] != source:
         raise gr.Error("press Run sensitivity first: a click opens a cell of its table in Outliers", print_exception=False)
     try:
@@ -446,8 +438,7 @@ def load_export(upload, path, request: gr.Request = None):
         raise
     name = Path(upload).name if upload else folder.name
     QUANTIZED.put(session, pipe, q.recipe, q)
-    with EXPORTS_LOCK:
-        LOADED_EXPORTS[session] = (pipe.source, q.recipe.to_json(indent=None), folder, name)
+    NOTES.put(session, "export", (pipe.source, q.recipe.to_json(indent=None), folder, name))
     FOLDERS.keep_only(session, "upload", unpacked)  # the export loaded before this one is no longer used
     unused = " (the server path was not used: the upload was)" if upload and str(path or "").strip() else ""
     return (source, *_recipe_outputs(pipe, q.recipe, "")[:4], None, f"✓ recipe **{_shown(q.recipe.name)}** from the export `{name}`",
@@ -470,16 +461,12 @@ def cancel(request: gr.Request = None):
 
 
 def forget_session(request: gr.Request):
-    """When a browser session ends, its quantized copies leave the cache (and its loaded export is forgotten)."""
+    """When a browser session ends, its quantized copies leave the cache, its notes (loaded export, last sensitivity
+    result and table check) are forgotten and its folders removed."""
     session = _session(request)
     QUANTIZED.drop_session(session)
-    with EXPORTS_LOCK:
-        LOADED_EXPORTS.pop(session, None)
-    with SENSITIVITY_LOCK:
-        LAST_SENSITIVITY.pop(session, None)
+    NOTES.forget(session)
     FOLDERS.drop(session)
-    with TABLE_LOCK:
-        LAST_TABLE.pop(session, None)
 
 
 # ---------------------------------------------------------------- layout

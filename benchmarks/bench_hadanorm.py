@@ -151,14 +151,21 @@ def short(name: str) -> str:
     return f"{block}.{parts[-1] if kind in ('qkv',) else kind}"
 
 
+FULL_MEAN_RANK = 100_000  # ≥ every layer's K: U = I, the mean term uses W̃ itself (methods/hadanorm.py)
+
+
 def variant_recipe(base: str, name: str, **changes) -> Recipe:
     r = PRESETS[base]
     return dataclasses.replace(r, name=name, default=dataclasses.replace(r.default, **changes))
 
 
 def seed_recipes(group: str) -> list[Recipe]:
-    """The recipes of the ``seeds`` part: "w4a8" (rounding of 4-bit weights), "a4" (4-bit activations) or
-    "rotations" (w4a8-hadanorm with other random Hadamard signs: the same method, a different error)."""
+    """The recipes of the ``seeds`` part: "w4a8" (rounding of 4-bit weights), "a4" (4-bit activations),
+    "rotations" (w4a8-hadanorm with other random Hadamard signs: the same method, a different error) or "mean-term"
+    (w4a8-hadanorm with METHODS.md's full-precision mean term instead of the stored low-rank one: what the
+    approximation costs)."""
+    if group == "mean-term":
+        return [variant_recipe("w4a8-hadanorm", "w4a8-hadanorm, full-precision mean term", params={"mean_rank": FULL_MEAN_RANK})]
     if group == "rotations":
         return [variant_recipe("w4a8-hadanorm", f"w4a8-hadanorm, hadamard_seed {h}", hadamard_seed=h) for h in (1, 2, 3)]
     if group == "a4":
@@ -213,8 +220,9 @@ def main() -> int:
     p.add_argument("--steps", default=None, help="sampling steps whose layer inputs are captured (layers: default 0,5,9; steps: 0,2,5,9)")
     p.add_argument("--seeds", default=None, help="image seeds (seeds: default 0,1,2; split: 0,1)")
     p.add_argument("--n-per-label", type=int, default=10)
-    p.add_argument("--group", choices=("w4a8", "a4", "rotations"), default="w4a8",
-                   help="recipes of the seeds part: 4-bit weights' rounding, 4-bit activations, or HadaNorm with other Hadamard seeds")
+    p.add_argument("--group", choices=("w4a8", "a4", "rotations", "mean-term"), default="w4a8",
+                   help="recipes of the seeds part: 4-bit weights' rounding, 4-bit activations, HadaNorm with other Hadamard seeds, "
+                        "or HadaNorm with the full-precision mean term")
     args = p.parse_args()
     torch.set_num_threads(2)
     t0 = time.time()

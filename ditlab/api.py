@@ -399,7 +399,7 @@ def compare(pipe: Pipeline, quantized: Quantized, labels: Sequence[int], *, step
 
 # the app's session logic (no gradio in these modules), reached through ``api`` by app.py
 from .exports import SessionFolders, app_workdir, export_zip, load_qdir, unpack_qdir  # noqa: E402,F401
-from .jobs import Cancelled, Jobs, QuantCache  # noqa: E402,F401
+from .jobs import Cancelled, Jobs, QuantCache, SessionNotes  # noqa: E402,F401
 from .public import RateLimiter, check_request, check_server_path, client_address, limits, real_number, safe_name, whole_number  # noqa: E402,F401
 from .recipe_editing import BULK_TARGETS, as_frame, bulk_edit, parse_recipe, recipe_table, same_table, table_help, table_recipe, write_recipe  # noqa: E402,F401
 from .workbench import (APP_CALIBRATION, BACKEND_NAMES, BRANCHES, MODEL_KINDS, allocation_views, calibration_timesteps, cell_target,  # noqa: E402,F401

@@ -1,5 +1,6 @@
-"""Per-session state of the app's long jobs: the bounded cache of quantized copies (``QuantCache``) and the cancel
-tokens that let Cancel stop a job at its next layer (``Jobs``). Thread-safe; nothing here imports gradio."""
+"""Per-session state of the app: the bounded cache of quantized copies (``QuantCache``), the cancel tokens that let
+Cancel stop a job at its next layer (``Jobs``) and the small records a session keeps between requests
+(``SessionNotes``). Thread-safe; nothing here imports gradio."""
 
 from __future__ import annotations
 
@@ -60,6 +61,40 @@ class QuantCache:
     def __len__(self) -> int:
         return len(self._items)
 
+
+class SessionNotes:
+    """What each session remembers between requests, by kind: e.g. "sensitivity" (its last result, which the metric
+    picker re-draws), "export" (the export it loaded last), "table" (its last table check). One lock for all;
+    ``forget`` drops everything of a session when it ends."""
+
+    def __init__(self):
+        self._notes: dict[str, dict[str, object]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, session: str | None, kind: str, default=None):
+        with self._lock:
+            return self._notes.get(session or "local", {}).get(kind, default)
+
+    def put(self, session: str | None, kind: str, value) -> None:
+        with self._lock:
+            self._notes.setdefault(session or "local", {})[kind] = value
+
+    def swap(self, session: str | None, kind: str, value, default=None):
+        """Stores ``value`` and returns what was there before (``default`` if nothing), in one step."""
+        with self._lock:
+            notes = self._notes.setdefault(session or "local", {})
+            old = notes.get(kind, default)
+            notes[kind] = value
+            return old
+
+    def forget(self, session: str | None) -> None:
+        with self._lock:
+            self._notes.pop(session or "local", None)
+
+    def sessions(self) -> set[str]:
+        """The sessions with at least one note."""
+        with self._lock:
+            return set(self._notes)
 
 
 class Cancelled(DitlabError):

@@ -95,6 +95,20 @@ def row_config(row: dict, layer: str) -> LayerConfig:
     return LayerConfig.from_dict(fields, layer=layer)  # a method with 16/16 bits is refused there, naming the layer
 
 
+def _method_on_fp_row(row: dict, planned: LayerConfig | None) -> dict:
+    """A method typed on a full-precision row, whose bits still read 16/16, gets 8-bit weights, as bulk edit gives
+    it ('rtn' on an fp row → rtn W8A16; the app redraws the row). Typing 16-bit weights on a quantized row is
+    still refused, naming the field."""
+    if planned is not None and not planned.is_fp:
+        return row
+    method = str(row.get("method", "")).strip().lower()
+    try:
+        w16 = float(row.get("w_bits")) == 16
+    except (TypeError, ValueError):
+        return row
+    return {**row, "w_bits": 8} if w16 and method not in ("", "fp", "nan", "none") else row
+
+
 def _escape(name: str) -> str:
     """A glob matching exactly ``name`` under fnmatch (brackets, stars and question marks quoted)."""
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
@@ -131,7 +145,7 @@ def frame_to_recipe(df, base: Recipe) -> Recipe:
     plan = base.resolve(layers)
     edited = {}  # layer → its row's config, for the rows that differ from base's plan
     for info, r in zip(layers, records):
-        new = row_config(r, info.name).validate(info.name, info.in_features, info.out_features)
+        new = row_config(_method_on_fp_row(r, plan[info.name]), info.name).validate(info.name, info.in_features, info.out_features)
         if new != plan[info.name] and not (plan[info.name] is None and new.is_fp):
             edited[info.name] = new
     own = {_escape(name) for name in edited}  # the edited layers' earlier exact-name overrides give way to new ones

@@ -124,6 +124,13 @@ def test_apply_preset_and_table_edit(tiny):
     fp_row.loc[fp_row["name"] == "transformer_blocks.1.ff.net.2", ["method", "w_bits", "a_bits"]] = ["hadanorm", 16, 16]
     out = app.table_edited(fp_row, text2, tiny)
     assert "w_bits = 16" in _msg(out) and "hadanorm" in _msg(out) and "transformer_blocks.1.ff.net.2" in _msg(out)
+    back = shown.astype(object)  # a method typed on a full-precision row: 8-bit weights, as bulk edit gives, redrawn
+    back.loc[back["name"] == "transformer_blocks.0.attn1.to_q", "method"] = "hadanorm"
+    shown_back, back_text, *_, back_msg = app.table_edited(back, fp_text, tiny)
+    row = shown_back.loc[shown_back["name"] == "transformer_blocks.0.attn1.to_q"].iloc[0]
+    assert back_msg.startswith("✓") and (row["method"], row["w_bits"], row["a_bits"]) == ("hadanorm", 8, 16)
+    assert [o["set"] for o in json.loads(back_text)["overrides"] if o["pattern"] == "transformer_blocks.0.attn1.to_q"] \
+        == [{"method": "hadanorm", "w_bits": 8, "a_bits": 16, "w_group_size": None}]  # vs the preset's rtn W4A8 g64
     zero = edited.astype(object)  # group size 0 is refused as in recipe JSON (it used to mean per-channel here only)
     zero.loc[zero["name"] == "transformer_blocks.1.ff.net.2", ["a_bits", "w_group_size"]] = [8, "0"]
     assert "w_group_size" in _msg(app.table_edited(zero, text2, tiny))
@@ -455,7 +462,7 @@ def test_a_loaded_export_is_read_back_not_requantized_after_eviction(tiny, monke
     for n in range(app.QUANTIZED.max_entries):
         app.QUANTIZED.drop_session(f"other-{n}")
     app.forget_session(None)
-    assert not app.LOADED_EXPORTS
+    assert app.NOTES.get(None, "export") is None and "local" not in app.NOTES.sessions()
 
 
 # ---------------------------------------------------------------- the named API through gradio_client

@@ -92,6 +92,24 @@ def test_mean_term_is_exact_for_means_in_the_calibrated_subspace():
     assert rel_err(exact, without.mean_correction(t_mu) + (without.bias - lin.bias)) > 10 * rel_err(exact, q.mean_correction(t_mu) + (q.bias - lin.bias))
 
 
+def test_full_mean_rank_gives_the_specifications_full_precision_mean_term_on_any_input():
+    """mean_rank ≥ K: U = I, so the mean term is T(μ)·W̃ᵀ for every μ — held-out inputs and a mean far outside the
+    calibration's — up to the float16 storage of the weight error; the bias correction has almost nothing left."""
+    x = outlier_acts(b=16, seed=6)
+    lin = make_linear(seed=6)
+    st = stats_from_acts(x[:4])  # 4 calibration means: a rank-3 subspace at most
+    q = METHODS["hadanorm"](lin, _cfg(w_bits=4, w_group_size=64, a_bits=8, params={"mean_rank": 192}), st)
+    assert q.mean_down.shape == (192, 192) and torch.equal(q.mean_down.float(), torch.eye(192))
+    held = torch.cat([x[4:], x[4:5] + 3.0 * torch.randn(1, 1, 192, generator=torch.Generator().manual_seed(0))])
+    t_mu = q.transform(held)[1]  # (B, 1, K)
+    exact = t_mu @ q.transform.fold_weight(lin.weight).t()
+    assert rel_err(exact, q.mean_correction(t_mu)) < 2e-4  # measured 6e-5: float16 rounding of E only
+    partial = METHODS["hadanorm"](lin, _cfg(w_bits=4, w_group_size=64, a_bits=8, params={"mean_rank": 3}), st)
+    assert rel_err(exact, partial.mean_correction(t_mu) + (partial.bias - lin.bias)) > 20 * rel_err(exact, q.mean_correction(t_mu))
+    rank0 = METHODS["hadanorm"](lin, _cfg(w_bits=4, w_group_size=64, a_bits=8, params={"mean_rank": 0}), st)
+    assert (q.bias - lin.bias).norm() < 0.05 * (rank0.bias - lin.bias).norm()
+
+
 def test_mean_rank_lowers_w4_error_on_held_out_samples():
     """Calibrate on 12 samples, evaluate on 4 others: the low-rank mean term lowers the W4A8 output error below the
     bias correction alone, and below RTN. The massive channels' per-sample means vary by ±10 %: a few directions."""

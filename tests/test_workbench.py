@@ -246,6 +246,24 @@ def test_quant_cache_bounded_lru_and_quantizes_once(tiny):
     assert len(cache) == 1
 
 
+def test_session_notes_keep_sessions_apart_and_forget_one():
+    notes = jobs.SessionNotes()
+    notes.put("a", "sensitivity", 1)
+    notes.put("b", "sensitivity", 2)
+    assert (notes.get("a", "sensitivity"), notes.get("b", "sensitivity"), notes.get("a", "export", "none")) == (1, 2, "none")
+    assert notes.swap("a", "table", "t1", "first") == "first" and notes.swap("a", "table", "t2") == "t1"
+    notes.put(None, "export", 3)  # no session (a script without one): "local"
+    assert notes.get("local", "export") == 3 and notes.sessions() == {"a", "b", "local"}
+    notes.forget("a")
+    assert notes.get("a", "table") is None and notes.get("b", "sensitivity") == 2 and notes.sessions() == {"b", "local"}
+    counts = []  # swap is one step: 8 threads × 200 swaps see every earlier value exactly once
+    threads = [threading.Thread(target=lambda: counts.extend(notes.swap("c", "n", object()) for _ in range(200))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(c) for c in counts if c is not None}) == 8 * 200 - 1 and counts.count(None) == 1
+
 def test_export_zip_and_load_back(tiny, tmp_path):
     from ditlab import api
 

@@ -14,7 +14,8 @@ is built from what is stored, and the weight error E = W̃ − Ŵ it would carry
   ``(T(μ) Uᵀ)(E Uᵀ)ᵀ`` — the mean term is then exact, up to float16, for every μ in that subspace. Cost: (K + N)·r
   float16 numbers per layer: (K + N)·r / (N·K) of its fp16 bytes — with the default r = 2, 2 % on a 192 × 192 layer
   of the shipped model (1 % over the whole model: W4 g64 then packs to 0.29× fp16) and 0.35 % on DiT-XL's 1152 × 1152.
-  r = K makes the term exact for every μ (the specification's full-precision GEMV, at fp16 storage cost).
+  r ≥ K makes the term exact for every μ (U = I: the specification's full-precision GEMV, with the weight error
+  stored in float16 — more bytes than the fp16 layer, so only for measuring what the approximation costs).
 * **Bias correction** (``params["mean_bias_correction"]``, default on): the remaining error at the calibration
   mean μ̄ is folded into the bias, ``b' = b + T(μ̄) W̃ᵀ − mean_term(T(μ̄))`` (Nagel et al. 2019), so the average
   input sees no weight error in its mean term at all.
@@ -87,7 +88,12 @@ def mean_lowrank(q: QuantLinear, w_tilde: torch.Tensor, stats, rank: int) -> tup
     """(U (r, K), E·Uᵀ (N, r)) float32 for the mean term's low-rank correction, or None without sample means.
 
     U spans the top-r directions of the calibration means' deviations T(μ_s) − T(μ̄) (S, K); r ≤ min(rank, S − 1, K).
+    rank ≥ K gives U = I (K, K): the mean term is then exact for every μ, as METHODS.md's full-precision GEMV, at a
+    cost of (K + N)·K float16 numbers — more than the fp16 layer, so a measurement option, not a deployment setting.
     The product is computed from U rounded to float16, the precision it is stored in."""
+    if int(rank) >= q.in_features:
+        down = torch.eye(q.in_features)
+        return down, weight_error(q, w_tilde)
     means = getattr(stats, "sample_means", None)
     if means is None or means.shape[0] < 2:
         log.warning("hadanorm: no per-sample means in the calibration statistics; mean term without low-rank correction")
