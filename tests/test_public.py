@@ -336,3 +336,19 @@ def test_handlers_apply_the_rate_limit(public_mode, app, monkeypatch):
     assert "1 images" in status
     out = app.generate([0], 1, 0, 1, 4.0)
     assert out[-1].startswith("⚠️ request rate") and "try again in" in out[-1]
+
+
+def test_the_spaces_front_matter_matches_what_is_installed_and_tested():
+    """Hugging Face Spaces read README.md's front matter: it must start app.py, on the Python the Makefile and
+    README require, with a gradio that requirements.txt allows (Spaces install sdk_version, not requirements' gradio)."""
+    from packaging.requirements import Requirement
+
+    root = Path(__file__).resolve().parents[1]
+    head = (root / "README.md").read_text().split("---")[1]
+    meta = dict(line.split(":", 1) for line in head.strip().splitlines())
+    meta = {k.strip(): v.strip().strip('"') for k, v in meta.items()}
+    assert (meta["sdk"], meta["app_file"], meta["python_version"]) == ("gradio", "app.py", "3.11")
+    assert (root / meta["app_file"]).is_file() and "Python 3.11" in (root / "README.md").read_text()
+    gradio = [Requirement(line.split("#")[0]) for line in (root / "requirements.txt").read_text().splitlines()
+              if line.split("#")[0].strip().startswith("gradio")]
+    assert len(gradio) == 1 and gradio[0].specifier.contains(meta["sdk_version"]), (meta["sdk_version"], gradio)
