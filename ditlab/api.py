@@ -33,12 +33,46 @@ DEFAULT_STEPS = 25
 
 def load(source: str | None = None) -> Pipeline:
     """Loads (and caches per process) a pipeline — a diffusers folder, a hub id, "shipped", or a QDIR written by
-    ``save``. Treat the result as read-only. In public mode only allowlisted sources load (``public.check_source``)."""
-    return _load(public.check_source(source))
+    ``save``. Treat the result as read-only. In public mode only allowlisted sources load (``public.check_source``).
+
+    The cache is keyed by what the source *is*, not how it is written: a folder by its absolute path and the
+    modification stamps of its model files (a folder saved over, or re-exported, loads again; "q" in two working
+    directories are two models); the shipped model's aliases ("shipped", None, its folder) share one entry."""
+    return _load(*_source_key(public.check_source(source)))
+
+
+def _source_key(source) -> tuple[str, tuple]:
+    """(what the source is: "shipped", an absolute folder path, or the text as given — a hub id, or a path that is
+    not a folder, which loading then refuses by name; the stamps (name, mtime_ns, size) of a folder's model files)."""
+    from .models import SHIPPED_ALIASES, SHIPPED_MODEL
+
+    text = "" if source is None else str(source).strip()
+    if text in SHIPPED_ALIASES:
+        return "shipped", ()
+    try:
+        folder = Path(text).expanduser().resolve()
+        if not folder.is_dir():
+            return text, ()
+    except (OSError, RuntimeError, ValueError):
+        return text, ()
+    if folder == SHIPPED_MODEL.resolve():
+        return "shipped", ()
+    files = [folder / "model_index.json", *sorted(folder.glob("*/*.safetensors")),
+             *sorted(folder.glob("*/config.json")), *sorted(folder.glob("*.json"))]
+    stamps = []
+    for f in dict.fromkeys(files):
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        stamps.append((f.name if f.parent == folder else f"{f.parent.name}/{f.name}", st.st_mtime_ns, st.st_size))
+    return str(folder), tuple(stamps)
 
 
 @functools.lru_cache(maxsize=4)
-def _load(source: str | None) -> Pipeline:
+def _load(source: str | None, stamps: tuple = ()) -> Pipeline:
+    """The loaded pipeline of ``source`` ("shipped", an absolute folder or a hub id); ``stamps`` is part of the cache
+    key only."""
     from . import qdir
 
     if source and qdir.is_qdir(Path(str(source)).expanduser()):
@@ -161,6 +195,11 @@ def qdir_source(folder: str | Path) -> str:
     return qdir.fp_source(folder)
 
 
+def is_quantized(pipe: Pipeline) -> bool:
+    """True if some linear of ``pipe``'s transformer is quantized (a QDIR or a ``quantize`` result)."""
+    return any(getattr(m, "is_quantized_linear", False) for m in pipe.transformer.modules())
+
+
 def weight_bytes(pipe: Pipeline) -> tuple[int, int]:
     """(packed bytes, fp16 bytes) of the quantizable linears (those not skipped by default) of ``pipe``."""
     from .models import default_skip_kinds
@@ -194,15 +233,25 @@ def evaluate(pipe: Pipeline, recipe: Recipe | str = "fp", *, settings: SampleSet
 
     Returns one JSON-ready dict: psnr, ssim (final images vs FP), class_acc, class_acc_fp, fd, fd_fp,
     class_agreement, weight_bytes, weight_bytes_fp16, backend, seconds_calibrate, seconds_quantize, seconds_sample,
-    seconds_sample_fp, n_images, plus the settings. ``quantized`` reuses an existing quantized copy.
+    seconds_sample_fp, n_images, plus the settings. ``quantized`` scores an existing quantized copy of ``pipe``
+    (e.g. ``load_qdir(folder)[0]``, with ``pipe = load(qdir_source(folder))``); ``recipe`` is then its recipe.
     """
-    recipe = load_recipe(recipe)
-    if quantized is None:
-        recipe.resolve(list_linears(pipe.transformer))  # a bad recipe fails now, not after minutes of FP sampling
+    if is_quantized(pipe):
+        raise ConfigError.invalid("pipe", pipe.source, "a full-precision pipeline, the reference the images are scored against; to score a "
+                                  "QDIR pass quantized=load_qdir(folder)[0] and pipe=load(qdir_source(folder))")
+    if quantized is not None:
+        given = load_recipe(recipe)
+        if given.name != "fp" and given != quantized.recipe:
+            raise ConfigError.invalid("recipe", given.name, f"omitted with quantized= (the quantized copy's recipe {quantized.recipe.name!r} is used)")
+        recipe = quantized.recipe
+    else:
+        recipe = load_recipe(recipe)
+    plan = recipe.resolve(list_linears(pipe.transformer))  # a bad recipe fails now, not after minutes of FP sampling
+    quantizes = any(cfg is not None and not cfg.is_fp for cfg in plan.values())
     evaluation.check_scorable(pipe)
     labels = eval_labels(pipe.num_classes, settings.n_per_label)
     fp_images, fp_content, fp_seconds = _fp_run(pipe, settings)
-    q = quantized or (None if recipe.name == "fp" and not recipe.overrides else quantize(pipe, recipe, progress=progress))
+    q = quantized or (quantize(pipe, recipe, progress=progress) if quantizes else None)
     if q is None:
         images, content, seconds = fp_images, fp_content, fp_seconds
         packed, fp16 = weight_bytes(pipe)

@@ -9,7 +9,8 @@ Every path computes the same integers and the same epilogue:
 Because reference and cpu-int share codes, accumulators and epilogue, their outputs are bit-identical (so are the
 images). ``dequant_linear`` is the textbook float32 definition (Q_a(X')·Ŵᵀ on dequantized values); tests check
 every path against it within float rounding. Weight-only layers (a_bits = 16) use one float matmul on the
-dequantized weight on every path.
+dequantized weight on ``reference`` and ``cpu-int``; the Triton paths run the fused W4A16 dequantize-and-multiply
+kernel (the same numbers within float rounding, ~1e-7 relative).
 
 Selection: ``use_backend(name)`` (thread-local, so concurrent app sessions do not interfere) overrides the
 ``DITLAB_BACKEND`` environment variable (read on every call); ``auto`` = ``triton`` on CUDA when registered, else
@@ -143,13 +144,19 @@ def register_kernel(name: str, linear_fn: LinearFn, accumulate_fn: AccFn | None 
         ACCUMULATORS[name] = accumulate_fn
 
 
-def _check(name: str) -> str:
+def _check(name: str, field: str = ENV_VAR) -> str:
+    """``name`` if this process can run that path; else ConfigError naming ``field`` (the environment variable, or
+    the argument that asked for it) and what it can run."""
+    usable = ", ".join(b for b in BACKENDS if b == "auto" or b in KERNELS)
     if name not in BACKENDS:
-        raise ConfigError.invalid(ENV_VAR, name, _ALLOWED)
+        raise ConfigError.invalid(field, name, _ALLOWED)
     if name == "triton" and not torch.cuda.is_available():
-        raise ConfigError.invalid(ENV_VAR, name, "auto, reference, cpu-int, triton-interpret (triton needs a CUDA GPU; none found)")
-    if name in ("triton", "triton-interpret") and name not in KERNELS:
-        raise ConfigError.invalid(ENV_VAR, name, "auto, reference, cpu-int (the Triton kernels are not installed in this build)")
+        raise ConfigError.invalid(field, name, f"{usable} (triton needs a CUDA GPU; none found)")
+    if name == "triton-interpret" and name not in KERNELS:
+        raise ConfigError.invalid(field, name, f"{usable} in this process (the Triton interpreter is chosen once per process, before "
+                                  "triton is imported: start Python with DITLAB_BACKEND=triton-interpret, or TRITON_INTERPRET=1)")
+    if name == "triton" and name not in KERNELS:
+        raise ConfigError.invalid(field, name, f"{usable} (the Triton kernels could not be loaded: is the triton package installed?)")
     return name
 
 
@@ -172,7 +179,7 @@ def current() -> str:
 @contextlib.contextmanager
 def use_backend(name: str):
     """Context manager selecting the path for this thread only: ``with use_backend("reference"): model(x)``."""
-    _check(name)
+    _check(name, "backend")
     stack = getattr(_local, "stack", None)
     if stack is None:
         stack = _local.stack = []

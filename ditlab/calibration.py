@@ -30,7 +30,7 @@ from . import calib_cache
 from .calib_collect import ALL_BRANCH, BRANCHES, TOKEN_PERCENTILES, LayerAccumulator
 from .errors import CalibrationError, ConfigError
 from .models import Pipeline
-from .sampling import DEFAULT_SCHEDULER, StepContext, sample
+from .sampling import DEFAULT_SCHEDULER, StepContext, check_labels, check_steps, sample
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +200,7 @@ def _settings(pipe: Pipeline, labels, n_samples, steps, timesteps, guidance, see
     """Validated, JSON-ready settings (also the cache key's settings part)."""
     if not isinstance(n_samples, int) or not 1 <= n_samples <= 4096:
         raise ConfigError.invalid("n_samples", n_samples, "an integer from 1 to 4096")
-    if not isinstance(steps, int) or not 1 <= steps <= 1000:
-        raise ConfigError.invalid("steps", steps, "an integer from 1 to 1000")
+    steps = check_steps(steps)
     idx = list(range(steps)) if timesteps is None else sorted({int(i) for i in timesteps})
     if not idx or any(not 0 <= i < steps for i in idx):
         raise ConfigError.invalid("timesteps", timesteps, f"step indices from 0 to {steps - 1} (None for all)")
@@ -211,9 +210,7 @@ def _settings(pipe: Pipeline, labels, n_samples, steps, timesteps, guidance, see
                 "guidance": float(guidance), "seed": int(seed), "collect_xtx": bool(collect_xtx), "reservoir": reservoir,
                 "scheduler": scheduler, "layers": None if layers is None else sorted(layers)}
     if pipe.family == "dit":
-        base = list(range(pipe.num_classes)) if labels is None else [int(y) for y in labels]
-        if not base:
-            raise ConfigError.invalid("labels", labels, "one or more class ids (None for every class)")
+        base = list(range(pipe.num_classes)) if labels is None else check_labels(labels, pipe.num_classes)  # None: every class
         settings["labels"] = [base[i % len(base)] for i in range(n_samples)]  # cycled to n_samples
     else:
         base = list(DEFAULT_PROMPTS) if labels is None else [str(p) for p in labels]  # text models: labels are prompts

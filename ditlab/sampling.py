@@ -1,7 +1,9 @@
 """One sampler for every supported model: class labels (DiT) or prompts (PixArt), CFG, DDIM / DPM-Solver++.
 
-Identical inputs give identical outputs: the initial noise of image ``i`` depends only on ``(seed, i)``, so an
-image does not change when the batch around it changes. Per-step hooks (calibration, sensitivity, trajectory
+Identical inputs give identical outputs: the initial noise of image ``i`` depends only on ``(seed, i)``, so the
+batch around an image changes only float rounding in its model calls (matmul blocking depends on the batch size): FP
+images stay within a grey level; a quantized model, whose per-token scales round on a grid, can move further (e.g.
+41.6 dB between one image alone and the same image in a batch of 8 at W4A8). Per-step hooks (calibration, sensitivity, trajectory
 plots) see a ``StepContext`` that says which timestep runs and which rows of the model batch are the
 conditional and the unconditional CFG branch.
 """
@@ -95,23 +97,58 @@ def check_seed(seed) -> None:
         raise ConfigError.invalid("seed", seed, f"an integer from 0 to {MAX_SEED}")
 
 
+def is_whole(value) -> bool:
+    """An integer: Python's, numpy's or a 0-d integer tensor; never a bool or a float such as 2.0."""
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 0 and not value.dtype.is_floating_point and not value.dtype.is_complex and value.dtype != torch.bool
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_labels(labels, num_classes: int, field: str = "labels") -> list[int]:
+    """Class ids as a list of ints from a list, tuple, numpy array or tensor of integers; ConfigError naming ``field``
+    otherwise (a float such as 2.7, a bool, text, a single number, nothing, or an id outside 0 … num_classes − 1)."""
+    allowed = f"a list of one or more class ids, integers from 0 to {num_classes - 1}"
+    if isinstance(labels, (np.ndarray, torch.Tensor)):
+        labels = list(labels.reshape(-1)) if labels.ndim == 1 else labels
+    if isinstance(labels, (str, bytes, dict)) or not isinstance(labels, (list, tuple, range)) or not labels:
+        raise ConfigError.invalid(field, labels, allowed)
+    bad = [y for y in labels if not is_whole(y) or not 0 <= int(y) < num_classes]
+    if bad:
+        raise ConfigError.invalid(field, bad if len(bad) > 1 else bad[0], allowed)
+    return [int(y) for y in labels]
+
+
+def check_steps(steps, field: str = "steps") -> int:
+    """The number of sampling steps as an int (numpy integers too); ConfigError naming ``field`` otherwise."""
+    if not is_whole(steps) or not 1 <= int(steps) <= 1000:
+        raise ConfigError.invalid(field, steps, "an integer from 1 to 1000")
+    return int(steps)
+
+
+def check_guidance(guidance) -> float:
+    """The CFG scale as a float; ConfigError naming ``guidance`` for text, None, NaN or a value outside 0 … 50."""
+    ok = isinstance(guidance, (int, float, np.integer, np.floating)) and not isinstance(guidance, (bool, np.bool_))
+    if not ok or not 0.0 <= float(guidance) <= 50.0:
+        raise ConfigError.invalid("guidance", guidance, "a number from 0 to 50 (1 = no guidance)")
+    return float(guidance)
+
+
 def validate_request(pipe: Pipeline, labels: Sequence[int] | None, prompts: Sequence[str] | None, steps: int, guidance: float, scheduler: str,
-                     seed: int = 0) -> None:
-    """Raises ConfigError naming the field for any argument the sampler cannot honour."""
+                     seed: int = 0) -> tuple[list[int] | None, list[str] | None, int, float]:
+    """(labels, prompts, steps, guidance) as the sampler uses them; ConfigError naming the field for any argument it
+    cannot honour. A DiT takes class labels, a text-conditioned model (PixArt) prompts: the other one is refused."""
     check_scheduler(scheduler)
     check_seed(seed)
-    if not isinstance(steps, int) or not 1 <= steps <= 1000:
-        raise ConfigError.invalid("steps", steps, "an integer from 1 to 1000")
-    if not 0.0 <= float(guidance) <= 50.0:
-        raise ConfigError.invalid("guidance", guidance, "a number from 0 to 50 (1 = no guidance)")
+    steps, guidance = check_steps(steps), check_guidance(guidance)
     if pipe.family == "dit":
-        if not labels:
-            raise ConfigError.invalid("labels", labels, f"one or more class ids from 0 to {pipe.num_classes - 1}")
-        bad = [y for y in labels if not 0 <= int(y) < pipe.num_classes]
-        if bad:
-            raise ConfigError.invalid("labels", bad, f"class ids from 0 to {pipe.num_classes - 1}")
-    elif not prompts:
-        raise ConfigError.invalid("prompts", prompts, "one or more text prompts")
+        if prompts is not None:
+            raise ConfigError.invalid("prompts", prompts, "none for a class-conditioned DiT (it takes labels)")
+        return check_labels(labels, pipe.num_classes), None, steps, guidance
+    if labels is not None:
+        raise ConfigError.invalid("labels", labels, "none for a text-conditioned model (it takes prompts)")
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ConfigError.invalid("prompts", prompts, "a list of one or more text prompts")
+    return None, list(prompts), steps, guidance
 
 
 def _encode_prompts(pipe: Pipeline, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +220,7 @@ def sample(
     progress: bool = True,
 ) -> SampleResult:
     """Generates one image per label (or prompt). ``transformer`` overrides the pipeline's (e.g. a quantized copy)."""
-    validate_request(pipe, labels, prompts, steps, guidance, scheduler, seed)
+    labels, prompts, steps, guidance = validate_request(pipe, labels, prompts, steps, guidance, scheduler, seed)
     t0 = time.perf_counter()
     model = transformer if transformer is not None else pipe.transformer
     n = len(labels) if pipe.family == "dit" else len(prompts)

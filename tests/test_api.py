@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ditlab import api
-from ditlab.errors import ConfigError
+from ditlab.errors import ConfigError, DitlabError
 from ditlab.evaluation import SampleSettings
 from ditlab.testing import tiny_dit_pipeline
 
@@ -33,6 +33,31 @@ def test_save_then_load_gives_identical_images(tiny, tmp_path):
     b = api.generate(loaded, [1, 2], steps=3, progress=False).latents
     assert torch.equal(a, b)
     assert api.qdir_source(out) == tiny.source
+
+
+def test_load_follows_the_folder_not_the_text_that_names_it(tiny, tmp_path, monkeypatch):
+    """A QDIR saved over loads the new model; "q" in two working directories is two models; a deleted folder is not
+    served from the cache; the shipped model's aliases are one cached model."""
+    q8, q4 = api.quantize(tiny, "w8a8-rtn", progress=False), api.quantize(tiny, "w4a8-rtn", progress=False)
+    out = api.save(q8, tiny, tmp_path / "qdir")
+    assert api.load(str(out)).transformer.ditlab_recipe.name == "w8a8-rtn"
+    api.save(q4, tiny, out, overwrite=True)
+    assert api.load(str(out)).transformer.ditlab_recipe.name == "w4a8-rtn"
+    for sub, q in (("d1", q8), ("d2", q4)):
+        (tmp_path / sub).mkdir()
+        monkeypatch.chdir(tmp_path / sub)
+        api.save(q, tiny, "q")
+    assert api.load("q").transformer.ditlab_recipe.name == "w4a8-rtn"  # d2's, the working directory's
+    monkeypatch.chdir(tmp_path / "d1")
+    assert api.load("q").transformer.ditlab_recipe.name == "w8a8-rtn"
+    import shutil
+
+    shutil.rmtree(out)
+    with pytest.raises(DitlabError, match="qdir"):
+        api.load(str(out))
+    from ditlab.models import SHIPPED_MODEL
+
+    assert api.load() is api.load("shipped") is api.load(str(SHIPPED_MODEL))
 
 
 def test_compare_reports_images_metrics_and_divergence(tiny):
@@ -112,3 +137,24 @@ def test_class_ids_take_numbers_or_their_text_and_name_the_field_otherwise():
         with pytest.raises(ConfigError, match="labels") as info:
             api.class_ids(bad, 10)
         assert "class" in str(info.value)
+
+
+def test_evaluate_scores_what_it_names_and_refuses_a_quantized_reference(shipped, tmp_path):
+    """The recipe reported is the one scored (a quantized copy's own); whether to quantize follows the plan, not the
+    recipe's name; a quantized pipeline is never taken as the FP reference."""
+    small = SampleSettings(n_per_label=1, steps=2)
+    q = api.quantize(shipped, "w8a8-rtn", progress=False)
+    given = api.evaluate(shipped, quantized=q, settings=small, progress=False)
+    assert given["recipe"] == "w8a8-rtn" and given["weight_bytes"] < 0.6 * given["weight_bytes_fp16"]
+    with pytest.raises(ConfigError, match="recipe = 'w4a8-rtn'.*w8a8-rtn"):
+        api.evaluate(shipped, "w4a8-rtn", quantized=q, settings=small)
+    named_fp = api.load_recipe("w4a8-rtn").replace(name="fp")  # quantizes every layer, whatever its name says
+    res = api.evaluate(shipped, named_fp, settings=small, progress=False)
+    assert res["weight_bytes"] < 0.3 * res["weight_bytes_fp16"] and res["psnr"] < 60
+    assert api.evaluate(shipped, "fp", settings=small, progress=False)["weight_bytes"] == res["weight_bytes_fp16"]
+    out = api.save(q, shipped, tmp_path / "q")
+    with pytest.raises(ConfigError, match="pipe = .*full-precision.*load_qdir"):
+        api.evaluate(api.load(str(out)), settings=small)
+    loaded, fp_source = api.load_qdir(out)
+    again = api.evaluate(api.load(fp_source), quantized=loaded, settings=small, progress=False)
+    assert (again["recipe"], again["psnr"]) == ("w8a8-rtn", given["psnr"])

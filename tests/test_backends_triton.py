@@ -53,4 +53,4 @@ def test_without_the_interpreter_the_triton_paths_are_refused_with_a_clear_messa
         with backends.use_backend("triton-interpret"):
             raise AssertionError("expected a ConfigError")
     except ConfigError as exc:
-        assert exc.field == "DITLAB_BACKEND" and "cpu-int" in str(exc)
+        assert exc.field == "backend" and "cpu-int" in str(exc) and "DITLAB_BACKEND=triton-interpret" in str(exc)

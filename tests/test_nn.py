@@ -241,6 +241,14 @@ def test_backend_env_var_and_errors(monkeypatch):
         with pytest.raises(ConfigError, match="CUDA"):
             with backends.use_backend("triton"):
                 pass
+    with pytest.raises(ConfigError) as info:  # an argument is named as the argument, not as the environment variable
+        with backends.use_backend("gpu"):
+            pass
+    assert info.value.field == "backend" and "DITLAB_BACKEND" not in str(info.value)
+    if "triton-interpret" not in backends.KERNELS:  # this process chose compiled kernels: say how to get the interpreter
+        with pytest.raises(ConfigError, match="once per process.*DITLAB_BACKEND=triton-interpret"):
+            with backends.use_backend("triton-interpret"):
+                pass
 
 
 def test_use_backend_is_thread_local(monkeypatch):

@@ -1,5 +1,6 @@
 """The sampler: determinism, CFG branches seen by hooks, schedulers, validation."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,11 +87,29 @@ def test_trajectory_is_recorded(tiny):
     ({"labels": [0], "steps": 0}, "steps"),
     ({"labels": [0], "scheduler": "euler-x"}, "scheduler"),
     ({"labels": [0], "guidance": -1.0}, "guidance"),
+    ({"labels": [2.7]}, "labels"),  # was silently class 2
+    ({"labels": [True]}, "labels"),  # was class 1
+    ({"labels": ["3"]}, "labels"),
+    ({"labels": 3}, "labels"),
+    ({"labels": "circle"}, "labels"),
+    ({"labels": np.array([[1, 2]])}, "labels"),
+    ({"labels": [0], "steps": 2.0}, "steps"),
+    ({"labels": [0], "guidance": "4"}, "guidance"),
+    ({"labels": [0], "guidance": None}, "guidance"),
+    ({"labels": [0], "guidance": float("nan")}, "guidance"),
+    ({"labels": [0], "prompts": ["a red circle"]}, "prompts"),  # a DiT takes labels: prompts were ignored
 ])
 def test_bad_requests_name_the_field(tiny, kwargs, field):
     with pytest.raises(ConfigError) as info:
         sample(tiny, progress=False, **kwargs)
     assert info.value.field == field
+
+
+def test_labels_steps_and_guidance_from_numpy_and_torch_are_taken(tiny):
+    """Notebook values: numpy / torch integer arrays and scalars are the same request as Python ints."""
+    ref = sample(tiny, [1, 2], steps=2, guidance=3.0, progress=False).latents
+    for labels, steps, guidance in ((np.array([1, 2]), np.int64(2), np.float32(3.0)), (torch.tensor([1, 2]), torch.tensor(2), 3)):
+        assert torch.equal(sample(tiny, labels, steps=steps, guidance=guidance, progress=False).latents, ref)
 
 
 def test_pixart_prompts(tmp_path):
