@@ -23,7 +23,7 @@ from .config import PRESETS, Recipe, load_recipe  # noqa: F401 - PRESETS: the ap
 from .errors import ConfigError
 from .evaluation import SampleSettings, content_metrics, eval_labels, load_classifier, real_features  # noqa: F401 - re-exported
 from .models import LayerInfo, Pipeline, list_linears, load_pipeline
-from .sampling import DEFAULT_SCHEDULER, SCHEDULERS, SampleResult, check_scheduler as _check_scheduler, image_grid, sample
+from .sampling import DEFAULT_SCHEDULER, MAX_SEED, SCHEDULERS, SampleResult, check_guidance, check_scheduler as _check_scheduler, image_grid, sample
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +86,20 @@ def layers(pipe: Pipeline) -> list[LayerInfo]:
 
 
 def model_info(pipe: Pipeline) -> dict:
-    """A JSON-ready summary: family, config, parameter counts, labels and the linear layers."""
+    """A JSON-ready summary: family, config, parameter counts, labels and the linear layers.
+
+    ``params`` counts the model's weights as the FP model has them, also for a quantized pipeline (whose packed codes
+    are buffers, or uint8 parameters, of other sizes): the linears' N·K (+ N) plus every other parameter."""
     cfg = pipe.transformer.config
     linears = layers(pipe)
+    names = {layer.name for layer in linears}
+    others = sum(p.numel() for n, p in pipe.transformer.named_parameters() if not any(n.startswith(f"{m}.") for m in names))
     return {
         "source": pipe.source,
         "family": pipe.family,
         "transformer": type(pipe.transformer).__name__,
-        "params": sum(p.numel() for p in pipe.transformer.parameters()),
+        "quantized": is_quantized(pipe),
+        "params": others + sum(layer.params for layer in linears),
         "linear_params": sum(layer.params for layer in linears),
         "num_linears": len(linears),
         "sample_size": int(cfg.sample_size),
@@ -293,9 +299,18 @@ def save_grid(images: torch.Tensor, path: str | Path, rows: int, scale: int = 2)
     from .atomic import write_atomic
 
     path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise ConfigError.invalid("path", str(path), "a file name ending in an image suffix such as .png, .jpg or .webp")
+    if path.is_dir():
+        raise ConfigError.invalid("path", str(path), "a file name, not a folder")
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
+        raise ConfigError.invalid("images", getattr(images, "shape", type(images).__name__), "a uint8 tensor (B, 3, H, W)")
+    rows = public.whole_number(rows, "rows", 1, max(1, images.shape[0]))
+    scale = public.whole_number(scale, "scale", 1, 16)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid = Image.fromarray(image_grid(images, rows, scale=scale))
-    write_atomic(path, lambda tmp: grid.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG")), suffix=path.suffix)
+    write_atomic(path, lambda tmp: grid.save(tmp, format=fmt), suffix=path.suffix)
     return path
 
 
@@ -349,9 +364,9 @@ def generate_grid(pipe: Pipeline, labels: Sequence[int], n_per_label: int, *, st
     from .errors import ConfigError
 
     labels = class_ids(labels, pipe.num_classes)
-    if not 1 <= int(n_per_label) <= 16:
-        raise ConfigError.invalid("images per label", n_per_label, "1 to 16")
-    n_per_label, steps, guidance, seed = int(n_per_label), int(steps), float(guidance), int(seed)
+    n_per_label = public.whole_number(n_per_label, "n_per_label", 1, 16)  # 2.0 from a UI slider is 2; 1.7 is refused
+    steps, seed, scale = public.whole_number(steps, "steps", 1, 1000), public.whole_number(seed, "seed", 0, MAX_SEED), public.whole_number(scale, "scale", 1, 16)
+    guidance = check_guidance(guidance)
     key = (pipe, labels, n_per_label, steps, guidance, seed, scheduler, scale)
 
     def cached():

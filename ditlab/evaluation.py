@@ -14,7 +14,7 @@ from . import data, metrics
 from .classifier import ShapeClassifier, classify
 from .errors import ConfigError
 from .models import SHIPPED_CLASSIFIER, Pipeline
-from .sampling import DEFAULT_SCHEDULER
+from .sampling import DEFAULT_SCHEDULER, check_guidance, check_scheduler, check_seed, check_steps, is_whole
 
 REAL_SEED = 1  # the classifier's held-out data seed: the reference set for the Fréchet distance
 N_REAL = 2000
@@ -65,6 +65,15 @@ class SampleSettings:
     guidance: float = 4.0
     seed: int = 0
     scheduler: str = DEFAULT_SCHEDULER
+
+    def __post_init__(self):
+        """Checked on construction: a bad value is a ConfigError naming the field, before any sampling."""
+        if not is_whole(self.n_per_label) or not 1 <= int(self.n_per_label) <= 10_000:
+            raise ConfigError.invalid("n_per_label", self.n_per_label, "an integer from 1 to 10000")
+        check_steps(self.steps)
+        check_guidance(self.guidance)
+        check_seed(self.seed)
+        check_scheduler(self.scheduler)
 
 
 def fidelity(fp_images: torch.Tensor, q_images: torch.Tensor, fp_pred: torch.Tensor | None = None, q_pred: torch.Tensor | None = None) -> dict:

@@ -25,6 +25,13 @@ def test_quantize_calibrates_when_needed_and_shares_components(tiny, tmp_path, m
     assert 0.4 < packed / fp16 < 0.6
 
 
+@pytest.mark.parametrize("preset", ["w4a8-hadanorm", "bnb-nf4"])
+def test_model_info_counts_the_same_weights_for_a_quantized_pipeline(tiny, preset):
+    fp, q = api.model_info(tiny), api.model_info(api.quantize(tiny, preset, progress=False).pipe)
+    assert (fp["quantized"], q["quantized"]) == (False, True)
+    assert q["params"] == fp["params"] == sum(p.numel() for p in tiny.transformer.parameters()) and q["linear_params"] == fp["linear_params"]
+
+
 def test_save_then_load_gives_identical_images(tiny, tmp_path):
     q = api.quantize(tiny, "w4a8-rtn", progress=False)
     out = api.save(q, tiny, tmp_path / "qdir")
@@ -158,3 +165,27 @@ def test_evaluate_scores_what_it_names_and_refuses_a_quantized_reference(shipped
     loaded, fp_source = api.load_qdir(out)
     again = api.evaluate(api.load(fp_source), quantized=loaded, settings=small, progress=False)
     assert (again["recipe"], again["psnr"]) == ("w8a8-rtn", given["psnr"])
+
+
+def test_grid_helpers_and_sample_settings_refuse_what_they_would_bend(tiny, tmp_path):
+    """Values that were silently rounded or crashed deep inside are refused by name: steps 1.7, rows 0, a .txt or
+    folder path, SampleSettings(n_per_label=0) (it used to say 'labels = []')."""
+    for kwargs, field in (({"steps": 1.7}, "steps"), ({"seed": 1.9}, "seed"), ({"scale": -3}, "scale"), ({"guidance": "4"}, "guidance")):
+        with pytest.raises(ConfigError) as info:
+            api.generate_grid(tiny, [0], 1, progress=False, **kwargs)
+        assert info.value.field == field
+    with pytest.raises(ConfigError, match="n_per_label"):
+        api.generate_grid(tiny, [0], 0)
+    grid, _ = api.generate_grid(tiny, [0], 2.0, steps=2.0, progress=False)  # a UI slider's 2.0 is 2
+    assert grid.shape[0] > 0
+    images = api.generate(tiny, [0, 1], steps=1, progress=False).images
+    for path, rows, field in ((tmp_path / "g.png", 0, "rows"), (tmp_path / "g.txt", 1, "path"), (tmp_path, 1, "path")):
+        with pytest.raises(ConfigError) as info:
+            api.save_grid(images, path, rows=rows)
+        assert info.value.field == field
+    assert api.save_grid(images, tmp_path / "g.webp", rows=1).stat().st_size > 0
+    for kwargs, field in (({"n_per_label": 0}, "n_per_label"), ({"steps": "x"}, "steps"), ({"guidance": None}, "guidance"),
+                          ({"seed": -1}, "seed"), ({"scheduler": "euler"}, "scheduler")):
+        with pytest.raises(ConfigError) as info:
+            SampleSettings(**kwargs)
+        assert info.value.field == field
