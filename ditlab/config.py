@@ -25,6 +25,12 @@ METHOD_NAMES = ("fp", "rtn", "smoothquant", "hadamard", "hadanorm", "viditq", "g
 WEIGHT_ONLY_METHODS = ("bnb-int8", "bnb-nf4", "bnb-fp4", "vq4dit", "kmeans")  # these run with a_bits = 16 only
 FIXED_WEIGHT_BITS = {"bnb-int8": 8, "bnb-nf4": 4, "bnb-fp4": 4}
 GPTQ_COMPOSABLE = ("rtn", "smoothquant", "hadamard", "hadanorm", "viditq", "gptq", "svd")
+# Methods with their own weight blocks: a w_group_size would be ignored (and shown in reports), so it is refused.
+OWN_BLOCK_METHODS = {
+    **dict.fromkeys(("bnb-nf4", "bnb-fp4"), "bitsandbytes uses its own blocks of 64 weights"),
+    "bnb-int8": "bitsandbytes uses one scale per output channel",
+    **dict.fromkeys(("kmeans", "vq4dit"), "one codebook per layer; the sub-vector length is params.d"),
+}
 STATS_METHODS = ("smoothquant", "hadanorm", "viditq", "gptq", "svd")  # need calibration statistics
 A_GRANULARITIES = ("per-token", "per-tensor")
 SIGMAS = ("std", "absmax")
@@ -50,6 +56,56 @@ def _is_int(v) -> bool:
 
 def _is_num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class FrozenParams(dict):
+    """A read-only dict: ``LayerConfig.params`` (and the field maps of ``Recipe.overrides``). A frozen config must not
+    change after validation, nor share a mutable dict with its caller or with the presets. Being a dict, it
+    JSON-dumps, compares and pickles like one; copying (shallow or deep) returns itself. Nested lists are tuples."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("recipe settings are read-only: build a new config, e.g. cfg.replace(params={**cfg.params, 'key': value})")
+
+    __setitem__ = __delitem__ = __ior__ = update = pop = popitem = clear = setdefault = _refuse
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return FrozenParams, (dict(self),)
+
+    def __repr__(self):
+        return repr(dict(self))
+
+
+def _freeze(v):
+    """A JSON-able value with every dict made a FrozenParams and every list a tuple (nothing shared with ``v``)."""
+    if isinstance(v, Mapping):
+        return FrozenParams({k: _freeze(x) for k, x in v.items()})
+    if isinstance(v, (list, tuple)):
+        return tuple(_freeze(x) for x in v)
+    return v
+
+
+def _thaw(v):
+    """The inverse of ``_freeze``: plain dicts and lists (what ``to_dict`` returns)."""
+    if isinstance(v, Mapping):
+        return {k: _thaw(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_thaw(x) for x in v]
+    return v
+
+
+def _frozen_params(v, layer: str | None = None) -> FrozenParams:
+    """``params`` validated as a JSON object and frozen; ConfigError naming ``params`` otherwise."""
+    check_field("params", v, layer)
+    try:
+        return _freeze(v)
+    except RecursionError:
+        raise ConfigError.invalid("params", "nested too deeply", _FIELD_RULES["params"][1], layer) from None
 
 
 def _json_able(v) -> bool:
@@ -120,9 +176,11 @@ class LayerConfig:
     rank: int = 32  # SVD low-rank branch
     weight_rounding: str = "nearest"  # or "gptq" (composes after any transform)
     gptq_damp: float = 0.01
-    params: dict = field(default_factory=dict, hash=False)  # method-specific extras, JSON-able
+    params: dict = field(default_factory=dict, hash=False)  # method-specific extras, JSON-able; stored read-only (FrozenParams)
 
     def __post_init__(self):
+        if _FIELD_RULES["params"][0](self.params):  # (otherwise validate() refuses it, in field order)
+            object.__setattr__(self, "params", _frozen_params(self.params))  # a copy: the caller's dict stays theirs
         if self.method == "gptq":  # the GPTQ method *is* GPTQ rounding on the plain weight
             object.__setattr__(self, "weight_rounding", "gptq")
         if _is_int(self.alpha):
@@ -165,6 +223,8 @@ class LayerConfig:
             raise ConfigError.invalid("w_bits", self.w_bits, f"{FIXED_WEIGHT_BITS[m]} for method {m!r}", layer)
         if m in WEIGHT_ONLY_METHODS and self.a_bits != 16:
             raise ConfigError.invalid("a_bits", self.a_bits, f"16 for method {m!r} (weight-only: it cannot quantize activations)", layer)
+        if m in OWN_BLOCK_METHODS and self.w_group_size is not None:
+            raise ConfigError.invalid("w_group_size", self.w_group_size, f"None for method {m!r} ({OWN_BLOCK_METHODS[m]})", layer)
         if self.weight_rounding == "gptq" and m not in GPTQ_COMPOSABLE:
             raise ConfigError.invalid("weight_rounding", "gptq", f"'nearest' for method {m!r} (gptq composes with {', '.join(GPTQ_COMPOSABLE)})", layer)
         if in_features is not None:
@@ -195,7 +255,8 @@ class LayerConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), dict) else v) for f in dataclasses.fields(self)}
+        """Plain JSON-able field values (``params`` as a new, mutable dict)."""
+        return {f.name: _thaw(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_dict(cls, data: Mapping, layer: str | None = None) -> "LayerConfig":
@@ -232,9 +293,18 @@ def _matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
+def _few(names: list[str], n: int = 3) -> str:
+    """Up to ``n`` names, then how many more."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """Version + default LayerConfig + ordered glob overrides + skip patterns. See the module docstring."""
+    """Version + default LayerConfig + ordered glob overrides + skip patterns. See the module docstring.
+
+    ``name`` is a string; ``skip`` a list of glob patterns (``()`` = skip nothing; None is refused, as it could mean
+    either "no skip" or "the default skip"). Override field maps are stored read-only (FrozenParams).
+    """
 
     version: int = RECIPE_VERSION
     default: LayerConfig = FP
@@ -254,21 +324,36 @@ class Recipe:
             pattern, fields = item
             for k, v in fields.items():
                 check_field(k, v, layer=f"override {pattern}")
-            norm.append((pattern, dict(fields)))
+            try:
+                norm.append((pattern, _freeze(fields)))  # a copy: the caller's dict stays theirs
+            except RecursionError:
+                raise ConfigError.invalid("params", "nested too deeply", _FIELD_RULES["params"][1], f"override {pattern}") from None
         object.__setattr__(self, "overrides", tuple(norm))
-        if isinstance(self.skip, str) or not all(isinstance(p, str) for p in self.skip):
-            raise ConfigError.invalid("skip", self.skip, "a list of glob patterns")
+        if not isinstance(self.skip, (list, tuple)) or not all(isinstance(p, str) for p in self.skip):
+            raise ConfigError.invalid("skip", self.skip, "a list of glob patterns (() or [] = skip nothing)")
         object.__setattr__(self, "skip", tuple(self.skip))
+        if not isinstance(self.name, str):
+            raise ConfigError.invalid("name", self.name, "a string (the recipe's name)")
 
     def config_for(self, name: str, in_features: int | None = None, out_features: int | None = None) -> LayerConfig | None:
         """The validated LayerConfig of one layer (None if a skip pattern matches it)."""
         if any(_matches(name, p) for p in self.skip):
             return None
         merged: dict = {}
+        since_fp: dict | None = None  # the fields of the last override that set method 'fp', and of those after it
         for pattern, fields in self.overrides:
             if _matches(name, pattern):
                 merged.update(fields)
-        cfg = self.default if not merged else LayerConfig.from_dict({**self.default.to_dict(), **merged}, layer=name)
+                if fields.get("method") == "fp":
+                    since_fp = {}
+                if since_fp is not None:
+                    since_fp.update(fields)
+        if merged.get("method") == "fp" and since_fp is not None:
+            # an override to full precision does not inherit the default's (or earlier overrides') bits: 16/16 unless
+            # it (or a later override) sets other bits, which are then refused
+            cfg = LayerConfig.from_dict(since_fp, layer=name)
+        else:
+            cfg = self.default if not merged else LayerConfig.from_dict({**self.default.to_dict(), **merged}, layer=name)
         if cfg.is_fp:
             return FP  # one canonical full-precision config (other fields are irrelevant to it)
         try:
@@ -281,25 +366,36 @@ class Recipe:
     def resolve(self, layers: Iterable) -> dict[str, LayerConfig | None]:
         """Plan ``{name: LayerConfig | None}`` for layers (``LayerInfo``s or names), in the given order.
 
-        Rejects an override or skip pattern that matches no layer (except the generic DEFAULT_SKIP patterns).
+        Rejects an override or skip pattern that matches no layer (except the generic DEFAULT_SKIP patterns), and an
+        override whose layers are all skipped (it would have no effect).
         """
         infos = [(x, None, None) if isinstance(x, str) else (x.name, x.in_features, x.out_features) for x in layers]
         names = [n for n, _, _ in infos]
         for pattern, _ in self.overrides:
-            if not any(_matches(n, pattern) for n in names):
+            hits = [n for n in names if _matches(n, pattern)]
+            if not hits:
                 raise ConfigError.invalid("override pattern", pattern, "a glob matching at least one layer name (e.g. 'transformer_blocks.*.attn1.to_q')")
+            if all(any(_matches(n, p) for p in self.skip) for n in hits):
+                skips = sorted({p for n in hits for p in self.skip if _matches(n, p)})
+                raise ConfigError.invalid("override pattern", pattern, f"a glob matching a layer that is not skipped: it matches only skipped "
+                                          f"layers ({_few(hits)}); remove them from skip (pattern(s) {', '.join(map(repr, skips))}) to quantize them")
         for pattern in self.skip:
             if pattern not in DEFAULT_SKIP and not any(_matches(n, pattern) for n in names):
                 raise ConfigError.invalid("skip pattern", pattern, "a glob matching at least one layer name")
         return {n: self.config_for(n, k, o) for n, k, o in infos}
 
     def replace(self, **changes) -> "Recipe":
+        """A copy with some fields changed (validated); an unknown field is a ConfigError naming it."""
+        known = [f.name for f in dataclasses.fields(self)]
+        for k in changes:
+            if k not in known:
+                raise ConfigError.invalid("recipe field", k, ", ".join(known))
         return dataclasses.replace(self, **changes)
 
     # ---- JSON ---------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"version": self.version, "name": self.name, "default": self.default.to_dict(),
-                "overrides": [{"pattern": p, "set": dict(f)} for p, f in self.overrides], "skip": list(self.skip)}
+                "overrides": [{"pattern": p, "set": _thaw(f)} for p, f in self.overrides], "skip": list(self.skip)}
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -328,7 +424,7 @@ class Recipe:
             overrides.append((item["pattern"], item["set"]))
         default = LayerConfig.from_dict(data.get("default", {}), layer=None)
         return cls(version=data["version"], default=default, overrides=tuple(overrides),
-                   skip=tuple(data.get("skip", DEFAULT_SKIP)), name=str(data.get("name", "custom")))
+                   skip=tuple(data.get("skip", DEFAULT_SKIP)), name=data.get("name", "custom"))
 
     @classmethod
     def from_json(cls, text: "str | bytes") -> "Recipe":
@@ -339,6 +435,8 @@ class Recipe:
                 text = bytes(text).decode("utf-8-sig")
             except UnicodeDecodeError as exc:
                 raise ConfigError.invalid("recipe JSON", f"non-UTF-8 byte at offset {exc.start}", "UTF-8 text") from None
+        if not isinstance(text, str):
+            raise ConfigError.invalid("recipe JSON", type(text).__name__, "JSON text (str) or UTF-8 bytes")
         try:
             data = json.loads(text.removeprefix("\ufeff"))
         except json.JSONDecodeError as exc:
@@ -424,15 +522,15 @@ def save_recipe(recipe: Recipe, path: "str | Path") -> Path:
     return path
 
 
-def plan_to_frame(plan: dict, layers):
-    """One row per layer (pandas DataFrame) of a resolved plan; see ``ditlab.plan_table``."""
+def plan_to_frame(plan: "dict | Recipe | str", layers):
+    """One row per layer (pandas DataFrame) of a resolved plan (or of a Recipe / preset name); see ``ditlab.plan_table``."""
     from .plan_table import plan_to_frame as impl
 
     return impl(plan, layers)
 
 
-def frame_to_recipe(df, base_recipe: Recipe) -> Recipe:
-    """An edited plan table back to a Recipe (one override per changed layer); see ``ditlab.plan_table``."""
+def frame_to_recipe(df, base_recipe: "Recipe | str") -> Recipe:
+    """An edited plan table back to a Recipe (one override per changed layer; base may be a preset name); see ``ditlab.plan_table``."""
     from .plan_table import frame_to_recipe as impl
 
     return impl(df, base_recipe)

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 from fnmatch import fnmatchcase
+from typing import Mapping
 
 from .config import FP, PRESETS, LayerConfig, Recipe, _FIELD_RULES, check_field
 from .errors import ConfigError
@@ -29,10 +30,25 @@ def _layer_tuple(info):
     return info.name, info.kind, info.out_features, info.in_features
 
 
-def plan_to_frame(plan: dict, layers) -> "object":
-    """pandas DataFrame, one row per layer of ``layers`` (LayerInfo) with its planned config (None → FP, skipped)."""
+def _as_recipe(base, field: str) -> Recipe:
+    """``base`` as a Recipe: a Recipe, or a preset name; ConfigError naming ``field`` otherwise."""
+    if isinstance(base, Recipe):
+        return base
+    if isinstance(base, str) and base in PRESETS:
+        return PRESETS[base]
+    raise ConfigError.invalid(field, base if isinstance(base, str) else type(base).__name__, "a Recipe or a preset name (" + ", ".join(PRESETS) + ")")
+
+
+def plan_to_frame(plan, layers) -> "object":
+    """pandas DataFrame, one row per layer of ``layers`` (LayerInfo) with its planned config (None → FP, skipped).
+
+    ``plan`` is ``recipe.resolve(layers)``; a Recipe or a preset name is resolved here."""
     import pandas as pd
 
+    if isinstance(plan, (Recipe, str)):
+        plan = _as_recipe(plan, "plan").resolve(layers)
+    if not isinstance(plan, Mapping):
+        raise ConfigError.invalid("plan", type(plan).__name__, "a resolved plan {layer name: LayerConfig | None} (Recipe.resolve), a Recipe or a preset name")
     rows = []
     for info in layers:
         name, kind, n, k = _layer_tuple(info)
@@ -121,15 +137,20 @@ def _unskipped(base: Recipe, name: str, k, n) -> LayerConfig | None:
         return None
 
 
-def frame_to_recipe(df, base: Recipe) -> Recipe:
+def frame_to_recipe(df, base: "Recipe | str") -> Recipe:
     """Recipe = ``base`` + one exact-name override per layer whose row differs from ``base``'s plan.
 
     Overrides carry only the changed fields. A layer edited again keeps one exact-name override: the earlier one is
     replaced (none remains when the row is back to what the rest of the recipe gives it), so repeated edits never
     grow the recipe. A skipped layer given a method other than fp leaves the skip list (patterns that covered it are
     replaced by the exact names they still skip). A "<preset>-edited" recipe that is back to the preset is the preset.
+    ``base`` may be a preset name; ``df`` is a pandas DataFrame (as ``plan_to_frame`` gives).
     """
     from .models import LayerInfo
+
+    base = _as_recipe(base, "base recipe")
+    if not (hasattr(df, "columns") and hasattr(df, "to_dict")):
+        raise ConfigError.invalid("table", type(df).__name__, "a pandas DataFrame of the plan (from plan_to_frame)")
 
     for col in ("name", "shape") + ("method", "w_bits", "a_bits"):
         if col not in df.columns:

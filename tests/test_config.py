@@ -229,3 +229,126 @@ def test_params_the_methods_read_are_accepted():
     assert LayerConfig(method="rtn", params={"bos_tokens": 1}).params == {"bos_tokens": 1}
     assert LayerConfig(method="bnb-int8", w_bits=8, a_bits=16, params={"threshold": 4.5}).params["threshold"] == 4.5
     assert LayerConfig(method="vq4dit", w_bits=2, a_bits=16, params={"k": 8, "iterations": 2}).params["k"] == 8
+
+
+# ---------------------------------------------------------------- audit: params are read-only and never shared
+def test_params_are_a_read_only_copy_not_shared_with_caller_or_presets():
+    import copy
+    import pickle
+
+    for mutate in (lambda p: p.__setitem__("bos_tokens", 3), lambda p: p.update(k="oops"), lambda p: p.pop("bos_tokens", None),
+                   lambda p: p.clear(), lambda p: p.setdefault("k", 1), lambda p: p.popitem(), lambda p: p.__delitem__("x"),
+                   lambda p: p.__ior__({"k": 1})):
+        with pytest.raises(TypeError, match="read-only"):
+            mutate(load_recipe("w4a8-rtn").default.params)
+        with pytest.raises(TypeError, match="read-only"):
+            mutate(load_recipe("fp").default.params)
+    assert PRESETS["w4a8-rtn"].default.params == {} and FP.params == {}
+    p = {"bos_tokens": 1}
+    cfg = LayerConfig(params=p)
+    p["bos_tokens"] = -5  # the caller's dict stays theirs: the validated config does not change
+    assert cfg.params == {"bos_tokens": 1}
+    data = {"method": "vq4dit", "w_bits": 2, "a_bits": 16, "params": {"k": 8}}
+    via_dict = LayerConfig.from_dict(data)
+    data["params"]["k"] = 0
+    assert via_dict.params == {"k": 8}
+    nested = {"k": [1, 2]}  # refused later by the method, but never shared in the meantime
+    kcfg = LayerConfig(method="kmeans", w_bits=2, a_bits=16, params=nested)
+    nested["k"].append(3)
+    assert kcfg.to_dict()["params"] == {"k": [1, 2]}
+    fields = {"params": {"bos_tokens": 1}}  # the same for an override's field map
+    recipe = Recipe(default=LayerConfig(), overrides=(("*", fields),))
+    fields["params"]["bos_tokens"] = 7
+    with pytest.raises(TypeError):
+        recipe.overrides[0][1]["w_bits"] = 2
+    assert recipe.resolve(["a"])["a"].params == {"bos_tokens": 1}
+    # still data: deep copy (models are deep-copied with their recipe), pickle, JSON, plain dicts out
+    assert copy.deepcopy(cfg) == cfg and pickle.loads(pickle.dumps(cfg)) == cfg and pickle.loads(pickle.dumps(recipe)) == recipe
+    assert copy.deepcopy(recipe) == recipe and Recipe.from_json(recipe.to_json()) == recipe
+    out = cfg.to_dict()
+    assert type(out["params"]) is dict and json.loads(json.dumps(out)) == out
+    out["params"]["bos_tokens"] = 2  # to_dict gives the caller a mutable copy
+    assert cfg.params == {"bos_tokens": 1} and cfg.replace(params={**cfg.params, "bos_tokens": 2}).params == {"bos_tokens": 2}
+
+
+# ---------------------------------------------------------------- audit: an override to full precision
+def test_override_to_fp_does_not_inherit_the_default_bits():
+    default = LayerConfig(method="rtn", w_bits=4, a_bits=8, w_group_size=64)
+    recipe = Recipe(default=default, overrides=(("*attn1.to_q", {"method": "fp"}),))
+    plan = recipe.resolve(_layers())
+    assert plan["transformer_blocks.0.attn1.to_q"] is FP and plan["transformer_blocks.0.attn1.to_k"] == default
+    assert Recipe.from_json(recipe.to_json()).resolve(_layers()) == plan  # the JSON path too
+    assert load_recipe(json.loads(recipe.to_json())).resolve(_layers()) == plan
+    later = Recipe(default=default, overrides=(("*", {"w_bits": 8}), ("*attn1.to_q", {"method": "fp"})))  # later wins
+    assert later.resolve(_layers())["transformer_blocks.0.attn1.to_q"] is FP
+    back = Recipe(default=default, overrides=(("*attn1.*", {"method": "fp"}), ("*attn1.to_q", {"method": "rtn"})))
+    assert back.resolve(_layers())["transformer_blocks.0.attn1.to_q"] == default
+    for fields in ({"method": "fp", "w_bits": 4}, {"method": "fp", "a_bits": 8}):  # fp with explicit other bits: refused
+        with pytest.raises(ConfigError) as info:
+            Recipe(default=default, overrides=(("*attn1.to_q", fields),)).resolve(_layers())
+        assert info.value.field in ("w_bits", "a_bits") and "fp" in str(info.value) and "attn1.to_q" in info.value.layer
+
+
+# ---------------------------------------------------------------- audit: an override of skipped layers only
+def test_override_matching_only_skipped_layers_is_refused():
+    with pytest.raises(ConfigError, match="only skipped layers") as info:
+        Recipe(default=LayerConfig(), overrides=(("proj_out_*", {"w_bits": 4}),)).resolve(_layers())
+    assert info.value.field == "override pattern" and info.value.value == "proj_out_*" and "proj_out*" in str(info.value)
+    Recipe(default=LayerConfig(), overrides=(("proj_out_*", {"w_bits": 4}),), skip=()).resolve(_layers())  # unskipped: fine
+    Recipe(default=LayerConfig(), overrides=(("*", {"w_bits": 4}),)).resolve(_layers())  # some layers not skipped: fine
+
+
+# ---------------------------------------------------------------- audit: fields a method ignores
+@pytest.mark.parametrize("method,w_bits,group", [("bnb-nf4", 4, 32), ("bnb-fp4", 4, 64), ("bnb-int8", 8, 64), ("kmeans", 2, 64),
+                                                 ("vq4dit", 3, 64)])
+def test_group_size_refused_for_methods_with_their_own_blocks(method, w_bits, group):
+    with pytest.raises(ConfigError) as info:
+        LayerConfig(method=method, w_bits=w_bits, a_bits=16, w_group_size=group)
+    assert info.value.field == "w_group_size" and info.value.value == group and method in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        Recipe(default=LayerConfig(method=method, w_bits=w_bits, a_bits=16), overrides=(("*.ff.*", {"w_group_size": group}),)).resolve(_layers())
+    assert info.value.field == "w_group_size" and "ff" in info.value.layer
+    LayerConfig(method=method, w_bits=w_bits, a_bits=16)  # without a group size: valid
+
+
+def test_every_preset_still_validates():
+    for recipe in PRESETS.values():
+        assert recipe.default.validate() is recipe.default
+
+
+# ---------------------------------------------------------------- audit: Recipe loose ends
+@pytest.mark.parametrize("kwargs,field", [(dict(name=5), "name"), (dict(name=None), "name"), (dict(skip=None), "skip"),
+                                          (dict(skip=5), "skip"), (dict(skip="proj_out*"), "skip")])
+def test_recipe_refuses_bad_name_and_skip(kwargs, field):
+    with pytest.raises(ConfigError) as info:
+        Recipe(**kwargs)
+    assert info.value.field == field
+    with pytest.raises(ConfigError) as info:
+        Recipe.from_dict({"version": 1, **kwargs})
+    assert info.value.field == field
+    assert Recipe(skip=[], name="x").skip == ()  # an empty list = skip nothing
+
+
+def test_recipe_replace_and_from_json_errors_are_config_errors():
+    with pytest.raises(ConfigError) as info:
+        Recipe().replace(foo=1)
+    assert info.value.value == "foo" and "skip" in info.value.allowed
+    assert Recipe().replace(name="x").name == "x"
+    for bad in (None, 5, ["{}"]):
+        with pytest.raises(ConfigError) as info:
+            Recipe.from_json(bad)
+        assert info.value.field == "recipe JSON"
+
+
+def test_plan_table_accepts_a_preset_name_or_recipe_and_names_the_expected_type():
+    layers = _layers()
+    base = get_preset("w4a8-rtn")
+    df = plan_to_frame(base.resolve(layers), layers)
+    assert frame_to_recipe(df, "w4a8-rtn") is base
+    assert plan_to_frame(base, layers).equals(df) and plan_to_frame("w4a8-rtn", layers).equals(df)
+    for call, field in ((lambda: frame_to_recipe(df, 5), "base recipe"), (lambda: frame_to_recipe(df, "w3a3-magic"), "base recipe"),
+                        (lambda: frame_to_recipe({"name": []}, base), "table"), (lambda: plan_to_frame(5, layers), "plan"),
+                        (lambda: plan_to_frame("w3a3-magic", layers), "plan")):
+        with pytest.raises(ConfigError) as info:
+            call()
+        assert info.value.field == field

@@ -109,8 +109,16 @@ def _bits_out_of_range(draw):
 
 @st.composite
 def _method_cannot_run(draw):
-    """Activation bits on a weight-only method, wrong fixed bits, 16-bit weights, fp with bits, GPTQ rounding on VQ/bnb."""
-    kind = draw(st.sampled_from(["a_bits", "fixed w_bits", "w16", "fp bits", "rounding"]))
+    """Activation bits on a weight-only method, wrong fixed bits, 16-bit weights, fp with bits, GPTQ rounding on VQ/bnb,
+    a group size on a method with its own blocks (bnb, k-means, VQ4DiT)."""
+    kind = draw(st.sampled_from(["a_bits", "fixed w_bits", "w16", "fp bits", "rounding", "group"]))
+    if kind == "group":
+        method = draw(st.sampled_from(WEIGHT_ONLY_METHODS))
+        group = draw(st.sampled_from([2, 4, 8, 16, 32, 64]))  # divisors of every in_features: only the method refuses it
+        default = {"method": method, "w_bits": FIXED_WEIGHT_BITS.get(method, 2), "a_bits": 16}
+        if draw(st.booleans()):
+            return {"version": 1, "default": {**default, "w_group_size": group}}, ("w_group_size",)
+        return {"version": 1, "default": default, "overrides": [{"pattern": "*.ff.*", "set": {"w_group_size": group}}]}, ("w_group_size",)
     if kind == "a_bits":
         method = draw(st.sampled_from(WEIGHT_ONLY_METHODS))
         w = FIXED_WEIGHT_BITS.get(method, 2 if method in ("vq4dit", "kmeans") else 4)
@@ -157,6 +165,8 @@ def _unmatched_pattern(draw):
     pattern = draw(st.text(min_size=1, max_size=30).filter(lambda p: _matches_nothing(p) and p not in DEFAULT_SKIP))
     recipe = _base(draw(st.sampled_from(BASES)))
     if draw(st.booleans()):
+        if draw(st.booleans()):  # a pattern that matches only layers the skip list keeps in FP: no effect, refused too
+            pattern = draw(st.sampled_from([n for n in _TINY_NAMES if any(fnmatch.fnmatchcase(n, p) for p in DEFAULT_SKIP)] + ["proj_out*"]))
         recipe["overrides"] = [{"pattern": pattern, "set": {"w_bits": 8}}]
         return recipe, ("override pattern",)
     recipe["skip"] = list(recipe["skip"]) + [pattern]
@@ -485,3 +495,24 @@ def test_app_bulk(app, tiny, tiny_dir, target, setting):
         return
     assert _untouched(out)
     _check_message(out[-1], ("setting", "layer pattern", "w_bits", "a_bits", "w_group_size", "method", "weight_rounding", "rank"), "app bulk_edit")
+
+
+# ---------------------------------------------------------------- (d) fields a method ignores, through the app's editing
+@pytest.mark.parametrize("preset", ["bnb-nf4", "bnb-int8", "w2-kmeans"])
+def test_bulk_group_size_on_own_block_methods_is_a_clear_refusal(tiny, preset):
+    """A group size on a bnb / k-means layer (which would be ignored) is refused in one line naming w_group_size and
+    the method, through bulk edit and the table; other edits of those rows still work."""
+    base = PRESETS[preset]
+    table = recipe_editing.recipe_table(tiny, base)
+    with pytest.raises(ConfigError) as err:
+        recipe_editing.bulk_edit(tiny, table, base, "fc1", "g32")
+    _check_message(str(err.value), ("w_group_size",), "bulk_edit group on " + preset)
+    assert err.value.field == "w_group_size" and base.default.method in str(err.value)
+    edited = table.copy()
+    edited.loc[edited["kind"] == "fc1", "w_group_size"] = "64"
+    with pytest.raises(ConfigError) as err:
+        recipe_editing.table_recipe(tiny, edited, base)
+    assert err.value.field == "w_group_size" and err.value.layer
+    assert recipe_editing.bulk_edit(tiny, table, base, "fc1", "FP").overrides  # other edits still apply
+    assert recipe_editing.bulk_edit(tiny, table, base, "fc1", "per-channel") == base
+    assert recipe_editing.bulk_edit(tiny, table, base, "qkv", "rtn W4A8 g32").resolve(list_linears(tiny.transformer))
