@@ -361,8 +361,6 @@ def generate_grid(pipe: Pipeline, labels: Sequence[int], n_per_label: int, *, st
 
     Results for the shared FP model are cached (sampling is deterministic), so a page load costs one sampling run.
     """
-    from .errors import ConfigError
-
     labels = class_ids(labels, pipe.num_classes)
     n_per_label = public.whole_number(n_per_label, "n_per_label", 1, 16)  # 2.0 from a UI slider is 2; 1.7 is refused
     steps, seed, scale = public.whole_number(steps, "steps", 1, 1000), public.whole_number(seed, "seed", 0, MAX_SEED), public.whole_number(scale, "scale", 1, 16)

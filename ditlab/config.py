@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from .errors import ConfigError
+from .frozen import FrozenParams, freeze, thaw
 
 RECIPE_VERSION = 1
 
@@ -58,52 +59,11 @@ def _is_num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-class FrozenParams(dict):
-    """A read-only dict: ``LayerConfig.params`` (and the field maps of ``Recipe.overrides``). A frozen config must not
-    change after validation, nor share a mutable dict with its caller or with the presets. Being a dict, it
-    JSON-dumps, compares and pickles like one; copying (shallow or deep) returns itself. Nested lists are tuples."""
-
-    def _refuse(self, *args, **kwargs):
-        raise TypeError("recipe settings are read-only: build a new config, e.g. cfg.replace(params={**cfg.params, 'key': value})")
-
-    __setitem__ = __delitem__ = __ior__ = update = pop = popitem = clear = setdefault = _refuse
-
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __reduce__(self):
-        return FrozenParams, (dict(self),)
-
-    def __repr__(self):
-        return repr(dict(self))
-
-
-def _freeze(v):
-    """A JSON-able value with every dict made a FrozenParams and every list a tuple (nothing shared with ``v``)."""
-    if isinstance(v, Mapping):
-        return FrozenParams({k: _freeze(x) for k, x in v.items()})
-    if isinstance(v, (list, tuple)):
-        return tuple(_freeze(x) for x in v)
-    return v
-
-
-def _thaw(v):
-    """The inverse of ``_freeze``: plain dicts and lists (what ``to_dict`` returns)."""
-    if isinstance(v, Mapping):
-        return {k: _thaw(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_thaw(x) for x in v]
-    return v
-
-
 def _frozen_params(v, layer: str | None = None) -> FrozenParams:
     """``params`` validated as a JSON object and frozen; ConfigError naming ``params`` otherwise."""
     check_field("params", v, layer)
     try:
-        return _freeze(v)
+        return freeze(v)
     except RecursionError:
         raise ConfigError.invalid("params", "nested too deeply", _FIELD_RULES["params"][1], layer) from None
 
@@ -256,7 +216,7 @@ class LayerConfig:
 
     def to_dict(self) -> dict:
         """Plain JSON-able field values (``params`` as a new, mutable dict)."""
-        return {f.name: _thaw(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: thaw(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_dict(cls, data: Mapping, layer: str | None = None) -> "LayerConfig":
@@ -325,7 +285,7 @@ class Recipe:
             for k, v in fields.items():
                 check_field(k, v, layer=f"override {pattern}")
             try:
-                norm.append((pattern, _freeze(fields)))  # a copy: the caller's dict stays theirs
+                norm.append((pattern, freeze(fields)))  # a copy: the caller's dict stays theirs
             except RecursionError:
                 raise ConfigError.invalid("params", "nested too deeply", _FIELD_RULES["params"][1], f"override {pattern}") from None
         object.__setattr__(self, "overrides", tuple(norm))
@@ -395,7 +355,7 @@ class Recipe:
     # ---- JSON ---------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"version": self.version, "name": self.name, "default": self.default.to_dict(),
-                "overrides": [{"pattern": p, "set": _thaw(f)} for p, f in self.overrides], "skip": list(self.skip)}
+                "overrides": [{"pattern": p, "set": thaw(f)} for p, f in self.overrides], "skip": list(self.skip)}
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
