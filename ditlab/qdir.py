@@ -2,7 +2,7 @@
 
 Layout::
 
-    QDIR/ditlab_qdir.json            manifest: format, version, family, layer specs, sha256 of the weights (written last)
+    QDIR/ditlab_qdir.json            manifest: format, version, family, layer specs, sha256 of every other file (written last)
          recipe.json                 the Recipe used (ditlab.config JSON)
          model_index.json            copied / synthesised pipeline index (for the family and the VAE/text encoder)
          labels.json                 class id → name (DiT)
@@ -17,6 +17,11 @@ Writes are atomic and durable: everything goes to a temporary folder beside ``ou
 so a crash never leaves a half-written QDIR: ``out_dir`` is the old QDIR, the new one, or (no old one) absent. A killed
 writer's stray ``.name.tmp-PID-*`` folder is removed by the next save to the same ``out_dir``. A disk error (full,
 read-only) raises ``WriteError``: one line naming the output, e.g. "cannot write …: no space left on device".
+
+Loading checks every file against the manifest's checksums before it trusts any of them (recipe, configs, labels,
+weights, VAE/text encoder), so an edited or corrupt file is a ``ModelLoadError`` naming it, never a silently different
+model. Version 1 manifests (ditlab before per-file checksums) hold the weights' checksum only; they still load, with
+only the weights checked. The checksums catch corruption and edits of the files, not a forger who rewrites the manifest.
 """
 
 from __future__ import annotations
@@ -37,16 +42,22 @@ from torch import nn
 from . import __version__
 from .atomic import fsync_path, fsync_tree, remove_left_by_dead_processes, save_safetensors
 from .config import Recipe, load_recipe
-from .errors import DitlabError, ModelLoadError
-from .models import FAMILIES, SHIPPED_ALIASES, SHIPPED_MODEL, Pipeline, _from_pretrained, check_fits_in_memory, _load_labels, _load_text_encoder, read_model_index, resolve_source
+from .errors import ConfigError, DitlabError, ModelLoadError
+from .models import (FAMILIES, SHIPPED_ALIASES, SHIPPED_MODEL, Pipeline, _from_pretrained, check_fits_in_memory, _load_labels, _load_text_encoder,
+                     read_json_object, read_model_index, resolve_source)
 from .nn import MODULE_CODECS, MODULE_TYPES, codec_for
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "ditlab_qdir.json"
 FORMAT = "ditlab-qdir"
-QDIR_VERSION = 1
+QDIR_VERSION = 2  # 2: "files" holds the sha256 of every file; 1: "sha256" of the weights only (still read)
+READ_VERSIONS = (1, 2)
 WEIGHTS = "transformer/quantized.safetensors"
+RECIPE = "recipe.json"
+CONFIG = "transformer/config.json"
+SCHEDULER = "scheduler/scheduler_config.json"
+_ALWAYS_WRITTEN = (RECIPE, "model_index.json", "labels.json", SCHEDULER, CONFIG, WEIGHTS)  # a version 2 manifest lists each
 _TRANSFORMERS = {"DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart"}
 _PIPELINES = {"dit": "DiTPipeline", "pixart": "PixArtAlphaPipeline"}
 
@@ -75,6 +86,26 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _checksums(folder: Path) -> dict[str, str]:
+    """Relative path (with "/") → sha256 of every file under ``folder`` except the manifest."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return {rel: _sha256(p) for p in files if (rel := p.relative_to(folder).as_posix()) != MANIFEST}
+
+
+def _verify(folder: Path, manifest: dict, under: str = "") -> None:
+    """Checks each file the manifest lists (only those whose path starts with ``under``) against its sha256: a
+    missing or changed file is a ModelLoadError naming it. Version 1 manifests list only the weights."""
+    files = manifest["files"] if manifest["version"] >= 2 else {manifest.get("weights", WEIGHTS): manifest.get("sha256")}
+    for rel, digest in files.items():
+        if not rel.startswith(under):
+            continue
+        path = folder / rel
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: missing (the QDIR is incomplete; export it again)")
+        if _sha256(path) != digest:
+            raise ModelLoadError(f"{path}: checksum mismatch (the file is corrupt or was modified)")
 
 
 def _layer_specs(model: nn.Module) -> dict[str, dict]:
@@ -177,7 +208,7 @@ def _place(tmp: Path, out: Path, overwrite: bool) -> None:
         os.replace(tmp, out)
         return
     if not is_qdir(out):
-        raise DitlabError(f"{out}: exists and is not a QDIR; refusing to overwrite it (choose another --out)")
+        raise DitlabError(f"{out}: exists and is not a QDIR; refusing to overwrite it (choose another output folder)")
     if not overwrite:
         raise DitlabError(f"{out}: a QDIR already exists there; pass overwrite=True (CLI: --overwrite) to replace it")
     if _exchange(tmp, out):  # out is the new QDIR, tmp the old one: there is never a moment without a QDIR at out
@@ -187,6 +218,15 @@ def _place(tmp: Path, out: Path, overwrite: bool) -> None:
     os.replace(out, old)  # a crash between these two renames leaves the old QDIR intact under `old`
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_folders(out: Path) -> None:
+    """WriteError if a regular file stands where ``out``'s parent folders must be (mkdir would say "file exists")."""
+    for path in out.parents:
+        if path.exists():
+            if not path.is_dir():
+                raise WriteError(errno.ENOTDIR, f"cannot write {out}: {path} is a file, not a folder (choose another output folder)")
+            return
 
 
 def save_quantized(model: nn.Module, recipe: Recipe | str | None, source, out_dir: str | os.PathLike, *, overwrite: bool = False,
@@ -204,6 +244,7 @@ def save_quantized(model: nn.Module, recipe: Recipe | str | None, source, out_di
     out = Path(out_dir).expanduser().resolve()
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
+        _check_folders(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(out)
         tmp.mkdir()
@@ -212,10 +253,10 @@ def save_quantized(model: nn.Module, recipe: Recipe | str | None, source, out_di
         (tmp / "transformer").mkdir()
         model.save_config(tmp / "transformer")
         save_safetensors(_tensors(model, specs), tmp / WEIGHTS, metadata={"format": "pt", "producer": f"ditlab {__version__}"})
-        (tmp / "recipe.json").write_text(recipe.to_json() + "\n")
+        (tmp / RECIPE).write_text(recipe.to_json() + "\n")
         manifest = {"format": FORMAT, "version": QDIR_VERSION, "ditlab_version": __version__, "family": family,
                     "transformer_class": cls_name, "recipe": recipe.name, "layers": specs, "weights": WEIGHTS,
-                    "sha256": _sha256(tmp / WEIGHTS), "source": portable_source(source.source if isinstance(source, Pipeline) else source),
+                    "files": _checksums(tmp), "source": portable_source(source.source if isinstance(source, Pipeline) else source),
                     "extra": extra or {}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: its presence marks a complete QDIR
         fsync_tree(tmp)  # on disk before the rename makes it visible: a power loss never leaves a QDIR of empty files
@@ -260,37 +301,77 @@ def fp_source(qdir: str | os.PathLike) -> str:
     return recorded
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def _mismatch(config_path: Path, detail: str) -> ModelLoadError:
+    """The transformer config and the stored tensors disagree (an edited config, or a corrupt QDIR)."""
+    return ModelLoadError(f"{config_path}: does not match the stored tensors ({detail}); the QDIR is corrupt or was edited")
+
+
+def _parent_of(model: nn.Module, name: str, config_path: Path) -> tuple[nn.Module, str]:
+    """(module holding ``name``, attribute name); a mismatch error naming the config if the model has no such place."""
     parent, _, leaf = name.rpartition(".")
-    module = model.get_submodule(parent) if parent else model
+    try:
+        return (model.get_submodule(parent) if parent else model), leaf
+    except AttributeError:
+        raise _mismatch(config_path, f"the model it describes has no layer {name!r}") from None
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor, config_path: Path) -> None:
+    module, leaf = _parent_of(model, name, config_path)
     old = module._parameters.get(leaf, module._buffers.get(leaf))
     if old is not None and old.shape != tensor.shape:
-        raise ModelLoadError(f"QDIR tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(old.shape)}")
+        raise _mismatch(config_path, f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(old.shape)}")
     if leaf in module._parameters:
         module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
     elif leaf in module._buffers:
         module._buffers[leaf] = tensor
     else:
-        raise ModelLoadError(f"QDIR tensor {name!r} has no place in the model (corrupt or from another model)")
+        raise _mismatch(config_path, f"tensor {name!r} has no place in the model")
+
+
+def _inside(rel) -> bool:
+    """Whether ``rel`` is a relative path that stays inside the QDIR."""
+    return isinstance(rel, str) and bool(rel) and not rel.startswith("/") and ".." not in rel.split("/")
 
 
 def _read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
     if not is_qdir(folder):
         raise ModelLoadError(f"{folder}: not a QDIR (no {MANIFEST}); create one with `python -m ditlab quantize --out DIR`")
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ModelLoadError(f"{folder / MANIFEST}: not valid JSON") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != QDIR_VERSION:
-        raise ModelLoadError(f"{folder}: unsupported QDIR format {manifest.get('format')!r} version {manifest.get('version')!r} (this ditlab reads {FORMAT} {QDIR_VERSION})")
+        raise ModelLoadError(f"{path}: not valid JSON") from None
+    if not isinstance(manifest, dict):
+        raise ModelLoadError(f"{path}: not a JSON object")
+    version = manifest.get("version")
+    if manifest.get("format") != FORMAT or type(version) is not int or version not in READ_VERSIONS:
+        raise ModelLoadError(f"{folder}: unsupported QDIR format {manifest.get('format')!r} version {version!r} "
+                             f"(this ditlab reads {FORMAT} versions {', '.join(map(str, READ_VERSIONS))}; a newer ditlab may have written it)")
     if manifest.get("transformer_class") not in _TRANSFORMERS:
         raise ModelLoadError(f"{folder}: transformer class {manifest.get('transformer_class')!r} not supported")
+    if version >= 2:
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not all(_inside(k) and isinstance(v, str) for k, v in files.items()):
+            raise ModelLoadError(f"{path}: \"files\" must map paths inside the QDIR to sha256 checksums")
+        unlisted = [rel for rel in (*_ALWAYS_WRITTEN, manifest.get("weights", WEIGHTS)) if rel not in files]
+        if unlisted:
+            raise ModelLoadError(f"{path}: no checksum for {unlisted[0]} (the manifest is incomplete; export the QDIR again)")
     return manifest
+
+
+def _read_recipe(path: Path) -> Recipe:
+    try:
+        return Recipe.from_json(path.read_bytes())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: missing (the QDIR is incomplete; export it again)") from None
+    except ConfigError as exc:
+        raise ModelLoadError(f"{path}: not a valid recipe ({exc})") from None
 
 
 def load_quantized_transformer(folder: str | os.PathLike, verify: bool = True) -> nn.Module:
     """The quantized transformer of a QDIR: built on the meta device, quantized modules swapped in from their
-    specs, then every tensor assigned from the safetensors file (no random init, no recalibration)."""
+    specs, then every tensor assigned from the safetensors file (no random init, no recalibration). ``verify``
+    checks the transformer's files against the manifest's checksums first."""
     import diffusers
     from safetensors.torch import load_file
 
@@ -298,51 +379,60 @@ def load_quantized_transformer(folder: str | os.PathLike, verify: bool = True) -
 
     folder = Path(folder)
     manifest = _read_manifest(folder)
-    weights = folder / manifest.get("weights", WEIGHTS)
+    weights, config_path = folder / manifest.get("weights", WEIGHTS), folder / CONFIG
+    if verify:
+        _verify(folder, manifest, under="transformer/")
     if not weights.is_file():
-        raise ModelLoadError(f"{folder}: missing {weights.name}")
-    if verify and _sha256(weights) != manifest.get("sha256"):
-        raise ModelLoadError(f"{weights}: checksum mismatch (the file is corrupt or was modified)")
+        raise ModelLoadError(f"{weights}: missing (the QDIR is incomplete; export it again)")
     cls = getattr(diffusers, manifest["transformer_class"])
     check_fits_in_memory(folder, _TRANSFORMERS[manifest["transformer_class"]], torch.float32)  # an uploaded config may claim anything
-    config = json.loads((folder / "transformer" / "config.json").read_text())
-    with torch.device("meta"):  # no allocation, no random init: every tensor is assigned from the file below
-        model = cls.from_config(config)
-    tensors = load_file(str(weights))
+    try:
+        with torch.device("meta"):  # no allocation, no random init: every tensor is assigned from the file below
+            model = cls.from_config(read_json_object(config_path))
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - diffusers raises anything on a config with wrong values
+        detail = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else "rejected by diffusers"
+        raise ModelLoadError(f"{config_path}: not a valid {cls.__name__} config ({detail})") from None
+    try:
+        tensors = load_file(str(weights))
+    except Exception:  # noqa: BLE001 - truncated or overwritten (reached with verify=False or a version 1 manifest)
+        raise ModelLoadError(f"{weights}: not a readable safetensors file (corrupt or truncated)") from None
     for name, spec in manifest["layers"].items():  # skeletons on CPU (placeholders, overwritten below)
         kind = spec.get("type")
-        parent, _, leaf = name.rpartition(".")
+        parent, leaf = _parent_of(model, name, config_path)
         if spec.get("codec"):  # built whole by its codec from its own tensors (e.g. bitsandbytes layers)
             if kind not in MODULE_CODECS:
                 raise ModelLoadError(f"{folder}: layer {name!r} has module type {kind!r}; known codecs: {', '.join(MODULE_CODECS)}")
             prefix = f"{name}."
             own = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
-            setattr(model.get_submodule(parent) if parent else model, leaf, MODULE_CODECS[kind].build(spec, own))
+            setattr(parent, leaf, MODULE_CODECS[kind].build(spec, own))
             continue
         if kind not in MODULE_TYPES:
             raise ModelLoadError(f"{folder}: layer {name!r} has module type {kind!r}; known: {', '.join(MODULE_TYPES)}")
-        setattr(model.get_submodule(parent) if parent else model, leaf, MODULE_TYPES[kind].from_spec(spec))
+        setattr(parent, leaf, MODULE_TYPES[kind].from_spec(spec))
     for name, tensor in tensors.items():
-        _assign(model, name, tensor)
+        _assign(model, name, tensor, config_path)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
-        raise ModelLoadError(f"{folder}: {len(left)} tensors missing from {weights.name} (first: {left[0]})")
+        raise _mismatch(config_path, f"{len(left)} tensors of the model it describes are not in {weights.name}, first: {left[0]}")
     return model.eval().requires_grad_(False)
 
 
 def load_quantized(qdir: str | os.PathLike) -> tuple[Pipeline, Recipe]:
-    """(Pipeline with the quantized transformer, Recipe) from a QDIR written by ``save_quantized``."""
+    """(Pipeline with the quantized transformer, Recipe) from a QDIR written by ``save_quantized``; every file is
+    checked against the manifest's checksums first (a missing, corrupt or edited file is a ModelLoadError naming it)."""
     import diffusers
 
     folder = Path(qdir).expanduser()
     manifest = _read_manifest(folder)
-    transformer = load_quantized_transformer(folder)
-    recipe = Recipe.from_json((folder / "recipe.json").read_text())
+    _verify(folder, manifest)
+    recipe = _read_recipe(folder / RECIPE)
+    transformer = load_quantized_transformer(folder, verify=False)  # verified above
     transformer.ditlab_recipe = recipe
     index = read_model_index(folder)
     family = manifest["family"]
-    sched_path = folder / "scheduler" / "scheduler_config.json"
-    pipe = Pipeline(transformer=transformer, scheduler_config=json.loads(sched_path.read_text()), family=family, source=str(folder))
+    pipe = Pipeline(transformer=transformer, scheduler_config=read_json_object(folder / SCHEDULER), family=family, source=str(folder))
     dtype = next(transformer.parameters()).dtype
     if (index.get("vae") or [None])[0] is not None:
         pipe.vae = _from_pretrained(diffusers.AutoencoderKL, folder / "vae", dtype).eval().requires_grad_(False)

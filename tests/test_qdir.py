@@ -126,3 +126,120 @@ def test_unregistered_module_type_is_refused(fp_pipe, tmp_path):
     with pytest.raises(DitlabError, match="to_k"):
         qdir.save_quantized(qmodel, "w8a8-rtn", fp_pipe, tmp_path / "q")
     assert os.listdir(tmp_path) == []
+
+
+# ---- tampered QDIRs: every file the loader trusts is checked; each failure is one line naming the file -------------
+@pytest.fixture(scope="module")
+def saved(fp_pipe, tmp_path_factory):
+    qmodel, _ = quantize_(fp_pipe.transformer, "w4a8-rtn", progress=False)
+    return qdir.save_quantized(qmodel, None, fp_pipe, tmp_path_factory.mktemp("saved") / "q")
+
+
+def _copy(saved, tmp_path, version=None):
+    """A copy of the saved QDIR; version 1: its manifest rewritten as ditlab wrote it before per-file checksums."""
+    import shutil
+
+    path = shutil.copytree(saved, tmp_path / "q")
+    manifest = json.loads((path / qdir.MANIFEST).read_text())
+    if version == 1 and "files" in manifest:
+        manifest.update(version=1, sha256=manifest.pop("files")[qdir.WEIGHTS])
+        (path / qdir.MANIFEST).write_text(json.dumps(manifest))
+    return path
+
+
+def _edit(path, old, new):
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+TAMPERINGS = {  # name → (change, the file the error must name)
+    "recipe w_bits edited": (lambda q: _edit(q / "recipe.json", '"w_bits": 4', '"w_bits": 8'), "recipe.json"),
+    "recipe removed": (lambda q: (q / "recipe.json").unlink(), "recipe.json"),
+    "recipe garbage": (lambda q: (q / "recipe.json").write_text("{not json"), "recipe.json"),
+    "scheduler config removed": (lambda q: (q / qdir.SCHEDULER).unlink(), "scheduler_config.json"),
+    "num_layers lowered": (lambda q: _edit(q / qdir.CONFIG, '"num_layers": 2', '"num_layers": 1'), "transformer/config.json"),
+    "num_layers raised": (lambda q: _edit(q / qdir.CONFIG, '"num_layers": 2', '"num_layers": 3'), "transformer/config.json"),
+    "head dim edited": (lambda q: _edit(q / qdir.CONFIG, '"attention_head_dim": 32', '"attention_head_dim": 16'), "transformer/config.json"),
+    "weights truncated": (lambda q: _truncate(q / qdir.WEIGHTS), "quantized.safetensors"),
+    "weights removed": (lambda q: (q / qdir.WEIGHTS).unlink(), "quantized.safetensors"),
+    "labels removed": (lambda q: (q / "labels.json").unlink(), "labels.json"),
+    "model index edited": (lambda q: _edit(q / "model_index.json", "DiTPipeline", "PixArtAlphaPipeline"), "model_index.json"),
+    "manifest removed": (lambda q: (q / qdir.MANIFEST).unlink(), qdir.MANIFEST),
+}
+# a version 1 manifest checks the weights only: the loader itself must still report the other files clearly
+V1_TAMPERINGS = ["recipe removed", "recipe garbage", "scheduler config removed", "num_layers lowered", "num_layers raised",
+                 "head dim edited", "weights truncated", "weights removed", "manifest removed"]
+
+
+def _assert_names(exc_info, file):
+    message = str(exc_info.value)
+    assert file in message and "\n" not in message, message
+    for raw in ("Traceback", "AttributeError", "FileNotFoundError", "KeyError", "ModuleList", "SafetensorError"):
+        assert raw not in message, message
+
+
+@pytest.mark.parametrize("tamper", list(TAMPERINGS))
+def test_tampered_qdir_is_refused_naming_the_file(saved, tmp_path, tamper):
+    change, file = TAMPERINGS[tamper]
+    path = _copy(saved, tmp_path)
+    change(path)
+    with pytest.raises(ModelLoadError) as exc_info:
+        qdir.load_quantized(path)
+    _assert_names(exc_info, file)
+
+
+@pytest.mark.parametrize("tamper", V1_TAMPERINGS)
+def test_tampered_version_1_qdir_is_refused_naming_the_file(saved, tmp_path, tamper):
+    change, file = TAMPERINGS[tamper]
+    path = _copy(saved, tmp_path, version=1)
+    change(path)
+    with pytest.raises(ModelLoadError) as exc_info:
+        qdir.load_quantized(path)
+    _assert_names(exc_info, file)
+
+
+def test_version_1_qdir_still_loads(saved, tmp_path):
+    pipe, recipe = qdir.load_quantized(_copy(saved, tmp_path, version=1))
+    assert recipe == get_preset("w4a8-rtn") and pipe.transformer.ditlab_recipe == recipe
+
+
+def test_manifest_checksums_cover_every_file(saved):
+    manifest = json.loads((saved / qdir.MANIFEST).read_text())
+    files = sorted(p.relative_to(saved).as_posix() for p in saved.rglob("*") if p.is_file())
+    assert manifest["version"] == 2 and sorted(manifest["files"]) == [f for f in files if f != qdir.MANIFEST]
+
+
+def test_edited_recipe_is_refused_through_the_api(fp_pipe, tmp_path):
+    """The audit's case: W8 in recipe.json over 4-bit weights must not load (nor be re-saved as W8)."""
+    from ditlab import api
+
+    path = api.save(api.quantize(fp_pipe, "w4a16-rtn", progress=False), fp_pipe, tmp_path / "q")
+    _edit(path / "recipe.json", '"w_bits": 4', '"w_bits": 8')
+    with pytest.raises(ModelLoadError, match=r"recipe\.json: checksum mismatch"):
+        api.load(str(path))
+
+
+def test_a_file_in_the_way_is_named(fp_pipe, tmp_path):
+    qmodel, _ = quantize_(fp_pipe.transformer, "w8a8-rtn", progress=False)
+    (tmp_path / "file").write_text("mine")
+    for out in (tmp_path / "file" / "sub", tmp_path / "file" / "a" / "b"):
+        with pytest.raises(qdir.WriteError, match=r"file is a file, not a folder") as exc_info:
+            qdir.save_quantized(qmodel, "w8a8-rtn", fp_pipe, out)
+        assert "file exists" not in str(exc_info.value)
+    with pytest.raises(DitlabError, match=r"not a QDIR.*choose another output folder") as exc_info:
+        qdir.save_quantized(qmodel, "w8a8-rtn", fp_pipe, tmp_path / "file")
+    assert "--out" not in str(exc_info.value) and (tmp_path / "file").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_unverified_truncated_weights_are_named(saved, tmp_path):
+    path = _copy(saved, tmp_path)
+    _truncate(path / qdir.WEIGHTS)
+    with pytest.raises(ModelLoadError, match=r"quantized\.safetensors: not a readable safetensors file") as exc_info:
+        qdir.load_quantized_transformer(path, verify=False)
+    _assert_names(exc_info, "quantized.safetensors")
