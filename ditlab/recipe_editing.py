@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import METHOD_NAMES, PRESETS, Recipe, check_field
+from .config import FIXED_WEIGHT_BITS, METHOD_NAMES, OWN_BLOCK_METHODS, PRESETS, WEIGHT_ONLY_METHODS, Recipe, check_field
 from .errors import ConfigError
 from .exports import write_file
 from .models import LAYER_KINDS, Pipeline, list_linears
@@ -168,8 +168,12 @@ def bulk_edit(pipe: Pipeline, table, base: Recipe, target: str, setting: str) ->
         method = fields.get("method", fallback if row["method"] == "fp" else row["method"])
         w_bits = fields.get("w_bits", 8 if int(row["w_bits"]) == 16 else int(row["w_bits"]))
         group = fields.get("w_group_size", None if row["w_group_size"] == "per-channel" else int(row["w_group_size"]))
-        frame.loc[idx, ["method", "w_bits", "a_bits", "w_group_size"]] = [method, w_bits, fields.get("a_bits", int(row["a_bits"])),
-                                                                           "per-channel" if group is None else str(group)]
+        a_bits = fields.get("a_bits", int(row["a_bits"]))
+        if "method" in fields:  # what the row had that the new method cannot take gives way to what it uses
+            w_bits = fields.get("w_bits", FIXED_WEIGHT_BITS.get(method, w_bits))
+            a_bits = fields.get("a_bits", 16 if method in WEIGHT_ONLY_METHODS else a_bits)
+            group = fields.get("w_group_size", None if method in OWN_BLOCK_METHODS else group)
+        frame.loc[idx, ["method", "w_bits", "a_bits", "w_group_size"]] = [method, w_bits, a_bits, "per-channel" if group is None else str(group)]
         if "a_granularity" in fields:
             frame.loc[idx, "a_granularity"] = fields["a_granularity"]
     return table_recipe(pipe, frame, current)

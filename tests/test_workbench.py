@@ -103,6 +103,24 @@ def test_bulk_edit_kind_block_and_glob(tiny):
     assert plan3["transformer_blocks.1.attn1.to_q"].short() == "rtn W8A8" and plan3["transformer_blocks.0.attn1.to_q"].is_fp
 
 
+def test_bulk_edit_to_a_method_with_its_own_grid_drops_what_it_cannot_take(tiny):
+    """'bnb-nf4' on W4A8 g64 rows gives bnb-nf4 W4A16 (its own blocks): the row's A8 and group give way instead of a
+    refusal; bits the user writes are still checked ('bnb-nf4 A8' is refused by name)."""
+    base = PRESETS["w4a8-rtn"]
+    table = recipe_editing.recipe_table(tiny, base)
+    infos = models.list_linears(tiny.transformer)
+    plan = recipe_editing.bulk_edit(tiny, table, base, "fc1", "bnb-nf4").resolve(infos)
+    assert {plan[i.name].short() for i in infos if i.kind == "fc1"} == {"bnb-nf4 W4A16"}
+    assert {plan[i.name].short() for i in infos if i.kind == "fc2"} == {"rtn W4A8 g64"}
+    plan = recipe_editing.bulk_edit(tiny, table, base, "fc2", "kmeans W3").resolve(infos)
+    assert {plan[i.name].short() for i in infos if i.kind == "fc2"} == {"kmeans W3A16"}
+    plan = recipe_editing.bulk_edit(tiny, table, base, "fc2", "bnb-int8").resolve(infos)
+    assert {plan[i.name].short() for i in infos if i.kind == "fc2"} == {"bnb-int8 W8A16"}
+    with pytest.raises(ConfigError) as err:
+        recipe_editing.bulk_edit(tiny, table, base, "fc1", "bnb-nf4 A8")
+    assert err.value.field == "a_bits"
+
+
 def test_bulk_edit_keeps_unsaved_table_edits(tiny):
     base = PRESETS["w8a8-rtn"]
     table = recipe_editing.recipe_table(tiny, base)
