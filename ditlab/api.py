@@ -163,7 +163,8 @@ def quantize(pipe: Pipeline, recipe: Recipe | str, *, calib=None, progress: bool
     """Quantizes a deep copy of ``pipe``'s transformer with ``recipe`` (preset name, JSON path, dict or Recipe).
 
     Calibrates first (cached) when a planned method needs statistics and ``calib`` is not given; VQ4DiT layers get
-    their zero-data block-wise calibration after the swap.
+    their zero-data block-wise calibration after the swap. ``progress``: True (tqdm bars), False (none), or a callable
+    ``(done, total, layer name)`` called after each layer (no bar is drawn then, calibration's included).
     """
     from .methods import vq4dit
     from .quantize import quantize_pipeline
@@ -173,7 +174,7 @@ def quantize(pipe: Pipeline, recipe: Recipe | str, *, calib=None, progress: bool
     t_cal = 0.0
     if calib is None and needs_calibration(pipe, recipe):
         t0 = time.perf_counter()
-        calib = calibrate(pipe, progress=progress, **(calib_settings or {}))
+        calib = calibrate(pipe, progress=bool(progress) and not callable(progress), **(calib_settings or {}))
         t_cal = time.perf_counter() - t0
     t0 = time.perf_counter()
     if vq4dit.settings_for(pipe.transformer, recipe) is not None:

@@ -189,3 +189,12 @@ def test_grid_helpers_and_sample_settings_refuse_what_they_would_bend(tiny, tmp_
         with pytest.raises(ConfigError) as info:
             SampleSettings(**kwargs)
         assert info.value.field == field
+
+
+def test_a_progress_callable_gets_every_layer_and_no_bar_is_drawn(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DITLAB_CACHE", str(tmp_path / "cache"))
+    calls = []
+    q = api.quantize(tiny, "w8a8-smoothquant", progress=lambda done, total, name: calls.append((done, total, name)),
+                     calib_settings={"n_samples": 2, "steps": 2})
+    assert q.seconds_calibrate > 0 and len(calls) == len(q.report.layers) and calls[-1][0] == calls[-1][1]
+    assert "calibration" not in capsys.readouterr().err  # the calibration bar is not drawn either
