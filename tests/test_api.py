@@ -198,3 +198,15 @@ def test_a_progress_callable_gets_every_layer_and_no_bar_is_drawn(tiny, tmp_path
                      calib_settings={"n_samples": 2, "steps": 2})
     assert q.seconds_calibrate > 0 and len(calls) == len(q.report.layers) and calls[-1][0] == calls[-1][1]
     assert "calibration" not in capsys.readouterr().err  # the calibration bar is not drawn either
+
+
+def test_the_readme_python_example_runs(tmp_path, monkeypatch):
+    """README's "Python library" example, as written, on the shipped model (so the README stays true)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Python library", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    assert (tmp_path / "out" / "w4a8-first-block-fp" / "recipe.json").is_file()
