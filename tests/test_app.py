@@ -269,7 +269,7 @@ def test_compare_outputs_and_bad_recipes(tiny):
         assert field in _msg(app.compare(bad, LABELS, 1, 0, 3, 4.0, "cpu-int", tiny))
     assert "steps" in _msg(app.compare(PRESETS["fp"].to_json(), LABELS, 1, 0, 10_000, 4.0, "cpu-int", tiny))
     assert _msg(app.compare(PRESETS["fp"].to_json(), LABELS, None, 0, 3, 4.0, "cpu-int", tiny)).startswith("⚠️ images per class")
-    assert "DITLAB_BACKEND" in _msg(app.compare(PRESETS["fp"].to_json(), LABELS, 1, 0, 3, 4.0, "gpu-magic", tiny))
+    assert "backend = 'gpu-magic'" in _msg(app.compare(PRESETS["fp"].to_json(), LABELS, 1, 0, 3, 4.0, "gpu-magic", tiny))
     assert "no layer is quantized" in _msg(app.compare(PRESETS["fp"].to_json(), LABELS, 1, 0, 3, 4.0, "cpu-int", tiny))
     ddim = app.compare(PRESETS["w8a8-rtn"].to_json(), LABELS, 1, 0, 3, 4.0, "cpu-int", tiny, "ddim")
     assert "DDIM" in ddim[-1] and "DPM-Solver++(2M)" in status and not (ddim[0] == fp).all()  # FP images follow the sampler too
