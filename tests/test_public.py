@@ -264,9 +264,24 @@ def test_an_export_zip_cannot_smuggle_a_model_source(public_mode, app, tiny, arc
     assert "model source" in out[-1] and "someone/big-model" in out[-1]
 
 
+def _forge(archive, out, name, change):
+    """Like ``_rezip``, with the manifest's checksum of ``name`` rewritten to match: a consistent forgery (checksums
+    catch corruption and edits, not someone who also rewrites the manifest)."""
+    import hashlib
+
+    edited = _rezip(archive, out.with_suffix(".tmp.zip"), name, change)
+    with zipfile.ZipFile(edited) as zf:
+        digest = hashlib.sha256(zf.read(name)).hexdigest()
+    return _rezip(edited, out, "ditlab_qdir.json", lambda m: {**m, "files": {**m["files"], name: digest}})
+
+
 def test_an_export_claiming_a_huge_model_is_refused_before_building_it(public_mode, app, archive, tmp_path):
-    huge = _rezip(archive, tmp_path / "huge.zip", "transformer/config.json", lambda c: {**c, "num_layers": 10**7, "num_attention_heads": 64})
-    out = app.load_export(str(huge), "")
+    claim = lambda c: {**c, "num_layers": 10**7, "num_attention_heads": 64}  # noqa: E731
+    edited = _rezip(archive, tmp_path / "edited.zip", "transformer/config.json", claim)
+    out = app.load_export(str(edited), "")
+    assert "checksum mismatch" in out[-1] and "transformer/config.json" in out[-1] and _untouched(out)
+    forged = _forge(archive, tmp_path / "huge.zip", "transformer/config.json", claim)
+    out = app.load_export(str(forged), "")
     assert "refused before loading" in out[-1] and "bytes" in out[-1] and _untouched(out)
 
 
