@@ -14,7 +14,7 @@ import math
 from fnmatch import fnmatchcase
 from typing import Mapping
 
-from .config import FP, PRESETS, LayerConfig, Recipe, _FIELD_RULES, check_field
+from .config import FP, GPTQ_COMPOSABLE, PRESETS, LayerConfig, Recipe, _FIELD_RULES, check_field
 from .errors import ConfigError
 
 INFO_COLUMNS = ("name", "kind", "shape", "n_weights", "skipped")
@@ -125,6 +125,25 @@ def _method_on_fp_row(row: dict, planned: LayerConfig | None) -> dict:
     return {**row, "w_bits": 8} if w16 and method not in ("", "fp", "nan", "none") else row
 
 
+def _method_changed(row: dict, planned: LayerConfig | None) -> dict:
+    """A row whose method was changed drops the settings of the old method that the table does not show: its
+    ``params`` (each method reads its own keys) and GPTQ rounding when it came from method 'gptq' or the new method
+    cannot compose with it (w4a16-gptq's fc2 → rtn is plain rtn, → bnb-nf4 is not refused for a hidden field)."""
+    method = str(row.get("method", "")).strip().lower()
+    if planned is None or planned.is_fp or method in ("", planned.method):
+        return row
+    row = dict(row)
+    try:
+        kept = "params" in row and _coerce("params", row["params"], "") == planned.to_dict()["params"]
+    except ConfigError:
+        kept = False  # unreadable params: row_config names them
+    if kept:  # params the user wrote for the new method stay
+        row["params"] = "{}"
+    if row.get("weight_rounding", "nearest") == planned.weight_rounding and (planned.method == "gptq" or method not in GPTQ_COMPOSABLE):
+        row["weight_rounding"] = "nearest"
+    return row
+
+
 def _escape(name: str) -> str:
     """A glob matching exactly ``name`` under fnmatch (brackets, stars and question marks quoted)."""
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
@@ -166,7 +185,7 @@ def frame_to_recipe(df, base: "Recipe | str") -> Recipe:
     plan = base.resolve(layers)
     edited = {}  # layer → its row's config, for the rows that differ from base's plan
     for info, r in zip(layers, records):
-        new = row_config(_method_on_fp_row(r, plan[info.name]), info.name).validate(info.name, info.in_features, info.out_features)
+        new = row_config(_method_changed(_method_on_fp_row(r, plan[info.name]), plan[info.name]), info.name).validate(info.name, info.in_features, info.out_features)
         if new != plan[info.name] and not (plan[info.name] is None and new.is_fp):
             edited[info.name] = new
     own = {_escape(name) for name in edited}  # the edited layers' earlier exact-name overrides give way to new ones

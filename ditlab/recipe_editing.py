@@ -169,7 +169,7 @@ def bulk_edit(pipe: Pipeline, table, base: Recipe, target: str, setting: str) ->
         w_bits = fields.get("w_bits", 8 if int(row["w_bits"]) == 16 else int(row["w_bits"]))
         group = fields.get("w_group_size", None if row["w_group_size"] == "per-channel" else int(row["w_group_size"]))
         a_bits = fields.get("a_bits", int(row["a_bits"]))
-        if "method" in fields:  # what the row had that the new method cannot take gives way to what it uses
+        if method != row["method"]:  # a new method (named, or the fallback on an fp row): what it cannot take gives way
             w_bits = fields.get("w_bits", FIXED_WEIGHT_BITS.get(method, w_bits))
             a_bits = fields.get("a_bits", 16 if method in WEIGHT_ONLY_METHODS else a_bits)
             group = fields.get("w_group_size", None if method in OWN_BLOCK_METHODS else group)

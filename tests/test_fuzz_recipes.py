@@ -319,7 +319,7 @@ def _bad_cell(column: str, in_features: int, fp_row: bool = False):
         bad_int = st.integers(-10**6, 10**6).filter(lambda v: not ok(v) and not (column == "w_group_size" and v in (0,)))
         return bad_int | text.filter(lambda t: t.strip().lower() not in ("", "0", "none", "per-channel") and not _numeric(t))
     if column == "method":
-        return text.filter(lambda t: t.strip() not in METHOD_NAMES)
+        return text.filter(lambda t: t.strip().lower() not in METHOD_NAMES)  # the table reads "RTN" as rtn (as bulk edit)
     if column in ("w_bits", "a_bits"):
         lo = 2 if column == "w_bits" else 4
         good = set(range(lo, 9)) | ({16} if column == "a_bits" else set())

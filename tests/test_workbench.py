@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from ditlab import exports, jobs, models, public, recipe_editing, workbench as wb
+from ditlab import exports, jobs, models, plan_table, public, recipe_editing, workbench as wb
 from ditlab.config import PRESETS, Recipe
 from ditlab.errors import ConfigError, DitlabError, ModelLoadError
 from ditlab.models import load_pipeline
@@ -407,3 +407,30 @@ def test_a_plain_fp_default_needs_no_bits():
     assert Recipe.from_json('{"version": 1, "default": {"method": "fp"}}').default.is_fp
     with pytest.raises(ConfigError, match="w_bits = 8"):
         Recipe.from_json('{"version": 1, "default": {"method": "fp", "w_bits": 8}}')
+
+
+def test_a_method_change_drops_the_old_methods_hidden_settings(tiny):
+    """w4a16-gptq's fc2 → rtn is plain rtn (GPTQ rounding came from the method), → bnb-nf4 is not refused for a
+    weight_rounding the table does not show; params the user writes for the new method stay."""
+    base = PRESETS["w4a16-gptq"]
+    table = recipe_editing.recipe_table(tiny, base)
+    infos = models.list_linears(tiny.transformer)
+    plan = recipe_editing.bulk_edit(tiny, table, base, "fc2", "rtn").resolve(infos)
+    assert {(plan[i.name].method, plan[i.name].weight_rounding) for i in infos if i.kind == "fc2"} == {("rtn", "nearest")}
+    plan = recipe_editing.bulk_edit(tiny, table, base, "fc2", "bnb-nf4").resolve(infos)
+    assert {plan[i.name].short() for i in infos if i.kind == "fc2"} == {"bnb-nf4 W4A16"}
+    kept = PRESETS["w4a8-rtn"].replace(default=PRESETS["w4a8-rtn"].default.replace(weight_rounding="gptq"))
+    plan = recipe_editing.bulk_edit(tiny, recipe_editing.recipe_table(tiny, kept), kept, "fc1", "hadanorm").resolve(infos)
+    assert {plan[i.name].weight_rounding for i in infos if i.kind == "fc1"} == {"gptq"}  # composes: kept
+    full = plan_table.plan_to_frame(PRESETS["w2-vq4dit"].resolve(infos), infos)
+    name = "transformer_blocks.0.ff.net.0.proj"
+    full.loc[full["name"] == name, ["method", "params"]] = ["kmeans", '{"seed": 3}']  # written with the change: kept
+    assert plan_table.frame_to_recipe(full, PRESETS["w2-vq4dit"]).resolve(infos)[name].params == {"seed": 3}
+
+
+def test_bulk_edit_on_fp_rows_under_a_bnb_default_uses_its_bits(tiny):
+    base = PRESETS["bnb-nf4"]
+    infos = models.list_linears(tiny.transformer)
+    r1 = recipe_editing.bulk_edit(tiny, recipe_editing.recipe_table(tiny, base), base, "fc2", "FP")
+    plan = recipe_editing.bulk_edit(tiny, recipe_editing.recipe_table(tiny, r1), r1, "fc2", "A16").resolve(infos)
+    assert {plan[i.name].short() for i in infos if i.kind == "fc2"} == {"bnb-nf4 W4A16"}  # was: w_bits = 8 refused
