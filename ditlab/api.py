@@ -57,8 +57,7 @@ def _source_key(source) -> tuple[str, tuple]:
         return text, ()
     if folder == SHIPPED_MODEL.resolve():
         return "shipped", ()
-    files = [folder / "model_index.json", *sorted(folder.glob("*/*.safetensors")),
-             *sorted(folder.glob("*/config.json")), *sorted(folder.glob("*.json"))]
+    files = [folder / "model_index.json", *sorted(folder.glob("*/*.safetensors")), *sorted(folder.glob("*/*.json")), *sorted(folder.glob("*.json"))]
     stamps = []
     for f in dict.fromkeys(files):
         try:
@@ -202,6 +201,17 @@ def qdir_source(folder: str | Path) -> str:
     return qdir.fp_source(folder)
 
 
+def check_fp_and_quantized(pipe, quantized) -> None:
+    """ConfigError naming ``pipe`` if it is not a full-precision pipeline (the reference images), or ``quantized`` if
+    it is not a ``Quantized`` (``quantize``'s result, or ``load_qdir(folder)[0]``); ``quantized`` None is allowed."""
+    if not isinstance(pipe, Pipeline) or is_quantized(pipe):
+        raise ConfigError.invalid("pipe", getattr(pipe, "source", type(pipe).__name__), "a full-precision pipeline, the reference the images "
+                                  "are scored against; to score a QDIR pass quantized=load_qdir(folder)[0] and pipe=load(qdir_source(folder))")
+    if quantized is not None and not isinstance(quantized, Quantized):
+        raise ConfigError.invalid("quantized", type(quantized).__name__, "a Quantized: quantize(pipe, recipe), or load_qdir(folder)[0] "
+                                  "(load_qdir returns (Quantized, FP source))")
+
+
 def is_quantized(pipe: Pipeline) -> bool:
     """True if some linear of ``pipe``'s transformer is quantized (a QDIR or a ``quantize`` result)."""
     return any(getattr(m, "is_quantized_linear", False) for m in pipe.transformer.modules())
@@ -234,7 +244,7 @@ def _fp_run(pipe: Pipeline, settings: SampleSettings) -> tuple[torch.Tensor, dic
     return result.images, content_metrics(result.images, labels), result.seconds
 
 
-def evaluate(pipe: Pipeline, recipe: Recipe | str = "fp", *, settings: SampleSettings = SampleSettings(), progress: bool = True,
+def evaluate(pipe: Pipeline, recipe: Recipe | str | None = None, *, settings: SampleSettings = SampleSettings(), progress: bool = True,
              quantized: Quantized | None = None) -> dict:
     """Scores ``recipe`` on ``pipe`` (an FP pipeline) against the FP model on the same labels and seeds.
 
@@ -243,16 +253,14 @@ def evaluate(pipe: Pipeline, recipe: Recipe | str = "fp", *, settings: SampleSet
     seconds_sample_fp, n_images, plus the settings. ``quantized`` scores an existing quantized copy of ``pipe``
     (e.g. ``load_qdir(folder)[0]``, with ``pipe = load(qdir_source(folder))``); ``recipe`` is then its recipe.
     """
-    if is_quantized(pipe):
-        raise ConfigError.invalid("pipe", pipe.source, "a full-precision pipeline, the reference the images are scored against; to score a "
-                                  "QDIR pass quantized=load_qdir(folder)[0] and pipe=load(qdir_source(folder))")
+    check_fp_and_quantized(pipe, quantized)
     if quantized is not None:
-        given = load_recipe(recipe)
-        if given.name != "fp" and given != quantized.recipe:
-            raise ConfigError.invalid("recipe", given.name, f"omitted with quantized= (the quantized copy's recipe {quantized.recipe.name!r} is used)")
+        if recipe is not None and load_recipe(recipe) != quantized.recipe:
+            raise ConfigError.invalid("recipe", load_recipe(recipe).name, f"omitted with quantized= (the quantized copy's recipe "
+                                      f"{quantized.recipe.name!r} is used)")
         recipe = quantized.recipe
     else:
-        recipe = load_recipe(recipe)
+        recipe = load_recipe("fp" if recipe is None else recipe)
     plan = recipe.resolve(list_linears(pipe.transformer))  # a bad recipe fails now, not after minutes of FP sampling
     quantizes = any(cfg is not None and not cfg.is_fp for cfg in plan.values())
     evaluation.check_scorable(pipe)
@@ -305,6 +313,9 @@ def save_grid(images: torch.Tensor, path: str | Path, rows: int, scale: int = 2)
         raise ConfigError.invalid("path", str(path), "a file name ending in an image suffix such as .png, .jpg or .webp")
     if path.is_dir():
         raise ConfigError.invalid("path", str(path), "a file name, not a folder")
+    in_the_way = next((p for p in path.parents if p.exists()), None)
+    if in_the_way is not None and not in_the_way.is_dir():
+        raise ConfigError.invalid("path", str(path), f"a file in a folder ({in_the_way} is a file)")
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
         raise ConfigError.invalid("images", getattr(images, "shape", type(images).__name__), "a uint8 tensor (B, 3, H, W)")
     rows = public.whole_number(rows, "rows", 1, max(1, images.shape[0]))
@@ -435,6 +446,9 @@ def heat(diff: torch.Tensor, gain: float = 4.0) -> torch.Tensor:
 def compare(pipe: Pipeline, quantized: Quantized, labels: Sequence[int], *, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
             seed: int = 0, scheduler: str = DEFAULT_SCHEDULER, backend: str | None = None, progress: bool = True) -> Comparison:
     """Samples ``labels`` with the FP pipeline and the quantized one (same seeds), on ``backend`` (default: current)."""
+    check_fp_and_quantized(pipe, quantized)
+    if quantized is None:
+        raise ConfigError.invalid("quantized", None, "a Quantized: quantize(pipe, recipe), or load_qdir(folder)[0]")
     kwargs = dict(steps=steps, guidance=guidance, seed=seed, scheduler=scheduler, record_trajectory=True, progress=progress)
     fp = generate(pipe, labels, **kwargs)
     with backends.use_backend(backend or backends.requested()):

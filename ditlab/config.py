@@ -331,11 +331,12 @@ class Recipe:
         """
         infos = [(x, None, None) if isinstance(x, str) else (x.name, x.in_features, x.out_features) for x in layers]
         names = [n for n, _, _ in infos]
-        for pattern, _ in self.overrides:
+        for pattern, fields in self.overrides:
             hits = [n for n in names if _matches(n, pattern)]
             if not hits:
                 raise ConfigError.invalid("override pattern", pattern, "a glob matching at least one layer name (e.g. 'transformer_blocks.*.attn1.to_q')")
-            if all(any(_matches(n, p) for p in self.skip) for n in hits):
+            keeps_fp = fields.get("method") == "fp"  # keeping skipped layers in full precision says what skip does: harmless
+            if not keeps_fp and all(any(_matches(n, p) for p in self.skip) for n in hits):
                 skips = sorted({p for n in hits for p in self.skip if _matches(n, p)})
                 raise ConfigError.invalid("override pattern", pattern, f"a glob matching a layer that is not skipped: it matches only skipped "
                                           f"layers ({_few(hits)}); remove them from skip (pattern(s) {', '.join(map(repr, skips))}) to quantize them")

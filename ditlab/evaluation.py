@@ -74,6 +74,8 @@ class SampleSettings:
         check_guidance(self.guidance)
         check_seed(self.seed)
         check_scheduler(self.scheduler)
+        for name, kind in (("n_per_label", int), ("steps", int), ("guidance", float), ("seed", int)):  # numpy / torch → Python
+            object.__setattr__(self, name, kind(getattr(self, name)))  # (results stay JSON-ready; equal settings hash alike)
 
 
 def fidelity(fp_images: torch.Tensor, q_images: torch.Tensor, fp_pred: torch.Tensor | None = None, q_pred: torch.Tensor | None = None) -> dict:

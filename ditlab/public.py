@@ -117,7 +117,9 @@ def client_address(request) -> str | None:
 
 def whole_number(value, field: str, lo: int, hi: int) -> int:
     """``value`` as an int if it is a whole number from ``lo`` to ``hi`` (a cleared UI number arrives as None), else
-    ConfigError naming ``field``."""
+    ConfigError naming ``field``. A 0-d tensor counts as its number."""
+    if hasattr(value, "ndim") and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value) or int(value) != value \
             or not lo <= int(value) <= hi:
         raise ConfigError.invalid(field, value, f"an integer from {lo} to {hi}")

@@ -210,3 +210,35 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     assert (tmp_path / "out" / "w4a8-first-block-fp" / "recipe.json").is_file()
+
+
+def test_evaluate_and_compare_check_what_they_are_given(shipped, tmp_path):
+    """A recipe that contradicts quantized= is refused even when named 'fp'; load_qdir's tuple or a Pipeline as
+    quantized= is named; compare refuses a quantized reference as evaluate does; numpy settings stay JSON-ready."""
+    import json
+
+    import numpy as np
+
+    from ditlab.config import LayerConfig, Recipe
+
+    small = SampleSettings(n_per_label=np.int64(1), steps=np.int64(2), guidance=np.float32(4.0))
+    q = api.quantize(shipped, "w8a8-rtn", progress=False)
+    with pytest.raises(ConfigError, match="recipe = 'fp'"):
+        api.evaluate(shipped, Recipe(name="fp", default=LayerConfig(method="rtn", w_bits=8, a_bits=8)), quantized=q, settings=small)
+    folder = api.save(q, shipped, tmp_path / "q")
+    for wrong in (api.load_qdir(folder), shipped):
+        with pytest.raises(ConfigError, match="quantized = .*load_qdir"):
+            api.evaluate(shipped, quantized=wrong, settings=small)
+    with pytest.raises(ConfigError, match="pipe = .*full-precision"):
+        api.compare(q.pipe, q, [0], steps=2, progress=False)
+    json.dumps(api.evaluate(shipped, quantized=q, settings=small, progress=False))  # numpy ints became Python ints
+    from ditlab import calibration
+
+    calib = calibration.calibrate(shipped, n_samples=np.int64(1), steps=torch.tensor(2), progress=False, use_cache=False)
+    assert calib.settings["n_samples"] == 1 and calib.settings["steps"] == 2
+    grid, _ = api.generate_grid(shipped, [0], 1, steps=torch.tensor(1), progress=False)
+    assert grid.shape[0] > 0
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="afile is a file"):
+        api.save_grid(grid_images := api.generate(shipped, [0], steps=1, progress=False).images, tmp_path / "afile" / "g.png", rows=1)
+    assert grid_images.shape[0] == 1

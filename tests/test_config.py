@@ -296,6 +296,8 @@ def test_override_matching_only_skipped_layers_is_refused():
     assert info.value.field == "override pattern" and info.value.value == "proj_out_*" and "proj_out*" in str(info.value)
     Recipe(default=LayerConfig(), overrides=(("proj_out_*", {"w_bits": 4}),), skip=()).resolve(_layers())  # unskipped: fine
     Recipe(default=LayerConfig(), overrides=(("*", {"w_bits": 4}),)).resolve(_layers())  # some layers not skipped: fine
+    plan = Recipe(default=LayerConfig(), overrides=(("proj_out_*", {"method": "fp"}),)).resolve(_layers())  # says what skip does
+    assert all(plan[n] is None for n in plan if n.startswith("proj_out"))
 
 
 # ---------------------------------------------------------------- audit: fields a method ignores
