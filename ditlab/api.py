@@ -163,7 +163,8 @@ def quantize(pipe: Pipeline, recipe: Recipe | str, *, calib=None, progress: bool
 
     Calibrates first (cached) when a planned method needs statistics and ``calib`` is not given; VQ4DiT layers get
     their zero-data block-wise calibration after the swap. ``progress``: True (tqdm bars), False (none), or a callable
-    ``(done, total, layer name)`` called after each layer (no bar is drawn then, calibration's included).
+    ``(done, total, what)`` called after each layer (``what`` = its name) and, for VQ4DiT, after each of its
+    calibration steps (a second count, ``what`` = "VQ4DiT calibration step i/n"); no bar is drawn then.
     """
     from .methods import vq4dit
     from .quantize import quantize_pipeline
