@@ -302,8 +302,10 @@ def fp_source(qdir: str | os.PathLike) -> str:
 
 
 def _mismatch(config_path: Path, detail: str) -> ModelLoadError:
-    """The transformer config and the stored tensors disagree (an edited config, or a corrupt QDIR)."""
-    return ModelLoadError(f"{config_path}: does not match the stored tensors ({detail}); the QDIR is corrupt or was edited")
+    """The transformer config, the manifest's layer specs and the stored tensors disagree (an edited file, or a corrupt
+    QDIR); both files are named, as either may be the edited one."""
+    return ModelLoadError(f"{config_path} and {MANIFEST}'s layer specs do not match the stored tensors ({detail}); the QDIR is "
+                          "corrupt or was edited")
 
 
 def _parent_of(model: nn.Module, name: str, config_path: Path) -> tuple[nn.Module, str]:
