@@ -57,9 +57,9 @@ def _source_key(source) -> tuple[str, tuple]:
         return text, ()
     if folder == SHIPPED_MODEL.resolve():
         return "shipped", ()
-    files = [folder / "model_index.json", *sorted(folder.glob("*/*.safetensors")), *sorted(folder.glob("*/*.json")), *sorted(folder.glob("*.json"))]
+    files = [*sorted(folder.glob("*.json")), *sorted(folder.glob("*/*.json")), *sorted(folder.glob("*/*.safetensors"))]  # model_index.json too
     stamps = []
-    for f in dict.fromkeys(files):
+    for f in files:
         try:
             st = f.stat()
         except OSError:
@@ -92,14 +92,15 @@ def model_info(pipe: Pipeline) -> dict:
     cfg = pipe.transformer.config
     linears = layers(pipe)
     names = {layer.name for layer in linears}
+    linear_params = sum(layer.params for layer in linears)
     others = sum(p.numel() for n, p in pipe.transformer.named_parameters() if not any(n.startswith(f"{m}.") for m in names))
     return {
         "source": pipe.source,
         "family": pipe.family,
         "transformer": type(pipe.transformer).__name__,
         "quantized": is_quantized(pipe),
-        "params": others + sum(layer.params for layer in linears),
-        "linear_params": sum(layer.params for layer in linears),
+        "params": others + linear_params,
+        "linear_params": linear_params,
         "num_linears": len(linears),
         "sample_size": int(cfg.sample_size),
         "in_channels": int(cfg.in_channels),
@@ -215,7 +216,9 @@ def check_fp_and_quantized(pipe, quantized) -> None:
 
 def is_quantized(pipe: Pipeline) -> bool:
     """True if some linear of ``pipe``'s transformer is quantized (a QDIR or a ``quantize`` result)."""
-    return any(getattr(m, "is_quantized_linear", False) for m in pipe.transformer.modules())
+    from .quantize import has_quantized_layers
+
+    return has_quantized_layers(pipe.transformer)
 
 
 def weight_bytes(pipe: Pipeline) -> tuple[int, int]:
@@ -256,9 +259,9 @@ def evaluate(pipe: Pipeline, recipe: Recipe | str | None = None, *, settings: Sa
     """
     check_fp_and_quantized(pipe, quantized)
     if quantized is not None:
-        if recipe is not None and load_recipe(recipe) != quantized.recipe:
-            raise ConfigError.invalid("recipe", load_recipe(recipe).name, f"omitted with quantized= (the quantized copy's recipe "
-                                      f"{quantized.recipe.name!r} is used)")
+        given = None if recipe is None else load_recipe(recipe)
+        if given is not None and given != quantized.recipe:
+            raise ConfigError.invalid("recipe", given.name, f"omitted with quantized= (the quantized copy's recipe {quantized.recipe.name!r} is used)")
         recipe = quantized.recipe
     else:
         recipe = load_recipe("fp" if recipe is None else recipe)
@@ -306,7 +309,7 @@ def save_grid(images: torch.Tensor, path: str | Path, rows: int, scale: int = 2)
     suffix, e.g. .png); returns the path."""
     from PIL import Image
 
-    from .atomic import write_atomic
+    from .atomic import file_in_the_way, write_atomic
 
     path = Path(path)
     fmt = Image.registered_extensions().get(path.suffix.lower())
@@ -314,8 +317,7 @@ def save_grid(images: torch.Tensor, path: str | Path, rows: int, scale: int = 2)
         raise ConfigError.invalid("path", str(path), "a file name ending in an image suffix such as .png, .jpg or .webp")
     if path.is_dir():
         raise ConfigError.invalid("path", str(path), "a file name, not a folder")
-    in_the_way = next((p for p in path.parents if p.exists()), None)
-    if in_the_way is not None and not in_the_way.is_dir():
+    if (in_the_way := file_in_the_way(path)) is not None:
         raise ConfigError.invalid("path", str(path), f"a file in a folder ({in_the_way} is a file)")
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
         raise ConfigError.invalid("images", getattr(images, "shape", type(images).__name__), "a uint8 tensor (B, 3, H, W)")

@@ -74,6 +74,12 @@ def remove_left_by_dead_processes(paths: Iterable[Path], pid_of: Callable[[Path]
     return removed
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing parent of ``path`` if it is a file (not a folder), which makes ``path`` unwritable; else None."""
+    existing = next((p for p in path.parents if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
+
+
 def fsync_path(path: str | os.PathLike) -> None:
     """Flushes one file's data, or one folder's entries (e.g. a rename inside it), to disk."""
     fd = os.open(path, os.O_RDONLY)

@@ -30,7 +30,7 @@ from . import calib_cache
 from .calib_collect import ALL_BRANCH, BRANCHES, TOKEN_PERCENTILES, LayerAccumulator
 from .errors import CalibrationError, ConfigError
 from .models import Pipeline
-from .sampling import DEFAULT_SCHEDULER, StepContext, check_labels, check_steps, is_whole, sample
+from .sampling import DEFAULT_SCHEDULER, StepContext, check_count, check_labels, check_steps, sample
 
 log = logging.getLogger(__name__)
 
@@ -198,9 +198,7 @@ class _Recorder:
 
 def _settings(pipe: Pipeline, labels, n_samples, steps, timesteps, guidance, seed, layers, collect_xtx, reservoir, scheduler) -> dict:
     """Validated, JSON-ready settings (also the cache key's settings part)."""
-    if not is_whole(n_samples) or not 1 <= int(n_samples) <= 4096:
-        raise ConfigError.invalid("n_samples", n_samples, "an integer from 1 to 4096")
-    n_samples = int(n_samples)
+    n_samples = check_count(n_samples, "n_samples", 1, 4096)
     steps = check_steps(steps)
     idx = list(range(steps)) if timesteps is None else sorted({int(i) for i in timesteps})
     if not idx or any(not 0 <= i < steps for i in idx):

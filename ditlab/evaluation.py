@@ -14,7 +14,7 @@ from . import data, metrics
 from .classifier import ShapeClassifier, classify
 from .errors import ConfigError
 from .models import SHIPPED_CLASSIFIER, Pipeline
-from .sampling import DEFAULT_SCHEDULER, check_guidance, check_scheduler, check_seed, check_steps, is_whole
+from .sampling import DEFAULT_SCHEDULER, check_count, check_guidance, check_scheduler, check_seed, check_steps
 
 REAL_SEED = 1  # the classifier's held-out data seed: the reference set for the Fréchet distance
 N_REAL = 2000
@@ -68,8 +68,7 @@ class SampleSettings:
 
     def __post_init__(self):
         """Checked on construction: a bad value is a ConfigError naming the field, before any sampling."""
-        if not is_whole(self.n_per_label) or not 1 <= int(self.n_per_label) <= 10_000:
-            raise ConfigError.invalid("n_per_label", self.n_per_label, "an integer from 1 to 10000")
+        check_count(self.n_per_label, "n_per_label", 1, 10_000)
         check_steps(self.steps)
         check_guidance(self.guidance)
         check_seed(self.seed)

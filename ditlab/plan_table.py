@@ -111,33 +111,32 @@ def row_config(row: dict, layer: str) -> LayerConfig:
     return LayerConfig.from_dict(fields, layer=layer)  # a method with 16/16 bits is refused there, naming the layer
 
 
-def _method_on_fp_row(row: dict, planned: LayerConfig | None) -> dict:
-    """A method typed on a full-precision row, whose bits still read 16/16, gets 8-bit weights, as bulk edit gives
-    it ('rtn' on an fp row → rtn W8A16; the app redraws the row). Typing 16-bit weights on a quantized row is
-    still refused, naming the field."""
-    if planned is not None and not planned.is_fp:
-        return row
-    method = str(row.get("method", "")).strip().lower()
-    try:
-        w16 = float(row.get("w_bits")) == 16
-    except (TypeError, ValueError):
-        return row
-    return {**row, "w_bits": 8} if w16 and method not in ("", "fp", "nan", "none") else row
+def _row_for_method(row: dict, planned: LayerConfig | None) -> dict:
+    """The row as meant when its method was typed anew (``planned`` is what the recipe gave the layer):
 
-
-def _method_changed(row: dict, planned: LayerConfig | None) -> dict:
-    """A row whose method was changed drops the settings of the old method that the table does not show: its
-    ``params`` (each method reads its own keys) and GPTQ rounding when it came from method 'gptq' or the new method
-    cannot compose with it (w4a16-gptq's fc2 → rtn is plain rtn, → bnb-nf4 is not refused for a hidden field)."""
+    * on a full-precision row whose bits still read 16/16, the method gets 8-bit weights, as bulk edit gives it
+      ('rtn' on an fp row → rtn W8A16; the app redraws the row); 16-bit weights typed on a quantized row are still
+      refused, naming the field;
+    * on a quantized row, the settings of the old method that the table does not show give way: its ``params`` (each
+      method reads its own keys; params written with the change stay) and GPTQ rounding when it came from method
+      'gptq' or the new method cannot compose with it (w4a16-gptq's fc2 → rtn is plain rtn, → bnb-nf4 is not refused
+      for a hidden field).
+    """
     method = str(row.get("method", "")).strip().lower()
-    if planned is None or planned.is_fp or method in ("", planned.method):
+    if planned is None or planned.is_fp:
+        try:
+            w16 = float(row.get("w_bits")) == 16
+        except (TypeError, ValueError):
+            return row
+        return {**row, "w_bits": 8} if w16 and method not in ("", "fp", "nan", "none") else row
+    if method in ("", planned.method):
         return row
     row = dict(row)
     try:
         kept = "params" in row and _coerce("params", row["params"], "") == planned.to_dict()["params"]
     except ConfigError:
         kept = False  # unreadable params: row_config names them
-    if kept:  # params the user wrote for the new method stay
+    if kept:
         row["params"] = "{}"
     if row.get("weight_rounding", "nearest") == planned.weight_rounding and (planned.method == "gptq" or method not in GPTQ_COMPOSABLE):
         row["weight_rounding"] = "nearest"
@@ -185,7 +184,7 @@ def frame_to_recipe(df, base: "Recipe | str") -> Recipe:
     plan = base.resolve(layers)
     edited = {}  # layer → its row's config, for the rows that differ from base's plan
     for info, r in zip(layers, records):
-        new = row_config(_method_changed(_method_on_fp_row(r, plan[info.name]), plan[info.name]), info.name).validate(info.name, info.in_features, info.out_features)
+        new = row_config(_row_for_method(r, plan[info.name]), info.name).validate(info.name, info.in_features, info.out_features)
         if new != plan[info.name] and not (plan[info.name] is None and new.is_fp):
             edited[info.name] = new
     own = {_escape(name) for name in edited}  # the edited layers' earlier exact-name overrides give way to new ones

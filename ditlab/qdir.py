@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .atomic import fsync_path, fsync_tree, remove_left_by_dead_processes, save_safetensors
+from .atomic import file_in_the_way, fsync_path, fsync_tree, remove_left_by_dead_processes, save_safetensors
 from .config import Recipe, load_recipe
 from .errors import ConfigError, DitlabError, ModelLoadError
 from .models import (FAMILIES, SHIPPED_ALIASES, SHIPPED_MODEL, Pipeline, _from_pretrained, check_fits_in_memory, _load_labels, _load_text_encoder,
@@ -222,11 +222,8 @@ def _place(tmp: Path, out: Path, overwrite: bool) -> None:
 
 def _check_folders(out: Path) -> None:
     """WriteError if a regular file stands where ``out``'s parent folders must be (mkdir would say "file exists")."""
-    for path in out.parents:
-        if path.exists():
-            if not path.is_dir():
-                raise WriteError(errno.ENOTDIR, f"cannot write {out}: {path} is a file, not a folder (choose another output folder)")
-            return
+    if (path := file_in_the_way(out)) is not None:
+        raise WriteError(errno.ENOTDIR, f"cannot write {out}: {path} is a file, not a folder (choose another output folder)")
 
 
 def save_quantized(model: nn.Module, recipe: Recipe | str | None, source, out_dir: str | os.PathLike, *, overwrite: bool = False,

@@ -148,6 +148,11 @@ def quantize_pipeline(pipe, recipe: Recipe | str, calib=None, progress: bool | P
     return dataclasses.replace(pipe, transformer=qmodel), report
 
 
+def has_quantized_layers(model: nn.Module) -> bool:
+    """True if some linear of ``model`` is already quantized (a ``quantize_`` result or a loaded QDIR)."""
+    return any(getattr(m, "is_quantized_linear", False) for m in model.modules())
+
+
 def quantize_(model: nn.Module, recipe: Recipe | str, calib=None, progress: bool | Progress | None = None) -> tuple[nn.Module, QuantReport]:
     """Quantizes a deep copy of ``model`` (a transformer) with ``recipe`` (Recipe, preset name or JSON path).
 
@@ -156,7 +161,7 @@ def quantize_(model: nn.Module, recipe: Recipe | str, calib=None, progress: bool
     Returns ``(quantized copy, QuantReport)``.
     """
     recipe = load_recipe(recipe)
-    if any(getattr(m, "is_quantized_linear", False) for m in model.modules()):
+    if has_quantized_layers(model):
         raise ConfigError.invalid("model", "already quantized", "a full-precision model (quantize the loaded FP transformer)")
     plan = plan_for(model, recipe)
     todo = [(n, c) for n, c in plan.items() if c is not None and not c.is_fp]

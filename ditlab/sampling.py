@@ -118,11 +118,17 @@ def check_labels(labels, num_classes: int, field: str = "labels") -> list[int]:
     return [int(y) for y in labels]
 
 
+def check_count(value, field: str, lo: int, hi: int) -> int:
+    """``value`` as an int if it is an integer (``is_whole``) from ``lo`` to ``hi``; ConfigError naming ``field``
+    otherwise. (The app's ``public.whole_number`` also takes a UI's 2.0; library arguments must be integers.)"""
+    if not is_whole(value) or not lo <= int(value) <= hi:
+        raise ConfigError.invalid(field, value, f"an integer from {lo} to {hi}")
+    return int(value)
+
+
 def check_steps(steps, field: str = "steps") -> int:
     """The number of sampling steps as an int (numpy integers too); ConfigError naming ``field`` otherwise."""
-    if not is_whole(steps) or not 1 <= int(steps) <= 1000:
-        raise ConfigError.invalid(field, steps, "an integer from 1 to 1000")
-    return int(steps)
+    return check_count(steps, field, 1, 1000)
 
 
 def check_guidance(guidance) -> float:
